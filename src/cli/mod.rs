@@ -1,0 +1,184 @@
+//! Command-line interface: global options and dispatch to one module per subcommand.
+
+mod data;
+mod export;
+mod plan;
+mod run;
+mod runs;
+mod show;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "onestep",
+    version,
+    about = "One-step image-to-video generation: experiments, runs and results"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Global {
+    /// Results folder: stage cache in `<results>/cache`, store and assets by default inside.
+    #[arg(
+        long,
+        global = true,
+        default_value = "results",
+        env = "ONESTEP_RESULTS"
+    )]
+    pub results: PathBuf,
+    /// Run store (SQLite); default `<results>/onestep.sqlite`.
+    #[arg(long, global = true, env = "ONESTEP_STORE")]
+    pub store: Option<PathBuf>,
+    /// Downloaded assets (registry packages, videos, ffmpeg); default `<results>/assets`.
+    #[arg(long, global = true, env = "ONESTEP_ASSETS")]
+    pub assets: Option<PathBuf>,
+    /// Progress display: auto (bars on a terminal, lines otherwise), bars, lines or none.
+    #[arg(long, global = true, default_value = "auto")]
+    pub progress: ProgressArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ProgressArg {
+    Auto,
+    Bars,
+    Lines,
+    None,
+}
+
+impl Global {
+    pub fn store(&self) -> PathBuf {
+        self.store
+            .clone()
+            .unwrap_or_else(|| self.results.join("onestep.sqlite"))
+    }
+    pub fn assets(&self) -> PathBuf {
+        self.assets
+            .clone()
+            .unwrap_or_else(|| self.results.join("assets"))
+    }
+    pub fn progress(&self) -> onestep::progress::Mode {
+        use onestep::progress::Mode;
+        match self.progress {
+            ProgressArg::Auto => Mode::auto(),
+            ProgressArg::Bars => Mode::Bars,
+            ProgressArg::Lines => Mode::Lines,
+            ProgressArg::None => Mode::Quiet,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run every variant and seed of a spec, reusing finished stages.
+    Run(run::Args),
+    /// Show the variants and stage graph of a spec, and what is cached.
+    Plan(plan::Args),
+    /// List runs in the store.
+    Runs(runs::Args),
+    /// Show one run: params, stages, final metrics, attempts, artifacts.
+    Show(show::Args),
+    /// Export store tables as CSV or Parquet.
+    Export(export::Args),
+    /// Fetch, list and preview video data.
+    #[command(subcommand)]
+    Data(data::Command),
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(a) => run::execute(&cli.global, a),
+        Command::Plan(a) => plan::execute(&cli.global, a),
+        Command::Runs(a) => runs::execute(&cli.global, a),
+        Command::Show(a) => show::execute(&cli.global, a),
+        Command::Export(a) => export::execute(&cli.global, a),
+        Command::Data(c) => data::execute(&cli.global, c),
+    }
+}
+
+/// Format seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn time(t: Option<f64>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let secs = t as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// A plain text table with aligned columns.
+pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header);
+    out.push('\n');
+    out.push_str(
+        &w.iter()
+            .map(|n| "-".repeat(*n))
+            .collect::<Vec<_>>()
+            .join("  "),
+    );
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r));
+    }
+    out
+}
+
+/// Parse `key=value` filters.
+pub fn key_values(items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| anyhow::anyhow!("`{s}`: expected key=value"))
+        })
+        .collect()
+}
+
+pub fn fmt_value(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e12 {
+        format!("{}", v as i64)
+    } else if v.abs() >= 1e-3 && v.abs() < 1e5 {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.4e}")
+    }
+}

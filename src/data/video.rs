@@ -1,0 +1,150 @@
+//! Decoding videos to RGB frames with ffmpeg, and listing a user's folder of videos.
+//!
+//! ffmpeg is taken, in order, from `$ONESTEP_FFMPEG`, from the assets folder (the static
+//! binary of the pinned `imageio-ffmpeg` wheel, fetched on first use so decoded pixels are the
+//! same on every machine), or from `PATH`.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "webm", "avi", "mov", "mkv", "m4v"];
+
+/// Find ffmpeg, fetching the pinned static build into `assets` when none is there yet.
+pub fn ffmpeg(assets: &Path) -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("ONESTEP_FFMPEG") {
+        let p = PathBuf::from(p);
+        if runs(&p) {
+            return Ok(p);
+        }
+        return Err(Error::Data(format!(
+            "$ONESTEP_FFMPEG = {} does not run",
+            p.display()
+        )));
+    }
+    let pinned = super::registry::ffmpeg_path(assets);
+    if runs(&pinned) {
+        return Ok(pinned);
+    }
+    match super::registry::fetch_ffmpeg(assets) {
+        Ok(p) if runs(&p) => Ok(p),
+        fetched => {
+            let path = PathBuf::from("ffmpeg");
+            if runs(&path) {
+                return Ok(path);
+            }
+            let why = match fetched {
+                Err(e) => e.to_string(),
+                Ok(p) => format!("{} does not run on this machine", p.display()),
+            };
+            Err(Error::Data(format!(
+                "no ffmpeg: fetching the imageio-ffmpeg wheel failed ({why}) and none is on PATH; install one (apt-get install ffmpeg) or set ONESTEP_FFMPEG"
+            )))
+        }
+    }
+}
+
+fn runs(p: &Path) -> bool {
+    Command::new(p)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// The first line of `ffmpeg -version`, recorded with decoded data.
+pub fn ffmpeg_version(ffmpeg: &Path) -> String {
+    Command::new(ffmpeg)
+        .arg("-version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// Decoded frames of one video: `frames * size * size * 3` bytes.
+pub struct Decoded {
+    pub frames: usize,
+    pub data: Vec<u8>,
+}
+
+/// Decode a video at `fps`, centre-cropped to a square and resized to `size` (area filter).
+pub fn decode(ffmpeg: &Path, file: &Path, fps: f64, size: usize) -> Result<Decoded> {
+    let filter =
+        format!("fps={fps},crop='min(iw,ih)':'min(iw,ih)',scale={size}:{size}:flags=area,setsar=1");
+    let out = Command::new(ffmpeg)
+        .args(["-nostdin", "-v", "error", "-i"])
+        .arg(file)
+        .args([
+            "-an", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            Error::Data(format!(
+                "{}: cannot run ffmpeg {}: {e}",
+                file.display(),
+                ffmpeg.display()
+            ))
+        })?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(Error::Data(format!(
+            "{}: ffmpeg could not decode it: {}",
+            file.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
+    }
+    let frame = size * size * 3;
+    if out.stdout.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: no video frames decoded",
+            file.display()
+        )));
+    }
+    let frames = out.stdout.len() / frame;
+    let mut data = out.stdout;
+    data.truncate(frames * frame);
+    Ok(Decoded { frames, data })
+}
+
+/// The video files of a folder (not recursive), sorted by name, and the other files in it.
+pub fn list_folder(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let rd = std::fs::read_dir(dir).map_err(|e| {
+        Error::Data(format!(
+            "{}: cannot read the video folder: {e}",
+            dir.display()
+        ))
+    })?;
+    let mut videos = Vec::new();
+    let mut other = Vec::new();
+    for entry in rd.flatten() {
+        let p = entry.path();
+        if !p.is_file() {
+            continue;
+        }
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase());
+        if ext
+            .as_deref()
+            .is_some_and(|e| VIDEO_EXTENSIONS.contains(&e))
+        {
+            videos.push(p);
+        } else {
+            other.push(p);
+        }
+    }
+    videos.sort();
+    other.sort();
+    Ok((videos, other))
+}

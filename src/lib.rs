@@ -1,0 +1,19 @@
+//! onestep: a research framework for one-step image-to-video generation (a reproduction of
+//! OSV, Mao et al., arXiv 2409.11367, with its baselines and ablations).
+//!
+//! Data flows spec -> plan -> stages -> store -> report: [`spec`] loads and validates
+//! experiment files, [`plan`] turns them into runs of content-addressed stages, [`runner`]
+//! executes them against the [`store`] and the stage cache, and [`export`] reads the store back.
+
+pub mod data;
+pub mod error;
+pub mod export;
+pub mod plan;
+pub mod progress;
+pub mod runner;
+pub mod spec;
+pub mod stages;
+pub mod store;
+pub mod util;
+
+pub use error::{Error, Result};

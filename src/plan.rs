@@ -1,0 +1,174 @@
+//! From a spec to a plan: every (variant, seed) run with its chain of stages, each stage
+//! identified by a content hash of its kind, code version, resolved parameters, upstream
+//! stage identities, the run seed (for seeded kinds) and any external content it reads.
+//! Stages with equal identities are computed once and shared by every run that needs them.
+
+use crate::error::Result;
+use crate::spec::{Device, Spec};
+use crate::stages;
+use crate::util::{canonical_toml, sha256_hex};
+use std::path::{Path, PathBuf};
+
+/// Parameters that change how a stage runs but not what it produces.
+const NOT_IDENTITY: &[&str] = &["checkpoint_every"];
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub experiment: String,
+    pub description: String,
+    pub summary: Vec<String>,
+    pub runs: Vec<PlannedRun>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedRun {
+    pub variant: String,
+    pub seed: u64,
+    pub device: Device,
+    /// The run's identity: hash of its resolved config, seed and stage identities.
+    pub spec_hash: String,
+    /// The resolved configuration of the run, as TOML.
+    pub config: String,
+    /// Flattened parameters (`stages.data.size` = `32`) for the store's params table.
+    pub params: Vec<(String, String)>,
+    pub stages: Vec<PlannedStage>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlannedStage {
+    pub name: String,
+    pub kind: String,
+    pub version: u32,
+    pub hash: String,
+    pub params: toml::Value,
+    /// Indices of upstream stages in the run's stage list.
+    pub upstream: Vec<usize>,
+}
+
+impl PlannedStage {
+    pub fn dir(&self, results: &Path) -> PathBuf {
+        cache_dir(results, &self.hash)
+    }
+    pub fn short(&self) -> &str {
+        &self.hash[..12]
+    }
+}
+
+pub fn cache_dir(results: &Path, hash: &str) -> PathBuf {
+    results.join("cache").join(hash)
+}
+
+/// Marker written last into a finished stage's folder.
+pub const DONE_FILE: &str = "done.json";
+
+pub fn is_done(results: &Path, hash: &str) -> bool {
+    cache_dir(results, hash).join(DONE_FILE).is_file()
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, x) in t {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&p, x, out);
+            }
+        }
+        other => out.push((prefix.to_string(), crate::util::short_value(other))),
+    }
+}
+
+pub fn plan(spec: &Spec, device: Option<Device>) -> Result<Plan> {
+    let mut runs = Vec::new();
+    for v in &spec.variants {
+        for &seed in &v.seeds {
+            let mut stages_out: Vec<PlannedStage> = Vec::new();
+            for decl in &v.stages {
+                let kind = stages::kind(&decl.kind).ok_or_else(|| {
+                    crate::error::Error::Other(format!("unknown stage kind {}", decl.kind))
+                })?;
+                let upstream: Vec<usize> = decl
+                    .after
+                    .iter()
+                    .filter_map(|a| stages_out.iter().position(|s| &s.name == a))
+                    .collect();
+                let mut id = toml::Table::new();
+                id.insert("kind".into(), decl.kind.clone().into());
+                id.insert("version".into(), (kind.version() as i64).into());
+                let mut params = decl.params.clone();
+                if let Some(t) = params.as_table_mut() {
+                    for k in NOT_IDENTITY {
+                        t.remove(*k);
+                    }
+                }
+                id.insert("params".into(), params);
+                id.insert(
+                    "upstream".into(),
+                    toml::Value::Array(
+                        upstream
+                            .iter()
+                            .map(|&i| toml::Value::String(stages_out[i].hash.clone()))
+                            .collect(),
+                    ),
+                );
+                if kind.seeded() {
+                    id.insert("seed".into(), (seed as i64).into());
+                }
+                if let Some(fp) = kind.fingerprint(&decl.params)? {
+                    id.insert("fingerprint".into(), fp.into());
+                }
+                let hash = sha256_hex(canonical_toml(&toml::Value::Table(id)).as_bytes());
+                stages_out.push(PlannedStage {
+                    name: decl.name.clone(),
+                    kind: decl.kind.clone(),
+                    version: kind.version(),
+                    hash,
+                    params: decl.params.clone(),
+                    upstream,
+                });
+            }
+            let device = device.unwrap_or(v.device);
+            let mut cfg = v.config.clone();
+            cfg.insert(
+                "seeds".into(),
+                toml::Value::Array(vec![(seed as i64).into()]),
+            );
+            cfg.insert("device".into(), device.to_string().into());
+            let config = canonical_toml(&toml::Value::Table(cfg.clone()));
+            let ident = format!(
+                "{config}\nseed={seed}\n{}",
+                stages_out
+                    .iter()
+                    .map(|s| s.hash.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let mut params = Vec::new();
+            flatten("", &toml::Value::Table(v.config.clone()), &mut params);
+            params.retain(|(k, _)| {
+                k != "seeds" && k != "device" && k != "name" && k != "description" && k != "summary"
+            });
+            params.push(("seed".into(), seed.to_string()));
+            params.push(("variant".into(), v.name.clone()));
+            params.push(("device".into(), device.to_string()));
+            runs.push(PlannedRun {
+                variant: v.name.clone(),
+                seed,
+                device,
+                spec_hash: sha256_hex(ident.as_bytes()),
+                config,
+                params,
+                stages: stages_out,
+            });
+        }
+    }
+    Ok(Plan {
+        experiment: spec.name.clone(),
+        description: spec.description.clone(),
+        summary: spec.summary.clone(),
+        runs,
+    })
+}

@@ -1,0 +1,197 @@
+//! Stage kinds and the interface the runner hands a stage while it runs.
+//!
+//! A stage kind resolves its parameters (defaults filled in, unknown keys rejected), may add a
+//! fingerprint of external content its output depends on, and runs inside a [`StageContext`]:
+//! a cache folder of its own, its upstream stages' folders, a metric/artifact log, atomic
+//! checkpoints and an interrupt flag. Stages know nothing of the store or the CLI.
+
+pub mod data;
+
+use crate::error::{Error, IoContext, Result};
+use crate::spec::Device;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// A parameter error at a path inside the stage's table (mapped to file and line by the spec).
+#[derive(Debug)]
+pub struct ParamError {
+    pub path: String,
+    pub message: String,
+}
+
+pub trait StageKind: Sync {
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the stage's code changes what it produces: part of its identity.
+    fn version(&self) -> u32;
+    /// Whether the run's seed is part of the stage's identity (training stages) or not
+    /// (data preparation, which has its own `seed` parameter where it needs one).
+    fn seeded(&self) -> bool;
+    /// Check the parameters and return them with every default filled in.
+    fn resolve(&self, params: toml::Value) -> Result<toml::Value, ParamError>;
+    /// Content outside the parameters that the output depends on (a folder's files, say).
+    fn fingerprint(&self, _params: &toml::Value) -> Result<Option<String>> {
+        Ok(None)
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<()>;
+}
+
+static KINDS: &[&dyn StageKind] = &[&data::DataStage];
+
+pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
+    KINDS.iter().copied().find(|k| k.name() == name)
+}
+
+pub fn kind_names() -> Vec<&'static str> {
+    KINDS.iter().map(|k| k.name()).collect()
+}
+
+/// Deserialize a stage's parameters into its config struct, reporting the failing path.
+pub fn resolve_typed<T: DeserializeOwned + Serialize>(
+    params: toml::Value,
+) -> Result<(T, toml::Value), ParamError> {
+    let typed: T = serde_path_to_error::deserialize(params).map_err(|e| ParamError {
+        path: e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("."),
+        message: e.inner().to_string(),
+    })?;
+    let value = toml::Value::try_from(&typed).map_err(|e| ParamError {
+        path: String::new(),
+        message: e.to_string(),
+    })?;
+    Ok((typed, value))
+}
+
+/// What the runner provides to record a stage's progress; implemented over the run store.
+pub trait StageLog {
+    fn metric(&mut self, key: &str, step: u64, value: f64) -> Result<()>;
+    fn artifact(&mut self, path: &Path, kind: &str) -> Result<()>;
+    fn flush(&mut self) -> Result<()>;
+    fn progress(&mut self, step: u64, total: u64, message: &str);
+    fn note(&mut self, message: &str);
+    fn interrupted(&self) -> bool;
+}
+
+/// A finished upstream stage.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub kind: String,
+    pub hash: String,
+    pub dir: PathBuf,
+}
+
+pub struct StageContext<'a> {
+    pub name: String,
+    pub kind: String,
+    pub hash: String,
+    pub seed: u64,
+    pub device: Device,
+    pub params: toml::Value,
+    /// This stage's cache folder, `results/cache/<hash>/`.
+    pub dir: PathBuf,
+    /// Where downloaded assets (registry packages, decoded sources, ffmpeg) live.
+    pub assets: PathBuf,
+    pub upstream: Vec<Upstream>,
+    pub log: &'a mut dyn StageLog,
+}
+
+/// A stage's checkpoint: the step it reached and the stage's own state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint<T> {
+    step: u64,
+    state: T,
+}
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+
+impl StageContext<'_> {
+    pub fn params<T: DeserializeOwned>(&self) -> Result<T> {
+        self.params
+            .clone()
+            .try_into()
+            .map_err(|e| Error::Other(format!("stage `{}`: parameters: {e}", self.name)))
+    }
+
+    /// Log a metric; a NaN or infinite value fails the stage with its key and step.
+    pub fn metric(&mut self, key: &str, step: u64, value: f64) -> Result<()> {
+        if !value.is_finite() {
+            return Err(Error::NonFinite {
+                stage: self.name.clone(),
+                key: key.into(),
+                value,
+                step,
+            });
+        }
+        self.log.metric(key, step, value)
+    }
+
+    /// Register a file of the stage folder as an artifact (hashed into the store).
+    pub fn artifact(&mut self, file: &str, kind: &str) -> Result<()> {
+        let p = self.dir.join(file);
+        self.log.artifact(&p, kind)
+    }
+
+    pub fn progress(&mut self, step: u64, total: u64, message: &str) {
+        self.log.progress(step, total, message);
+    }
+
+    pub fn note(&mut self, message: &str) {
+        self.log.note(message);
+    }
+
+    /// Stop at a step boundary if the user asked to (Ctrl-C): the last checkpoint stands.
+    pub fn check_interrupt(&self, step: u64) -> Result<()> {
+        if self.log.interrupted() {
+            return Err(Error::Interrupted {
+                stage: self.name.clone(),
+                step,
+            });
+        }
+        Ok(())
+    }
+
+    /// Save a checkpoint atomically. Metrics logged so far are flushed first, so a resumed
+    /// stage never lacks the metrics of steps before its checkpoint.
+    pub fn save_checkpoint<T: Serialize>(&mut self, step: u64, state: &T) -> Result<()> {
+        self.log.flush()?;
+        let bytes = serde_json::to_vec(&Checkpoint { step, state })
+            .map_err(|e| Error::Other(e.to_string()))?;
+        crate::util::atomic_write(&self.dir.join(CHECKPOINT_FILE), &bytes)
+    }
+
+    /// The last checkpoint, if the stage was interrupted before; a corrupt one is an error.
+    pub fn load_checkpoint<T: DeserializeOwned>(&self) -> Result<Option<(u64, T)>> {
+        let p = self.dir.join(CHECKPOINT_FILE);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&p).at(&p)?;
+        let c: Checkpoint<T> = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Other(format!(
+                "{}: corrupt checkpoint ({e}); delete it to restart the stage",
+                p.display()
+            ))
+        })?;
+        Ok(Some((c.step, c.state)))
+    }
+
+    pub fn upstream_of_kind(&self, kind: &str) -> Option<&Upstream> {
+        self.upstream.iter().rev().find(|u| u.kind == kind)
+    }
+}
+
+/// Step of the checkpoint in a stage folder, if any (for the runner's bookkeeping).
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("step")?.as_u64()
+}

@@ -1,0 +1,97 @@
+//! Small helpers shared by the store, the cache and the stages: atomic writes, hashing, time.
+
+use crate::error::{IoContext, Result};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::Path;
+
+/// Write a file so that a reader (or a process killed mid-write) sees either the old content
+/// or the new one, never a torn file: temp file in the same folder, fsync, rename.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).at(dir)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).at(&tmp)?;
+        f.write_all(bytes).at(&tmp)?;
+        f.sync_all().at(&tmp)?;
+    }
+    std::fs::rename(&tmp, path).at(path)?;
+    Ok(())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).at(path)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Seconds since the Unix epoch, as stored in the run store.
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Whether a process of this host is alive (used to expire leases of killed runners early).
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Canonical TOML text of a value: tables with sorted keys, so equal content hashes equal.
+pub fn canonical_toml(v: &toml::Value) -> String {
+    fn sort(v: &toml::Value) -> toml::Value {
+        match v {
+            toml::Value::Table(t) => {
+                let mut keys: Vec<_> = t.keys().collect();
+                keys.sort();
+                let mut out = toml::Table::new();
+                for k in keys {
+                    out.insert(k.clone(), sort(&t[k]));
+                }
+                toml::Value::Table(out)
+            }
+            toml::Value::Array(a) => toml::Value::Array(a.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    match sort(v) {
+        toml::Value::Table(t) => toml::to_string(&t).unwrap_or_default(),
+        other => other.to_string(),
+    }
+}
+
+/// Short display form of a TOML value for names and tables (`32`, `pan`, `[1, 2]`).
+pub fn short_value(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
