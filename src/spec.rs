@@ -131,10 +131,13 @@ impl Sourced {
 }
 
 fn err(origin: Origin, key: impl Into<String>, message: impl Into<String>) -> SpecError {
+    // toml's value deserializer appends "in `key`" lines; the key is named already.
+    let message: String = message.into();
+    let message = message.lines().next().unwrap_or("").trim().to_string();
     SpecError {
         origin,
         key: key.into(),
-        message: message.into(),
+        message,
     }
 }
 
@@ -172,7 +175,16 @@ fn load_file(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Sourced, SpecError
         .map_err(|e| err(here.clone(), "", format!("cannot read spec file: {e}")))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         let line = e.span().map(|s| line_of(&text, s.start)).unwrap_or(1);
-        let key = e.message().split('`').nth(1).unwrap_or("").to_string();
+        // The key written on the offending line, if the line has one.
+        let src_line = text.lines().nth(line.saturating_sub(1)).unwrap_or("");
+        let key = src_line
+            .split_once('=')
+            .map(|(k, _)| {
+                k.trim()
+                    .trim_matches(|c: char| "\"'[]".contains(c))
+                    .to_string()
+            })
+            .unwrap_or_default();
         err(
             Origin::File {
                 path: path.to_path_buf(),
@@ -382,6 +394,7 @@ const TOP_KEYS: &[&str] = &[
     "device",
     "summary",
     "stages",
+    "sweep",
 ];
 
 /// Set a dotted path in a config table. Only paths into existing stages and known top-level
@@ -413,6 +426,13 @@ fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<(
                 "unknown path `{path}`: no stage `{}` in this spec (stages: {})",
                 parts[1],
                 names.join(", ")
+            ));
+        }
+    } else if parts[0] == "sweep" {
+        // Sweep axes can be overridden as a whole: `--set sweep.grid.stages.data.size=[16, 32]`.
+        if parts.len() < 3 || !(parts[1] == "grid" || parts[1] == "zip") {
+            return Err(format!(
+                "unknown path `{path}`: only sweep.grid.PATH and sweep.zip.PATH can be set"
             ));
         }
     } else if parts.len() > 1 {
@@ -706,6 +726,18 @@ fn flatten_assignments(t: &toml::Table, prefix: &str, out: &mut Vec<(String, tom
     }
 }
 
+/// A `--set` of a key that the sweep assigns would be silently replaced: refuse it.
+fn overridden(base: &Sourced, path: &str, swept_at: &Origin) -> Result<(), SpecError> {
+    match base.origins.get(path) {
+        Some(o @ Origin::Override { .. }) => Err(err(
+            o.clone(),
+            path,
+            format!("this key is swept ({swept_at}); override the sweep instead, e.g. --set sweep.grid.{path}=[...]"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Expand `[sweep]`: named variants x grid (cartesian product) x zip (paired values).
 fn expand(src: &Sourced, top: &Origin) -> Result<Vec<Variant>, SpecError> {
     let mut base = src.clone();
@@ -844,11 +876,13 @@ fn expand(src: &Sourced, top: &Origin) -> Result<Vec<Variant>, SpecError> {
                 parts.push(vname.clone());
             }
             for (p, val, o) in sets {
+                overridden(&base, p, o)?;
                 set_path(&mut v.table, p, val.clone()).map_err(|m| err(o.clone(), p, m))?;
                 v.origins.insert(p.clone(), o.clone());
                 assignments.push((p.clone(), val.clone()));
             }
             for (axis, i) in combo {
+                overridden(&base, &axis.path, &axis.origin)?;
                 let val = axis.values[*i].clone();
                 set_path(&mut v.table, &axis.path, val.clone())
                     .map_err(|m| err(axis.origin.clone(), &axis.path, m))?;

