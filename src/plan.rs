@@ -172,3 +172,48 @@ pub fn plan(spec: &Spec, device: Option<Device>) -> Result<Plan> {
         runs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(text: &str, sets: &[&str]) -> Plan {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.toml");
+        std::fs::write(&p, text).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        plan(&crate::spec::load(&p, &sets).unwrap(), None).unwrap()
+    }
+
+    const SPEC: &str = "name = \"x\"\nseeds = [0, 1]\n[stages.a]\nkind = \"data\"\n[stages.b]\nkind = \"data\"\n";
+
+    #[test]
+    fn identity_ignores_spelling_of_defaults_and_checkpointing() {
+        let a = plan_of(SPEC, &[]);
+        let b = plan_of(SPEC, &["stages.a.size=32", "stages.a.checkpoint_every=7"]);
+        assert_eq!(a.runs[0].stages[0].hash, b.runs[0].stages[0].hash);
+        let c = plan_of(SPEC, &["stages.a.size=24"]);
+        assert_ne!(a.runs[0].stages[0].hash, c.runs[0].stages[0].hash);
+    }
+
+    #[test]
+    fn identity_includes_upstream_but_not_the_seed_for_data() {
+        let a = plan_of(SPEC, &[]);
+        // Seeds 0 and 1 share the (unseeded) data stages but are different runs.
+        assert_eq!(a.runs[0].stages[1].hash, a.runs[1].stages[1].hash);
+        assert_ne!(a.runs[0].spec_hash, a.runs[1].spec_hash);
+        // Changing only the upstream stage changes the downstream identity.
+        let c = plan_of(SPEC, &["stages.a.size=24"]);
+        assert_eq!(c.runs[0].stages[1].params, a.runs[0].stages[1].params);
+        assert_ne!(c.runs[0].stages[1].hash, a.runs[0].stages[1].hash);
+    }
+
+    #[test]
+    fn params_are_flattened_for_the_store() {
+        let a = plan_of(SPEC, &[]);
+        let p = &a.runs[1].params;
+        assert!(p.contains(&("stages.a.size".into(), "32".into())));
+        assert!(p.contains(&("stages.b.source".into(), "synthetic".into())));
+        assert!(p.contains(&("seed".into(), "1".into())));
+    }
+}

@@ -921,3 +921,96 @@ fn expand(src: &Sourced, top: &Origin) -> Result<Vec<Variant>, SpecError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn sweep_is_variants_times_grid_times_zip() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "s.toml",
+            r#"
+name = "x"
+[stages.data]
+[[sweep.variants]]
+name = "a"
+stages.data.motion = "pan"
+[[sweep.variants]]
+name = "b"
+[sweep.grid]
+stages.data.size = [16, 32]
+"stages.data.frames" = [4, 8, 12]
+[sweep.zip]
+stages.data.seed = [1, 2]
+stages.data.sprites = [3, 5]
+"#,
+        );
+        let s = load(&p, &[]).unwrap();
+        assert_eq!(s.variants.len(), 2 * 2 * 3 * 2);
+        let v = &s.variants[0];
+        assert_eq!(v.name, "a,size=16,frames=4,seed=1,sprites=3");
+        assert_eq!(v.stages[0].params["motion"].as_str(), Some("pan"));
+        assert_eq!(v.stages[0].params["frames"].as_integer(), Some(4));
+        assert_eq!(v.stages[0].params["sprites"].as_integer(), Some(3));
+        let last = s.variants.last().unwrap();
+        assert_eq!(last.name, "b,size=32,frames=12,seed=2,sprites=5");
+        assert_eq!(last.stages[0].params["motion"].as_str(), Some("mixed"), "defaults fill what a variant leaves");
+    }
+
+    #[test]
+    fn extends_overlays_and_set_wins() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "base.toml", "name = \"base\"\nseeds = [1, 2]\n[stages.data]\nsize = 16\nframes = 4\n");
+        let p = write(d.path(), "over.toml", "extends = \"base.toml\"\nname = \"over\"\n[stages.data]\nsize = 24\n");
+        let s = load(&p, &["stages.data.frames=6".into()]).unwrap();
+        assert_eq!(s.name, "over");
+        let v = &s.variants[0];
+        assert_eq!(v.seeds, vec![1, 2], "kept from the base");
+        assert_eq!(v.stages[0].params["size"].as_integer(), Some(24), "overlay wins over base");
+        assert_eq!(v.stages[0].params["frames"].as_integer(), Some(6), "--set wins over both");
+    }
+
+    #[test]
+    fn errors_in_a_base_file_name_the_base_file() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "base.toml", "name = \"base\"\n[stages.data]\nframes = \"four\"\n");
+        let p = write(d.path(), "over.toml", "extends = \"base.toml\"\n");
+        let e = load(&p, &[]).unwrap_err();
+        assert_eq!(e.origin, Origin::File { path: d.path().join("base.toml"), line: 3 });
+        assert_eq!(e.key, "stages.data.frames");
+    }
+
+    #[test]
+    fn stages_chain_in_order_unless_after_says_otherwise() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "s.toml",
+            "name = \"x\"\n[stages.a]\nkind = \"data\"\n[stages.b]\nkind = \"data\"\n[stages.c]\nkind = \"data\"\nafter = [\"a\"]\n",
+        );
+        let s = load(&p, &[]).unwrap();
+        let st = &s.variants[0].stages;
+        assert_eq!(st.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(st[0].after.is_empty());
+        assert_eq!(st[1].after, ["a"]);
+        assert_eq!(st[2].after, ["a"]);
+    }
+
+    #[test]
+    fn override_values_parse_as_toml_or_bare_strings() {
+        assert_eq!(parse_value("3"), toml::Value::Integer(3));
+        assert_eq!(parse_value("0.5"), toml::Value::Float(0.5));
+        assert_eq!(parse_value("[1, 2]"), toml::Value::Array(vec![1.into(), 2.into()]));
+        assert_eq!(parse_value("pan"), toml::Value::String("pan".into()));
+        assert_eq!(parse_value("\"pan\""), toml::Value::String("pan".into()));
+    }
+}

@@ -188,3 +188,34 @@ impl ClipSet {
         img
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_roundtrip_and_corrupt_files_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = ClipSet::new(2, 3, 4);
+        let clip: Vec<u8> = (0..s.clip_len()).map(|i| (i % 251) as u8).collect();
+        s.push(&clip, 5, 17);
+        s.push(&clip.iter().map(|v| 255 - v).collect::<Vec<_>>(), 6, 33);
+        let p = d.path().join("c.safetensors");
+        s.save(&p).unwrap();
+        assert_eq!(ClipSet::load(&p).unwrap(), s);
+        std::fs::write(&p, b"garbage").unwrap();
+        let e = ClipSet::load(&p).unwrap_err().to_string();
+        assert!(e.contains("c.safetensors") && e.contains("not a valid clip set"), "{e}");
+    }
+
+    #[test]
+    fn stats_measure_motion() {
+        let mut still = ClipSet::new(3, 2, 2);
+        still.push(&[100u8; 36], 0, 0);
+        assert_eq!(still.stats().motion, 0.0);
+        let mut moving = ClipSet::new(2, 1, 1);
+        moving.push(&[0, 0, 0, 255, 255, 255], 0, 0);
+        let st = moving.stats();
+        assert!((st.motion - 1.0).abs() < 1e-12 && (st.pixel_mean - 0.5).abs() < 1e-12 && (st.pixel_std - 0.5).abs() < 1e-12);
+    }
+}

@@ -248,3 +248,21 @@ fn render_pan(rng: &mut ChaCha8Rng, frames: usize, size: usize) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clips_are_deterministic_per_index_and_they_move() {
+        for motion in [Motion::Sprites, Motion::Pan] {
+            let a = render_clip(7, 3, motion, 6, 24, 3);
+            assert_eq!(a, render_clip(7, 3, motion, 6, 24, 3));
+            assert_ne!(a, render_clip(7, 4, motion, 6, 24, 3));
+            assert_ne!(a, render_clip(8, 3, motion, 6, 24, 3));
+            let frame = 24 * 24 * 3;
+            let diff: u64 = a[..frame].iter().zip(&a[5 * frame..]).map(|(&x, &y)| (x as i64 - y as i64).unsigned_abs()).sum();
+            assert!(diff > 0, "{motion:?} clip does not move");
+        }
+    }
+}

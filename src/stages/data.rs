@@ -535,3 +535,31 @@ fn finish(
     let _ = std::fs::remove_file(ctx.dir.join(super::CHECKPOINT_FILE));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clips_of_a_video_never_cross_the_test_span() {
+        let p = DataParams { frames: 4, size: 8, stride: 3, test_fraction: 0.25, ..Default::default() };
+        let n = 40;
+        let frame = 8 * 8 * 3;
+        let data: Vec<u8> = (0..n * frame).map(|i| (i / frame) as u8).collect();
+        let (train, test, split) = cut_clips(&data, n, &p, 0);
+        assert_eq!(split, 30);
+        assert!(train.start.iter().all(|&s| s as usize + 4 <= split));
+        assert!(test.start.iter().all(|&s| s as usize >= split && s as usize + 4 <= n));
+        assert_eq!(train.len(), 9); // starts 0, 3, ..., 24
+        assert_eq!(test.len(), 3); // starts 30, 33, 36
+        // Each clip holds the frames it says it starts at.
+        assert_eq!(test.clip(1)[0], 33);
+    }
+
+    #[test]
+    fn evenly_spaced_caps() {
+        assert_eq!(evenly(10, 0).len(), 10);
+        assert_eq!(evenly(10, 4), vec![0, 2, 5, 7]);
+        assert_eq!(evenly(3, 5), vec![0, 1, 2]);
+    }
+}

@@ -195,3 +195,53 @@ pub fn checkpoint_step(dir: &Path) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     v.get("step")?.as_u64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NullLog;
+    impl StageLog for NullLog {
+        fn metric(&mut self, _: &str, _: u64, _: f64) -> Result<()> {
+            Ok(())
+        }
+        fn artifact(&mut self, _: &Path, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn progress(&mut self, _: u64, _: u64, _: &str) {}
+        fn note(&mut self, _: &str) {}
+        fn interrupted(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn non_finite_metrics_fail_the_stage_and_checkpoints_roundtrip() {
+        let d = tempfile::tempdir().unwrap();
+        let mut log = NullLog;
+        let mut ctx = StageContext {
+            name: "t".into(),
+            kind: "data".into(),
+            hash: "h".into(),
+            seed: 0,
+            device: Device::Cpu,
+            params: toml::Value::Table(Default::default()),
+            dir: d.path().to_path_buf(),
+            assets: d.path().to_path_buf(),
+            upstream: vec![],
+            log: &mut log,
+        };
+        let e = ctx.metric("loss", 12, f64::NAN).unwrap_err().to_string();
+        assert!(e.contains("non-finite loss") && e.contains("step 12"), "{e}");
+        assert!(ctx.metric("loss", 12, f64::INFINITY).is_err());
+        assert!(ctx.load_checkpoint::<Vec<u32>>().unwrap().is_none());
+        ctx.save_checkpoint(5, &vec![1u32, 2]).unwrap();
+        assert_eq!(ctx.load_checkpoint::<Vec<u32>>().unwrap(), Some((5, vec![1, 2])));
+        assert_eq!(checkpoint_step(d.path()), Some(5));
+        std::fs::write(d.path().join(CHECKPOINT_FILE), b"{").unwrap();
+        assert!(ctx.load_checkpoint::<Vec<u32>>().unwrap_err().to_string().contains("corrupt checkpoint"));
+    }
+}
