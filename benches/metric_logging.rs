@@ -7,14 +7,23 @@ use std::time::Instant;
 
 fn rows(n: usize, key: &str) -> Vec<MetricRow> {
     (0..n)
-        .map(|i| MetricRow { stage_hash: "bench".into(), run_id: 1, key: key.into(), step: i as u64, value: i as f64 * 0.5, wall_time: 0.0 })
+        .map(|i| MetricRow {
+            stage_hash: "bench".into(),
+            run_id: 1,
+            key: key.into(),
+            step: i as u64,
+            value: i as f64 * 0.5,
+            wall_time: 0.0,
+        })
         .collect()
 }
 
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut store = Store::open(&dir.path().join("bench.sqlite")).expect("store");
-    store.register_stage("bench", "data", "bench", "", 1).expect("stage");
+    store
+        .register_stage("bench", "data", "bench", "", 1)
+        .expect("stage");
     let n = 5_000;
 
     let single = rows(n, "single");

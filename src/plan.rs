@@ -185,7 +185,8 @@ mod tests {
         plan(&crate::spec::load(&p, &sets).unwrap(), None).unwrap()
     }
 
-    const SPEC: &str = "name = \"x\"\nseeds = [0, 1]\n[stages.a]\nkind = \"data\"\n[stages.b]\nkind = \"data\"\n";
+    const SPEC: &str =
+        "name = \"x\"\nseeds = [0, 1]\n[stages.a]\nkind = \"data\"\n[stages.b]\nkind = \"data\"\n";
 
     #[test]
     fn identity_ignores_spelling_of_defaults_and_checkpointing() {

@@ -634,11 +634,7 @@ fn resolve_variant(
             } else {
                 format!("{sp}.{}", e.path)
             };
-            let msg = if e.path.is_empty() || e.message.starts_with("unknown field") {
-                e.message.clone()
-            } else {
-                e.message.clone()
-            };
+            let msg = e.message.clone();
             let unknown = msg
                 .strip_prefix("unknown field `")
                 .and_then(|r| r.split('`').next())
@@ -963,29 +959,59 @@ stages.data.sprites = [3, 5]
         assert_eq!(v.stages[0].params["sprites"].as_integer(), Some(3));
         let last = s.variants.last().unwrap();
         assert_eq!(last.name, "b,size=32,frames=12,seed=2,sprites=5");
-        assert_eq!(last.stages[0].params["motion"].as_str(), Some("mixed"), "defaults fill what a variant leaves");
+        assert_eq!(
+            last.stages[0].params["motion"].as_str(),
+            Some("mixed"),
+            "defaults fill what a variant leaves"
+        );
     }
 
     #[test]
     fn extends_overlays_and_set_wins() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "base.toml", "name = \"base\"\nseeds = [1, 2]\n[stages.data]\nsize = 16\nframes = 4\n");
-        let p = write(d.path(), "over.toml", "extends = \"base.toml\"\nname = \"over\"\n[stages.data]\nsize = 24\n");
+        write(
+            d.path(),
+            "base.toml",
+            "name = \"base\"\nseeds = [1, 2]\n[stages.data]\nsize = 16\nframes = 4\n",
+        );
+        let p = write(
+            d.path(),
+            "over.toml",
+            "extends = \"base.toml\"\nname = \"over\"\n[stages.data]\nsize = 24\n",
+        );
         let s = load(&p, &["stages.data.frames=6".into()]).unwrap();
         assert_eq!(s.name, "over");
         let v = &s.variants[0];
         assert_eq!(v.seeds, vec![1, 2], "kept from the base");
-        assert_eq!(v.stages[0].params["size"].as_integer(), Some(24), "overlay wins over base");
-        assert_eq!(v.stages[0].params["frames"].as_integer(), Some(6), "--set wins over both");
+        assert_eq!(
+            v.stages[0].params["size"].as_integer(),
+            Some(24),
+            "overlay wins over base"
+        );
+        assert_eq!(
+            v.stages[0].params["frames"].as_integer(),
+            Some(6),
+            "--set wins over both"
+        );
     }
 
     #[test]
     fn errors_in_a_base_file_name_the_base_file() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "base.toml", "name = \"base\"\n[stages.data]\nframes = \"four\"\n");
+        write(
+            d.path(),
+            "base.toml",
+            "name = \"base\"\n[stages.data]\nframes = \"four\"\n",
+        );
         let p = write(d.path(), "over.toml", "extends = \"base.toml\"\n");
         let e = load(&p, &[]).unwrap_err();
-        assert_eq!(e.origin, Origin::File { path: d.path().join("base.toml"), line: 3 });
+        assert_eq!(
+            e.origin,
+            Origin::File {
+                path: d.path().join("base.toml"),
+                line: 3
+            }
+        );
         assert_eq!(e.key, "stages.data.frames");
     }
 
@@ -999,7 +1025,10 @@ stages.data.sprites = [3, 5]
         );
         let s = load(&p, &[]).unwrap();
         let st = &s.variants[0].stages;
-        assert_eq!(st.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(
+            st.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
         assert!(st[0].after.is_empty());
         assert_eq!(st[1].after, ["a"]);
         assert_eq!(st[2].after, ["a"]);
@@ -1009,7 +1038,10 @@ stages.data.sprites = [3, 5]
     fn override_values_parse_as_toml_or_bare_strings() {
         assert_eq!(parse_value("3"), toml::Value::Integer(3));
         assert_eq!(parse_value("0.5"), toml::Value::Float(0.5));
-        assert_eq!(parse_value("[1, 2]"), toml::Value::Array(vec![1.into(), 2.into()]));
+        assert_eq!(
+            parse_value("[1, 2]"),
+            toml::Value::Array(vec![1.into(), 2.into()])
+        );
         assert_eq!(parse_value("pan"), toml::Value::String("pan".into()));
         assert_eq!(parse_value("\"pan\""), toml::Value::String("pan".into()));
     }

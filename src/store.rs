@@ -769,22 +769,42 @@ mod tests {
         drop(s);
         s = Store::open(&p).unwrap(); // reopening does not re-run migrations
         s.register_stage("h", "data", "data", "", 1).unwrap();
-        let row = |step, value| MetricRow { stage_hash: "h".into(), run_id: 1, key: "loss".into(), step, value, wall_time: 0.0 };
+        let row = |step, value| MetricRow {
+            stage_hash: "h".into(),
+            run_id: 1,
+            key: "loss".into(),
+            step,
+            value,
+            wall_time: 0.0,
+        };
         s.write_metrics(&[row(1, 1.0), row(2, 2.0)]).unwrap();
         s.write_metrics(&[row(2, 3.0)]).unwrap(); // a resumed stage re-logs step 2
-        let n: i64 = s.conn().query_row("SELECT COUNT(*) FROM metrics", [], |r| r.get(0)).unwrap();
-        let v: f64 = s.conn().query_row("SELECT value FROM metrics WHERE step = 2", [], |r| r.get(0)).unwrap();
+        let n: i64 = s
+            .conn()
+            .query_row("SELECT COUNT(*) FROM metrics", [], |r| r.get(0))
+            .unwrap();
+        let v: f64 = s
+            .conn()
+            .query_row("SELECT value FROM metrics WHERE step = 2", [], |r| r.get(0))
+            .unwrap();
         assert_eq!((n, v), (2, 3.0));
 
         let me = holder_id();
         assert_eq!(s.acquire("h", &me, 60.0).unwrap(), Lease::Acquired);
         // A live holder on another host keeps the lease; a dead process of this host does not.
         let other = "elsewhere:1:0";
-        assert_eq!(s.acquire("h", other, 60.0).unwrap(), Lease::HeldBy(me.clone()));
+        assert_eq!(
+            s.acquire("h", other, 60.0).unwrap(),
+            Lease::HeldBy(me.clone())
+        );
         s.release("h", &me, "interrupted", None).unwrap();
         let dead = format!("{}:{}:0", crate::util::hostname(), u32::MAX - 1);
         assert_eq!(s.acquire("h", &dead, 60.0).unwrap(), Lease::Acquired);
-        assert_eq!(s.acquire("h", &me, 60.0).unwrap(), Lease::Acquired, "a dead holder's lease is free");
+        assert_eq!(
+            s.acquire("h", &me, 60.0).unwrap(),
+            Lease::Acquired,
+            "a dead holder's lease is free"
+        );
         s.release("h", &me, "finished", None).unwrap();
         assert_eq!(s.acquire("h", other, 60.0).unwrap(), Lease::Finished);
     }
@@ -794,7 +814,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.sqlite");
         let c = rusqlite::Connection::open(&p).unwrap();
-        c.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1)).unwrap();
+        c.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
+            .unwrap();
         drop(c);
         let e = Store::open(&p).err().unwrap().to_string();
         assert!(e.contains("newer than this onestep"), "{e}");

@@ -498,13 +498,13 @@ fn sigkill_mid_stage_resumes_from_the_checkpoint() {
         "resumed from {resumed:?}, killed at {killed_at}"
     );
     assert_eq!(count(&store, "SELECT COUNT(*) FROM stage_attempts"), 2);
-    // Every step's metric exactly once: 960 clips / 16 per step = 60 steps.
+    // Every step's metric exactly once: 2560 clips / 16 per step = 160 steps.
     assert_eq!(
         count(
             &store,
             "SELECT COUNT(*) FROM metrics WHERE key = 'gen/clips'"
         ),
-        60
+        160
     );
     assert_eq!(count(&store, "SELECT COUNT(*) FROM (SELECT stage_hash, key, step FROM metrics GROUP BY 1, 2, 3 HAVING COUNT(*) > 1)"), 0);
     assert_eq!(
@@ -692,5 +692,70 @@ fn folder_source_skips_bad_files_and_says_so() {
             &store,
             "SELECT CAST(value AS INTEGER) FROM metrics WHERE key = 'train/clips'"
         ) > 0
+    );
+}
+
+#[test]
+fn ctrl_c_stops_at_a_step_marks_the_run_interrupted_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = fixture("good/slow.toml");
+    let dir = stage_dir(tmp.path(), &spec);
+    let child = bin()
+        .args(["--progress", "lines", "--results"])
+        .arg(tmp.path())
+        .arg("run")
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !onestep::stages::checkpoint_step(&dir).is_some_and(|s| s >= 2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(
+        !dir.join("done.json").exists(),
+        "the stage finished before the interrupt; make slow.toml slower"
+    );
+    {
+        let store = Store::open(&tmp.path().join("onestep.sqlite")).unwrap();
+        let (status, err): (String, String) = store
+            .conn()
+            .query_row("SELECT status, error FROM runs", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (status.as_str(), err.as_str()),
+            ("interrupted", "interrupted by the user")
+        );
+        let outcome: String = store
+            .conn()
+            .query_row("SELECT outcome FROM stage_attempts", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(outcome, "interrupted");
+        let lease: Option<String> = store
+            .conn()
+            .query_row("SELECT lease_holder FROM stages", [], |r| r.get(0))
+            .unwrap();
+        assert!(lease.is_none(), "an interrupted stage releases its lease");
+    }
+    let o = onestep(tmp.path(), &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("resuming from the checkpoint at step"),
+        "{}",
+        text(&o)
     );
 }

@@ -205,7 +205,10 @@ mod tests {
         assert_eq!(ClipSet::load(&p).unwrap(), s);
         std::fs::write(&p, b"garbage").unwrap();
         let e = ClipSet::load(&p).unwrap_err().to_string();
-        assert!(e.contains("c.safetensors") && e.contains("not a valid clip set"), "{e}");
+        assert!(
+            e.contains("c.safetensors") && e.contains("not a valid clip set"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -216,6 +219,10 @@ mod tests {
         let mut moving = ClipSet::new(2, 1, 1);
         moving.push(&[0, 0, 0, 255, 255, 255], 0, 0);
         let st = moving.stats();
-        assert!((st.motion - 1.0).abs() < 1e-12 && (st.pixel_mean - 0.5).abs() < 1e-12 && (st.pixel_std - 0.5).abs() < 1e-12);
+        assert!(
+            (st.motion - 1.0).abs() < 1e-12
+                && (st.pixel_mean - 0.5).abs() < 1e-12
+                && (st.pixel_std - 0.5).abs() < 1e-12
+        );
     }
 }

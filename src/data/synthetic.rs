@@ -261,7 +261,11 @@ mod tests {
             assert_ne!(a, render_clip(7, 4, motion, 6, 24, 3));
             assert_ne!(a, render_clip(8, 3, motion, 6, 24, 3));
             let frame = 24 * 24 * 3;
-            let diff: u64 = a[..frame].iter().zip(&a[5 * frame..]).map(|(&x, &y)| (x as i64 - y as i64).unsigned_abs()).sum();
+            let diff: u64 = a[..frame]
+                .iter()
+                .zip(&a[5 * frame..])
+                .map(|(&x, &y)| (x as i64 - y as i64).unsigned_abs())
+                .sum();
             assert!(diff > 0, "{motion:?} clip does not move");
         }
     }

@@ -542,17 +542,26 @@ mod tests {
 
     #[test]
     fn clips_of_a_video_never_cross_the_test_span() {
-        let p = DataParams { frames: 4, size: 8, stride: 3, test_fraction: 0.25, ..Default::default() };
+        let p = DataParams {
+            frames: 4,
+            size: 8,
+            stride: 3,
+            test_fraction: 0.25,
+            ..Default::default()
+        };
         let n = 40;
         let frame = 8 * 8 * 3;
         let data: Vec<u8> = (0..n * frame).map(|i| (i / frame) as u8).collect();
         let (train, test, split) = cut_clips(&data, n, &p, 0);
         assert_eq!(split, 30);
         assert!(train.start.iter().all(|&s| s as usize + 4 <= split));
-        assert!(test.start.iter().all(|&s| s as usize >= split && s as usize + 4 <= n));
+        assert!(test
+            .start
+            .iter()
+            .all(|&s| s as usize >= split && s as usize + 4 <= n));
         assert_eq!(train.len(), 9); // starts 0, 3, ..., 24
         assert_eq!(test.len(), 3); // starts 30, 33, 36
-        // Each clip holds the frames it says it starts at.
+                                   // Each clip holds the frames it says it starts at.
         assert_eq!(test.clip(1)[0], 33);
     }
 

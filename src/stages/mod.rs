@@ -235,13 +235,23 @@ mod tests {
             log: &mut log,
         };
         let e = ctx.metric("loss", 12, f64::NAN).unwrap_err().to_string();
-        assert!(e.contains("non-finite loss") && e.contains("step 12"), "{e}");
+        assert!(
+            e.contains("non-finite loss") && e.contains("step 12"),
+            "{e}"
+        );
         assert!(ctx.metric("loss", 12, f64::INFINITY).is_err());
         assert!(ctx.load_checkpoint::<Vec<u32>>().unwrap().is_none());
         ctx.save_checkpoint(5, &vec![1u32, 2]).unwrap();
-        assert_eq!(ctx.load_checkpoint::<Vec<u32>>().unwrap(), Some((5, vec![1, 2])));
+        assert_eq!(
+            ctx.load_checkpoint::<Vec<u32>>().unwrap(),
+            Some((5, vec![1, 2]))
+        );
         assert_eq!(checkpoint_step(d.path()), Some(5));
         std::fs::write(d.path().join(CHECKPOINT_FILE), b"{").unwrap();
-        assert!(ctx.load_checkpoint::<Vec<u32>>().unwrap_err().to_string().contains("corrupt checkpoint"));
+        assert!(ctx
+            .load_checkpoint::<Vec<u32>>()
+            .unwrap_err()
+            .to_string()
+            .contains("corrupt checkpoint"));
     }
 }
