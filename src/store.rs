@@ -628,8 +628,8 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 
-    /// (position, stage name, kind, hash, status) of a run's stages.
-    pub fn stages_of(&self, run_id: i64) -> Result<Vec<(i64, String, String, String, String)>> {
+    /// A run's stages, in order.
+    pub fn stages_of(&self, run_id: i64) -> Result<Vec<RunStageRow>> {
         let mut st = self
             .conn
             .prepare(
@@ -639,7 +639,13 @@ impl Store {
             .map_err(|e| self.e(e))?;
         let rows = st
             .query_map([run_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok(RunStageRow {
+                    position: r.get(0)?,
+                    name: r.get(1)?,
+                    kind: r.get(2)?,
+                    hash: r.get(3)?,
+                    status: r.get(4)?,
+                })
             })
             .map_err(|e| self.e(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
@@ -663,8 +669,8 @@ impl Store {
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 
-    /// (stage name, path, kind, sha256, bytes) of a run's artifacts.
-    pub fn artifacts_of(&self, run_id: i64) -> Result<Vec<(String, String, String, String, i64)>> {
+    /// A run's artifacts.
+    pub fn artifacts_of(&self, run_id: i64) -> Result<Vec<ArtifactRow>> {
         let mut st = self
             .conn
             .prepare(
@@ -674,28 +680,20 @@ impl Store {
             .map_err(|e| self.e(e))?;
         let rows = st
             .query_map([run_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok(ArtifactRow {
+                    stage: r.get(0)?,
+                    path: r.get(1)?,
+                    kind: r.get(2)?,
+                    sha256: r.get(3)?,
+                    bytes: r.get(4)?,
+                })
             })
             .map_err(|e| self.e(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 
-    /// (stage name, holder, started, ended, resumed_from, outcome, error) of a run's attempts.
-    #[allow(clippy::type_complexity)]
-    pub fn attempts_of(
-        &self,
-        run_id: i64,
-    ) -> Result<
-        Vec<(
-            String,
-            String,
-            f64,
-            Option<f64>,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        )>,
-    > {
+    /// Every attempt at a run's stages, oldest first.
+    pub fn attempts_of(&self, run_id: i64) -> Result<Vec<AttemptRow>> {
         let mut st = self
             .conn
             .prepare(
@@ -705,19 +703,51 @@ impl Store {
             .map_err(|e| self.e(e))?;
         let rows = st
             .query_map([run_id], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
+                Ok(AttemptRow {
+                    stage: r.get(0)?,
+                    holder: r.get(1)?,
+                    started_at: r.get(2)?,
+                    ended_at: r.get(3)?,
+                    resumed_from: r.get(4)?,
+                    outcome: r.get(5)?,
+                    error: r.get(6)?,
+                })
             })
             .map_err(|e| self.e(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
+}
+
+/// A stage of a run, as stored.
+#[derive(Debug, Clone)]
+pub struct RunStageRow {
+    pub position: i64,
+    pub name: String,
+    pub kind: String,
+    pub hash: String,
+    pub status: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactRow {
+    pub stage: String,
+    /// Relative to the results folder.
+    pub path: String,
+    pub kind: String,
+    pub sha256: String,
+    pub bytes: i64,
+}
+
+/// One execution of a stage (a resumed stage has several).
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub stage: String,
+    pub holder: String,
+    pub started_at: f64,
+    pub ended_at: Option<f64>,
+    pub resumed_from: Option<i64>,
+    pub outcome: Option<String>,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -49,8 +49,15 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         println!("  {k} = {v}");
     }
     println!("\nstages");
-    for (pos, name, kind, hash, status) in store.stages_of(r.id)? {
-        println!("  {pos}. {name} ({kind}) {} {status}", &hash[..12]);
+    for s in store.stages_of(r.id)? {
+        println!(
+            "  {}. {} ({}) {} {}",
+            s.position,
+            s.name,
+            s.kind,
+            &s.hash[..12],
+            s.status
+        );
     }
     println!("\nfinal metrics");
     for (stage, key, step, value) in store.final_metrics(r.id)? {
@@ -60,23 +67,29 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     println!("\nattempts");
-    for (stage, holder, start, end, resumed, outcome, err) in store.attempts_of(r.id)? {
+    for a in store.attempts_of(r.id)? {
         println!(
-            "  {stage}: {} -> {} by {holder}{} {}{}",
-            super::time(Some(start)),
-            super::time(end),
-            resumed
+            "  {}: {} -> {} by {}{} {}{}",
+            a.stage,
+            super::time(Some(a.started_at)),
+            super::time(a.ended_at),
+            a.holder,
+            a.resumed_from
                 .map(|s| format!(", resumed from step {s}"))
                 .unwrap_or_default(),
-            outcome.unwrap_or_else(|| "unfinished".into()),
-            err.map(|e| format!(": {e}")).unwrap_or_default()
+            a.outcome.unwrap_or_else(|| "unfinished".into()),
+            a.error.map(|e| format!(": {e}")).unwrap_or_default()
         );
     }
     println!("\nartifacts");
-    for (stage, path, kind, sha, bytes) in store.artifacts_of(r.id)? {
+    for a in store.artifacts_of(r.id)? {
         println!(
-            "  {stage}: {path} ({kind}, {bytes} bytes, sha256 {})",
-            &sha[..12]
+            "  {}: {} ({}, {} bytes, sha256 {})",
+            a.stage,
+            a.path,
+            a.kind,
+            a.bytes,
+            &a.sha256[..12]
         );
     }
     Ok(ExitCode::SUCCESS)
