@@ -197,6 +197,18 @@ impl Store {
         }
     }
 
+    /// Run a query and map every row; the query methods below all go through here.
+    fn rows<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut st = self.conn.prepare(sql).map_err(|e| self.e(e))?;
+        let rows = st.query_map(params, map).map_err(|e| self.e(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
+    }
+
     fn setup(&mut self) -> Result<()> {
         self.conn
             .busy_timeout(Duration::from_secs(60))
@@ -590,27 +602,23 @@ impl Store {
             ));
         }
         sql.push_str(" ORDER BY r.id");
-        let mut st = self.conn.prepare(&sql).map_err(|e| self.e(e))?;
-        let rows = st
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok(RunRow {
-                    id: r.get(0)?,
-                    experiment: r.get(1)?,
-                    variant: r.get(2)?,
-                    seed: r.get(3)?,
-                    spec_hash: r.get(4)?,
-                    status: r.get(5)?,
-                    started_at: r.get(6)?,
-                    ended_at: r.get(7)?,
-                    git_commit: r.get(8)?,
-                    git_dirty: r.get::<_, Option<i64>>(9)?.map(|d| d != 0),
-                    host: r.get(10)?,
-                    device: r.get(11)?,
-                    error: r.get(12)?,
-                })
+        self.rows(&sql, rusqlite::params_from_iter(args.iter()), |r| {
+            Ok(RunRow {
+                id: r.get(0)?,
+                experiment: r.get(1)?,
+                variant: r.get(2)?,
+                seed: r.get(3)?,
+                spec_hash: r.get(4)?,
+                status: r.get(5)?,
+                started_at: r.get(6)?,
+                ended_at: r.get(7)?,
+                git_commit: r.get(8)?,
+                git_dirty: r.get::<_, Option<i64>>(9)?.map(|d| d != 0),
+                host: r.get(10)?,
+                device: r.get(11)?,
+                error: r.get(12)?,
             })
-            .map_err(|e| self.e(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
+        })
     }
 
     pub fn run(&self, id: i64) -> Result<Option<RunRow>> {
@@ -618,27 +626,17 @@ impl Store {
     }
 
     pub fn params_of(&self, run_id: i64) -> Result<Vec<(String, String)>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT key, value FROM params WHERE run_id = ?1 ORDER BY key")
-            .map_err(|e| self.e(e))?;
-        let rows = st
-            .query_map([run_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(|e| self.e(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
+        self.rows(
+            "SELECT key, value FROM params WHERE run_id = ?1 ORDER BY key",
+            [run_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
     }
 
     /// A run's stages, in order.
     pub fn stages_of(&self, run_id: i64) -> Result<Vec<RunStageRow>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT rs.position, rs.stage_name, s.kind, s.hash, s.status FROM run_stages rs JOIN stages s ON s.hash = rs.stage_hash
-                 WHERE rs.run_id = ?1 ORDER BY rs.position",
-            )
-            .map_err(|e| self.e(e))?;
-        let rows = st
-            .query_map([run_id], |r| {
+        self.rows("SELECT rs.position, rs.stage_name, s.kind, s.hash, s.status FROM run_stages rs JOIN stages s ON s.hash = rs.stage_hash
+                 WHERE rs.run_id = ?1 ORDER BY rs.position", [run_id], |r| {
                 Ok(RunStageRow {
                     position: r.get(0)?,
                     name: r.get(1)?,
@@ -647,39 +645,21 @@ impl Store {
                     status: r.get(4)?,
                 })
             })
-            .map_err(|e| self.e(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 
     /// The last value (highest step) of every metric key of a run, as (stage, key, step, value).
     pub fn final_metrics(&self, run_id: i64) -> Result<Vec<(String, String, i64, f64)>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT rs.stage_name, m.key, m.step, m.value FROM run_stages rs JOIN metrics m ON m.stage_hash = rs.stage_hash
+        self.rows("SELECT rs.stage_name, m.key, m.step, m.value FROM run_stages rs JOIN metrics m ON m.stage_hash = rs.stage_hash
                  WHERE rs.run_id = ?1 AND m.step = (SELECT MAX(step) FROM metrics m2 WHERE m2.stage_hash = m.stage_hash AND m2.key = m.key)
-                 ORDER BY rs.position, m.key",
-            )
-            .map_err(|e| self.e(e))?;
-        let rows = st
-            .query_map([run_id], |r| {
+                 ORDER BY rs.position, m.key", [run_id], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
-            .map_err(|e| self.e(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 
     /// A run's artifacts.
     pub fn artifacts_of(&self, run_id: i64) -> Result<Vec<ArtifactRow>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT rs.stage_name, a.path, a.kind, a.sha256, a.bytes FROM run_stages rs JOIN artifacts a ON a.stage_hash = rs.stage_hash
-                 WHERE rs.run_id = ?1 ORDER BY rs.position, a.path",
-            )
-            .map_err(|e| self.e(e))?;
-        let rows = st
-            .query_map([run_id], |r| {
+        self.rows("SELECT rs.stage_name, a.path, a.kind, a.sha256, a.bytes FROM run_stages rs JOIN artifacts a ON a.stage_hash = rs.stage_hash
+                 WHERE rs.run_id = ?1 ORDER BY rs.position, a.path", [run_id], |r| {
                 Ok(ArtifactRow {
                     stage: r.get(0)?,
                     path: r.get(1)?,
@@ -688,21 +668,12 @@ impl Store {
                     bytes: r.get(4)?,
                 })
             })
-            .map_err(|e| self.e(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 
     /// Every attempt at a run's stages, oldest first.
     pub fn attempts_of(&self, run_id: i64) -> Result<Vec<AttemptRow>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT rs.stage_name, a.holder, a.started_at, a.ended_at, a.resumed_from, a.outcome, a.error
-                 FROM run_stages rs JOIN stage_attempts a ON a.stage_hash = rs.stage_hash WHERE rs.run_id = ?1 ORDER BY a.id",
-            )
-            .map_err(|e| self.e(e))?;
-        let rows = st
-            .query_map([run_id], |r| {
+        self.rows("SELECT rs.stage_name, a.holder, a.started_at, a.ended_at, a.resumed_from, a.outcome, a.error
+                 FROM run_stages rs JOIN stage_attempts a ON a.stage_hash = rs.stage_hash WHERE rs.run_id = ?1 ORDER BY a.id", [run_id], |r| {
                 Ok(AttemptRow {
                     stage: r.get(0)?,
                     holder: r.get(1)?,
@@ -713,8 +684,6 @@ impl Store {
                     error: r.get(6)?,
                 })
             })
-            .map_err(|e| self.e(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.e(e))
     }
 }
 
