@@ -6,8 +6,10 @@
 //! executes them against the [`store`] and the stage cache, and [`export`] reads the store back.
 
 pub mod data;
+pub mod diffusion;
 pub mod error;
 pub mod export;
+pub mod models;
 pub mod plan;
 pub mod progress;
 pub mod runner;

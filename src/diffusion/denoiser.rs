@@ -1,0 +1,74 @@
+//! The one interface every generator is used through: `D(x; sigma, conditioning) -> x0`.
+//! The SVD teacher implements it with EDM preconditioning around the UNet; consistency and GAN
+//! students implement the same trait, so every sampler and metric runs on all of them.
+
+use super::edm::scaling_tensors;
+use crate::models::UNetSpatioTemporal;
+use candle_core::{Result, Tensor};
+
+/// SVD's conditioning of one batch.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// The (noise-augmented) first-frame latent, unscaled as in SVD: `[b, 1, c, h, w]`.
+    pub image_latents: Tensor,
+    /// Image embedding for cross-attention: `[b, 1, d]`.
+    pub image_embeds: Tensor,
+    /// `[b, 3]`: fps - 1, motion bucket id, noise augmentation strength.
+    pub added_time_ids: Tensor,
+}
+
+impl Conditioning {
+    /// The unconditional branch of classifier-free guidance: zero image latent and embedding
+    /// (as in SVD's pipeline), same time ids.
+    pub fn unconditional(&self) -> Result<Self> {
+        Ok(Self {
+            image_latents: self.image_latents.zeros_like()?,
+            image_embeds: self.image_embeds.zeros_like()?,
+            added_time_ids: self.added_time_ids.clone(),
+        })
+    }
+
+    /// `[uncond; cond]` stacked along the batch, for one guided pass.
+    pub fn with_unconditional(&self) -> Result<Self> {
+        let u = self.unconditional()?;
+        Ok(Self {
+            image_latents: Tensor::cat(&[&u.image_latents, &self.image_latents], 0)?,
+            image_embeds: Tensor::cat(&[&u.image_embeds, &self.image_embeds], 0)?,
+            added_time_ids: Tensor::cat(&[&u.added_time_ids, &self.added_time_ids], 0)?,
+        })
+    }
+
+    pub fn batch(&self) -> Result<usize> {
+        self.image_latents.dim(0)
+    }
+}
+
+/// A denoiser: the estimate of the clean latent video at noise level sigma.
+pub trait Denoiser {
+    /// # Shapes
+    /// `x`: `[b, t, c, h, w]`, `sigma`: `[b]` -> `[b, t, c, h, w]`
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor>;
+}
+
+/// The SVD teacher: EDM v-prediction preconditioning around a spatio-temporal UNet, with the
+/// first-frame latent concatenated to every frame's scaled noisy latent.
+pub struct SvdDenoiser<'a> {
+    pub unet: &'a UNetSpatioTemporal,
+}
+
+impl Denoiser for SvdDenoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let (_, t, _, _, _) = x.dims5()?;
+        let (c_skip, c_out, c_in, c_noise) = scaling_tensors(sigma)?;
+        let (bi, _, ci, hi, wi) = cond.image_latents.dims5()?;
+        let image = cond.image_latents.broadcast_as((bi, t, ci, hi, wi))?;
+        let model_in = Tensor::cat(&[&x.broadcast_mul(&c_in)?, &image], 2)?;
+        let out = self.unet.forward(
+            &model_in,
+            &c_noise,
+            &cond.image_embeds,
+            &cond.added_time_ids,
+        )?;
+        x.broadcast_mul(&c_skip)? + out.broadcast_mul(&c_out)?
+    }
+}

@@ -1,0 +1,12 @@
+//! Diffusion: EDM preconditioning in SVD's v-prediction form and its training loss
+//! ([`edm`]), the one interface every generator is used through ([`denoiser`]), and the
+//! samplers over it ([`sampler`]).
+
+pub mod denoiser;
+pub mod edm;
+pub mod noise;
+pub mod sampler;
+
+pub use denoiser::{Conditioning, Denoiser, SvdDenoiser};
+pub use edm::{EdmLoss, Scalings};
+pub use sampler::{karras_sigmas, sample, SamplerConfig, SamplerMethod};

@@ -1,0 +1,490 @@
+//! Building blocks shared by the SVD models, written over candle's primitive tensor ops so that
+//! every one of them has a backward pass and runs on any candle device.
+//!
+//! The names of parameters follow PyTorch (`weight`, `bias`) and the constructors take a
+//! `VarBuilder` positioned at the module path, so a checkpoint key is the module path
+//! (`down_blocks.0.resnets.0.spatial_res_block.conv1.weight`), as in diffusers.
+//!
+//! Convolutions are explicit im2col (shifted views stacked along channels) followed by one
+//! batched matrix product. candle's native CPU conv2d computes its kernel gradient as a
+//! convolution whose kernel is the whole image, which is far slower than the two matrix
+//! products this form needs for its backward pass.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// PyTorch's default initialisation of a layer's weight and bias (`kaiming_uniform_(a=sqrt(5))`
+/// for the weight, uniform(+-1/sqrt(fan_in)) for the bias), so freshly built onestep models start
+/// where freshly built diffusers models do.
+fn torch_uniform(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// `torch.nn.Linear`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", torch_uniform(in_dim))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", torch_uniform(in_dim))?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    /// # Shapes
+    /// `[.., in_dim]` -> `[.., out_dim]`
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// `torch.nn.Conv2d` (any kernel, stride and padding, no dilation or groups), plus the
+/// asymmetric padding that diffusers' VAE downsampler applies by hand.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    /// top, bottom, left, right
+    pub pad: [usize; 4],
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let fan_in = in_ch * kernel * kernel;
+        let weight = vb.get_with_hints(
+            (out_ch, in_ch, kernel, kernel),
+            "weight",
+            torch_uniform(fan_in),
+        )?;
+        let bias = Some(vb.get_with_hints(out_ch, "bias", torch_uniform(fan_in))?);
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            pad: [padding; 4],
+        })
+    }
+
+    /// # Shapes
+    /// `[b, c_in, h, w]` -> `[b, c_out, h_out, w_out]`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, _, kh, kw) = self.weight.dims4()?;
+        let s = self.stride;
+        let [pt, pb, pl, pr] = self.pad;
+        let ho = (h + pt + pb - kh) / s + 1;
+        let wo = (w + pl + pr - kw) / s + 1;
+        let cols = if kh == 1 && kw == 1 && s == 1 && self.pad == [0; 4] {
+            x.reshape((b, cin, h * w))?
+        } else {
+            // Reading s*ho rows from offset ky may run past the padded input by up to s-1 rows
+            // that the stride then drops; pad them with zeros so the views stay in bounds.
+            let need_h = (kh - 1) + s * ho;
+            let need_w = (kw - 1) + s * wo;
+            let extra_h = need_h.saturating_sub(h + pt + pb);
+            let extra_w = need_w.saturating_sub(w + pl + pr);
+            let xp = x
+                .pad_with_zeros(2, pt, pb + extra_h)?
+                .pad_with_zeros(3, pl, pr + extra_w)?;
+            let mut taps = Vec::with_capacity(kh * kw);
+            for ky in 0..kh {
+                let rows = xp.narrow(2, ky, s * ho)?;
+                let rows = if s > 1 {
+                    rows.reshape((b, cin, ho, s, w + pl + pr + extra_w))?
+                        .narrow(3, 0, 1)?
+                        .squeeze(3)?
+                } else {
+                    rows
+                };
+                for kx in 0..kw {
+                    let tap = rows.narrow(3, kx, s * wo)?;
+                    let tap = if s > 1 {
+                        tap.reshape((b, cin, ho, wo, s))?
+                            .narrow(4, 0, 1)?
+                            .squeeze(4)?
+                    } else {
+                        tap
+                    };
+                    taps.push(tap);
+                }
+            }
+            Tensor::stack(&taps, 2)?.reshape((b, cin * kh * kw, ho * wo))?
+        };
+        let w2 = self.weight.reshape((cout, cin * kh * kw))?;
+        let y = w2.broadcast_left(b)?.matmul(&cols)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1))?)?,
+            None => y,
+        };
+        y.reshape((b, cout, ho, wo))
+    }
+}
+
+/// `torch.nn.Conv3d` with kernel (3, 1, 1) and padding (1, 0, 0): a convolution over time only,
+/// as in SVD's temporal ResNet blocks and the VAE decoder's `time_conv_out`.
+#[derive(Debug, Clone)]
+pub struct TemporalConv {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl TemporalConv {
+    pub fn new(vb: VarBuilder, in_ch: usize, out_ch: usize, kernel_t: usize) -> Result<Self> {
+        let fan_in = in_ch * kernel_t;
+        let weight = vb.get_with_hints(
+            (out_ch, in_ch, kernel_t, 1, 1),
+            "weight",
+            torch_uniform(fan_in),
+        )?;
+        let bias = vb.get_with_hints(out_ch, "bias", torch_uniform(fan_in))?;
+        Ok(Self { weight, bias })
+    }
+
+    /// # Shapes
+    /// `[b, c_in, t, h, w]` -> `[b, c_out, t, h, w]`
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, cin, t, h, w) = x.dims5()?;
+        let (cout, _, kt, _, _) = self.weight.dims5()?;
+        let x = x.reshape((b, cin, t, h * w))?;
+        let cols = if kt == 1 {
+            x.reshape((b, cin, t * h * w))?
+        } else {
+            let p = kt / 2;
+            let xp = x.pad_with_zeros(2, p, kt - 1 - p)?;
+            let taps = (0..kt)
+                .map(|k| xp.narrow(2, k, t))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&taps, 2)?.reshape((b, cin * kt, t * h * w))?
+        };
+        let w2 = self.weight.reshape((cout, cin * kt))?;
+        let y = w2.broadcast_left(b)?.matmul(&cols)?;
+        let y = y.broadcast_add(&self.bias.reshape((1, cout, 1))?)?;
+        y.reshape((b, cout, t, h, w))
+    }
+}
+
+/// `torch.nn.GroupNorm` over `[b, c, ...]`: statistics per sample and group over every
+/// remaining axis (for a 5-D video tensor this includes time, as in diffusers' temporal blocks).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if channels % groups != 0 {
+            candle_core::bail!(
+                "{}: {channels} channels do not divide into {groups} groups",
+                vb.prefix()
+            );
+        }
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let xg = x.reshape((b, self.groups, ()))?;
+        let mean = xg.mean_keepdim(2)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(2)?;
+        let xn = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape(dims.clone())?;
+        let mut pshape = vec![1usize; dims.len()];
+        pshape[1] = c;
+        xn.broadcast_mul(&self.weight.reshape(pshape.clone())?)?
+            .broadcast_add(&self.bias.reshape(pshape)?)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last axis, with affine parameters.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last axis from primitive ops (candle's fused CPU softmax has no backward).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `diffusers.models.attention_processor.Attention` with the default processor: multi-head
+/// scaled dot-product attention, optional cross-attention context, optional GroupNorm on the
+/// input and residual connection (the form the VAE's mid blocks use).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub group_norm: Option<GroupNorm>,
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Linear,
+    pub heads: usize,
+    pub dim_head: usize,
+    pub residual: bool,
+}
+
+/// Options of [`Attention::new`] that differ between its users.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionOpts {
+    pub cross_attention_dim: Option<usize>,
+    pub qkv_bias: bool,
+    /// GroupNorm groups and eps applied to the input (VAE mid block), or none.
+    pub group_norm: Option<(usize, f64)>,
+    pub residual: bool,
+}
+
+impl Default for AttentionOpts {
+    fn default() -> Self {
+        Self {
+            cross_attention_dim: None,
+            qkv_bias: false,
+            group_norm: None,
+            residual: false,
+        }
+    }
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        heads: usize,
+        dim_head: usize,
+        opts: AttentionOpts,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        let kv_dim = opts.cross_attention_dim.unwrap_or(query_dim);
+        let group_norm = match opts.group_norm {
+            Some((g, eps)) => Some(GroupNorm::new(vb.pp("group_norm"), g, query_dim, eps)?),
+            None => None,
+        };
+        Ok(Self {
+            group_norm,
+            to_q: Linear::new(vb.pp("to_q"), query_dim, inner, opts.qkv_bias)?,
+            to_k: Linear::new(vb.pp("to_k"), kv_dim, inner, opts.qkv_bias)?,
+            to_v: Linear::new(vb.pp("to_v"), kv_dim, inner, opts.qkv_bias)?,
+            to_out: Linear::new(vb.pp("to_out").pp("0"), inner, query_dim, true)?,
+            heads,
+            dim_head,
+            residual: opts.residual,
+        })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        x.reshape((b, n, self.heads, self.dim_head))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// # Shapes
+    /// `x`: `[b, n, query_dim]`, `context`: `[b, m, cross_dim]` -> `[b, n, query_dim]`
+    pub fn forward_seq(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let ctx = context.unwrap_or(x);
+        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
+        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
+        let scale = 1.0 / (self.dim_head as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let out = softmax_last(&scores)?.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, n, self.heads * self.dim_head))?;
+        self.to_out.forward(&out)
+    }
+
+    /// Spatial self-attention over an image feature map, with the input GroupNorm and the
+    /// residual connection when configured.
+    /// # Shapes
+    /// `[b, c, h, w]` -> `[b, c, h, w]`
+    pub fn forward_image(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let xn = match &self.group_norm {
+            Some(gn) => gn.forward(x)?,
+            None => x.clone(),
+        };
+        let seq = xn.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let out = self.forward_seq(&seq, None)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        if self.residual {
+            out + x
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// `diffusers.models.attention.FeedForward` with the GEGLU activation (the only one SVD uses):
+/// `net.0.proj` to twice the inner width, `hidden * gelu(gate)`, then `net.2`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    pub proj: Linear,
+    pub out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize, dim_out: usize, mult: usize) -> Result<Self> {
+        let inner = dim * mult;
+        Ok(Self {
+            proj: Linear::new(vb.pp("net").pp("0").pp("proj"), dim, inner * 2, true)?,
+            out: Linear::new(vb.pp("net").pp("2"), inner, dim_out, true)?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let hidden = h.narrow(D::Minus1, 0, half)?;
+        let gate = h.narrow(D::Minus1, half, half)?;
+        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+/// Sinusoidal embedding of `diffusers.models.embeddings.Timesteps` with `flip_sin_to_cos=True`
+/// and `downscale_freq_shift=0`: `[cos(t f_i), sin(t f_i)]`, `f_i = exp(-ln(10000) i / half)`.
+/// # Shapes
+/// `[n]` -> `[n, dim]`
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?;
+    let emb = if dim % 2 == 1 {
+        emb.pad_with_zeros(1, 0, 1)?
+    } else {
+        emb
+    };
+    emb.to_dtype(t.dtype())
+}
+
+/// `diffusers.models.embeddings.TimestepEmbedding`: `linear_1`, SiLU, `linear_2`.
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(vb: VarBuilder, in_dim: usize, hidden: usize, out_dim: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::new(vb.pp("linear_1"), in_dim, hidden, true)?,
+            linear_2: Linear::new(vb.pp("linear_2"), hidden, out_dim, true)?,
+        })
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// `diffusers.models.downsampling.Downsample2D` with a convolution: stride 2, padding 1, or
+/// padding 0 with the explicit (0, 1, 0, 1) pad of the VAE encoder.
+pub fn downsample2d(vb: VarBuilder, channels: usize, padding: usize) -> Result<Conv2d> {
+    let mut conv = Conv2d::new(vb.pp("conv"), channels, channels, 3, 2, padding)?;
+    if padding == 0 {
+        conv.pad = [0, 1, 0, 1];
+    }
+    Ok(conv)
+}
+
+/// `diffusers.models.upsampling.Upsample2D` with a convolution: nearest x2, then 3x3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    pub conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::new(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+    }
+}
+
+/// A learned or fixed scalar initialised to `value` (the `mix_factor` of `AlphaBlender`).
+pub fn scalar_param(vb: &VarBuilder, name: &str, value: f64) -> Result<Tensor> {
+    vb.get_with_hints(1, name, Init::Const(value))
+}
