@@ -5,17 +5,20 @@
 //! experiment files, [`plan`] turns them into runs of content-addressed stages, [`runner`]
 //! executes them against the [`store`] and the stage cache, and [`export`] reads the store back.
 
+pub mod alloc;
 pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod export;
 pub mod models;
+pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod runner;
 pub mod spec;
 pub mod stages;
 pub mod store;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

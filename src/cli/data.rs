@@ -242,41 +242,9 @@ fn preview(
             .filmstrip(clips)
             .save(out)
             .with_context(|| format!("writing {}", out.display()))?,
-        Some("gif") => write_gif(&set, clips, out)?,
+        Some("gif") => set.write_gif(out, clips, 8.0)?,
         _ => anyhow::bail!("{}: the output must end in .png or .gif", out.display()),
     }
     println!("wrote {}", out.display());
     Ok(ExitCode::SUCCESS)
-}
-
-fn write_gif(set: &ClipSet, clips: usize, out: &Path) -> anyhow::Result<()> {
-    use image::codecs::gif::{GifEncoder, Repeat};
-    let n = clips.min(set.len()).max(1);
-    let (h, w) = (set.height, set.width);
-    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut enc = GifEncoder::new_with_speed(file, 10);
-    enc.set_repeat(Repeat::Infinite)?;
-    for f in 0..set.frames {
-        let mut img = image::RgbaImage::new((w * n) as u32, h as u32);
-        for c in 0..n {
-            let clip = set.clip(c);
-            for y in 0..h {
-                for x in 0..w {
-                    let o = ((f * h + y) * w + x) * 3;
-                    img.put_pixel(
-                        (c * w + x) as u32,
-                        y as u32,
-                        image::Rgba([clip[o], clip[o + 1], clip[o + 2], 255]),
-                    );
-                }
-            }
-        }
-        enc.encode_frame(image::Frame::from_parts(
-            img,
-            0,
-            0,
-            image::Delay::from_numer_denom_ms(125, 1),
-        ))?;
-    }
-    Ok(())
 }

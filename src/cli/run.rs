@@ -26,12 +26,10 @@ pub enum DeviceArg {
     Cuda,
 }
 
-/// Refuse CUDA before anything is written when this build cannot use it.
+/// Refuse CUDA before anything is written when this build or this machine cannot use it.
 pub fn check_device(d: Device) -> anyhow::Result<()> {
-    // No stage of this build runs on a GPU yet: the CUDA backend arrives with the candle
-    // model stages (issue 3), behind a `cuda` cargo feature.
     if d == Device::Cuda {
-        anyhow::bail!("device `cuda` was requested, but this build of onestep has no CUDA backend (it comes with the model stages); use `cpu`");
+        onestep::train::device(d)?;
     }
     Ok(())
 }

@@ -99,15 +99,23 @@ impl Conv2d {
 
     /// # Shapes
     /// `[b, c_in, h, w]` -> `[b, c_out, h_out, w_out]`
+    ///
+    /// One GEMM `W [c_out, c_in k k] x cols [c_in k k, b h_out w_out]`: the weight gradient is
+    /// then one GEMM as well, and the bias gradient a sum over the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !grad_enabled() {
+            return self.forward_native(x);
+        }
         let (b, cin, h, w) = x.dims4()?;
         let (cout, _, kh, kw) = self.weight.dims4()?;
         let s = self.stride;
         let [pt, pb, pl, pr] = self.pad;
         let ho = (h + pt + pb - kh) / s + 1;
         let wo = (w + pl + pr - kw) / s + 1;
+        // Channels first: [c_in, b, h, w].
+        let xc = x.transpose(0, 1)?.contiguous()?;
         let cols = if kh == 1 && kw == 1 && s == 1 && self.pad == [0; 4] {
-            x.reshape((b, cin, h * w))?
+            xc.reshape((cin, b * h * w))?
         } else {
             // Reading s*ho rows from offset ky may run past the padded input by up to s-1 rows
             // that the stride then drops; pad them with zeros so the views stay in bounds.
@@ -115,41 +123,74 @@ impl Conv2d {
             let need_w = (kw - 1) + s * wo;
             let extra_h = need_h.saturating_sub(h + pt + pb);
             let extra_w = need_w.saturating_sub(w + pl + pr);
-            let xp = x
+            let xp = xc
                 .pad_with_zeros(2, pt, pb + extra_h)?
                 .pad_with_zeros(3, pl, pr + extra_w)?;
+            let wp = w + pl + pr + extra_w;
             let mut taps = Vec::with_capacity(kh * kw);
             for ky in 0..kh {
                 let rows = xp.narrow(2, ky, s * ho)?;
                 let rows = if s > 1 {
-                    rows.reshape((b, cin, ho, s, w + pl + pr + extra_w))?
-                        .narrow(3, 0, 1)?
-                        .squeeze(3)?
+                    rows.reshape((cin, b, ho, s, wp))?.narrow(3, 0, 1)?.squeeze(3)?
                 } else {
                     rows
                 };
                 for kx in 0..kw {
                     let tap = rows.narrow(3, kx, s * wo)?;
                     let tap = if s > 1 {
-                        tap.reshape((b, cin, ho, wo, s))?
-                            .narrow(4, 0, 1)?
-                            .squeeze(4)?
+                        tap.reshape((cin, b, ho, wo, s))?.narrow(4, 0, 1)?.squeeze(4)?
                     } else {
                         tap
                     };
                     taps.push(tap);
                 }
             }
-            Tensor::stack(&taps, 2)?.reshape((b, cin * kh * kw, ho * wo))?
+            Tensor::stack(&taps, 1)?.reshape((cin * kh * kw, b * ho * wo))?
         };
-        let w2 = self.weight.reshape((cout, cin * kh * kw))?;
-        let y = w2.broadcast_left(b)?.matmul(&cols)?;
+        let y = self.weight.reshape((cout, cin * kh * kw))?.matmul(&cols)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1))?)?,
+            Some(bias) => y.broadcast_add(&bias.unsqueeze(1)?)?,
             None => y,
         };
-        y.reshape((b, cout, ho, wo))
+        y.reshape((cout, b, ho, wo))?.transpose(0, 1)?.contiguous()
     }
+}
+
+impl Conv2d {
+    /// candle's own convolution: faster forward, but a slow backward on the CPU.
+    fn forward_native(&self, x: &Tensor) -> Result<Tensor> {
+        let [pt, pb, pl, pr] = self.pad;
+        let y = if pt == pb && pl == pr && pt == pl {
+            x.conv2d(&self.weight, pt, self.stride, 1, 1)?
+        } else {
+            x.pad_with_zeros(2, pt, pb)?
+                .pad_with_zeros(3, pl, pr)?
+                .conv2d(&self.weight, 0, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether layers should build a graph that trains well (the default) or take the fastest
+/// forward path; see [`no_grad`].
+pub fn grad_enabled() -> bool {
+    !NO_GRAD.with(|c| c.get())
+}
+
+/// Runs `f` with inference-only layer implementations on this thread (sampling, evaluation).
+/// Results are the same up to float rounding; gradients through them are slow, not wrong.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let prev = NO_GRAD.with(|c| c.replace(true));
+    let out = f();
+    NO_GRAD.with(|c| c.set(prev));
+    out
 }
 
 /// `torch.nn.Conv3d` with kernel (3, 1, 1) and padding (1, 0, 0): a convolution over time only,

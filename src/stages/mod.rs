@@ -5,6 +5,7 @@
 //! a cache folder of its own, its upstream stages' folders, a metric/artifact log, atomic
 //! checkpoints and an interrupt flag. Stages know nothing of the store or the CLI.
 
+pub mod autoencoder;
 pub mod data;
 
 use crate::error::{Error, IoContext, Result};
@@ -36,7 +37,7 @@ pub trait StageKind: Sync {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()>;
 }
 
-static KINDS: &[&dyn StageKind] = &[&data::DataStage];
+static KINDS: &[&dyn StageKind] = &[&data::DataStage, &autoencoder::AutoencoderStage];
 
 pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
     KINDS.iter().copied().find(|k| k.name() == name)

@@ -1,0 +1,84 @@
+//! One denoiser evaluation and one training step (forward, MSE backward, AdamW) of the tiny
+//! UNet preset (`UNetConfig::tiny()`, 1.33 M parameters) at batch 4 x 16 frames x 16x16
+//! latents, beside the same configuration in PyTorch/diffusers (benches/unet_step_torch.py) on
+//! the same machine in the same run. Reports best-of-N seconds and the ratio onestep/PyTorch.
+//!
+//! `cargo bench --bench unet_step` (PyTorch side via $ONESTEP_BENCH_PYTHON, default `python3`;
+//! skipped with a note when torch is not importable). Sizes: `-- B T HW`.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use onestep::models::{UNetConfig, UNetSpatioTemporal};
+use std::time::Instant;
+
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() -> candle_core::Result<()> {
+    onestep::alloc::tune_for_tensors();
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (b, t, hw) = match args.as_slice() {
+        [b, t, hw, ..] => (*b, *t, *hw),
+        _ => (4, 16, 16),
+    };
+    let reps: usize = std::env::var("ONESTEP_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let unet = UNetSpatioTemporal::new(vb, &UNetConfig::tiny())?;
+    let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    let x = Tensor::randn(0f32, 1.0, (b, t, 8, hw, hw), &dev)?;
+    let ts = Tensor::full(0.1f32, b, &dev)?;
+    let ehs = Tensor::randn(0f32, 1.0, (b, 1, 64), &dev)?;
+    let ids = Tensor::from_vec([7f32, 127.0, 0.02].repeat(b), (b, 3), &dev)?;
+    let target = Tensor::randn(0f32, 1.0, (b, t, 4, hw, hw), &dev)?;
+    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: 1e-4, ..Default::default() })?;
+
+    let fwd = best_of(reps, || {
+        onestep::models::layers::no_grad(|| unet.forward(&x, &ts, &ehs, &ids)).expect("forward");
+    });
+    let only_forward = std::env::var_os("ONESTEP_BENCH_FORWARD_ONLY").is_some();
+    let step = best_of(if only_forward { 0 } else { reps }, || {
+        let out = unet.forward(&x, &ts, &ehs, &ids).expect("forward");
+        let loss = (out - &target).and_then(|d| d.sqr()).and_then(|d| d.mean_all()).expect("loss");
+        opt.backward_step(&loss).expect("step");
+    });
+    println!("tiny UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}");
+    println!("onestep (candle, CPU):  forward {fwd:.3} s   train step {step:.3} s");
+
+    let python = std::env::var("ONESTEP_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/unet_step_torch.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args([b.to_string(), t.to_string(), hw.to_string()])
+        .env("ONESTEP_BENCH_REPS", reps.to_string())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            let pf = v["forward_s"].as_f64().unwrap_or(f64::NAN);
+            let ps = v["train_step_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "PyTorch {} ({} threads): forward {pf:.3} s   train step {ps:.3} s   ({} parameters)",
+                v["torch"].as_str().unwrap_or("?"),
+                v["threads"],
+                v["params"]
+            );
+            println!("ratio onestep/PyTorch:  forward {:.2}   train step {:.2}", fwd / pf, step / ps);
+        }
+        Ok(o) => println!(
+            "PyTorch side skipped ({python} {script} failed: {})",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        ),
+        Err(e) => println!("PyTorch side skipped ({python}: {e})"),
+    }
+    Ok(())
+}

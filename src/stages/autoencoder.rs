@@ -1,0 +1,352 @@
+//! Stage `autoencoder`: trains SVD's temporal VAE ([`AutoencoderKLTemporalDecoder`]) on the
+//! clips of the upstream `data` stage, or starts from a diffusers checkpoint (`pretrained`),
+//! and writes it in diffusers' layout to `vae/`.
+//!
+//! Loss: reconstruction (L1 or L2, per pixel) of `frames` consecutive frames decoded together
+//! (the decoder is temporal) from posterior samples, plus `kl_weight` x the KL divergence to
+//! N(0, I) per latent element (the KL-regularised autoencoder of Rombach et al. 2022; the
+//! adversarial and perceptual terms of SD's VAE training are not implemented). After training,
+//! `scaling_factor` is set to 1 / std of the training latents, as it was computed for SD.
+//! Metrics: `loss`, `recon`, `kl` per step; `psnr_test` (dB, on full test clips) every
+//! `eval_every` steps and at the end; `scaling_factor`.
+
+use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::data::ClipSet;
+use crate::diffusion::noise::NormalRng;
+use crate::error::{Error, Result};
+use crate::models::layers::no_grad;
+use crate::models::{load_component, save_component, AutoencoderKLTemporalDecoder, VaeConfig};
+use crate::train::optim::named_vars;
+use crate::train::{ce, clip_batch, device, AdamW, AdamWConfig};
+use candle_core::DType;
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recon {
+    L1,
+    L2,
+}
+
+/// Parameters of the `autoencoder` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoencoderParams {
+    /// The architecture, as diffusers' `config.json` fields (omitted fields take diffusers'
+    /// defaults; the default table is `VaeConfig::tiny()`: widths 32, 64, 64, 4x downsampling).
+    pub vae: VaeConfig,
+    /// A diffusers VAE folder (`config.json` + `diffusion_pytorch_model.safetensors`) to start
+    /// from instead of random weights; its config replaces `vae`. Relative to the working dir.
+    pub pretrained: Option<String>,
+    /// Optimizer steps (0 with `pretrained` exports the checkpoint as is).
+    pub steps: u64,
+    /// Clips per step.
+    pub batch_clips: usize,
+    /// Consecutive frames per clip per step (decoded together by the temporal decoder).
+    pub frames: usize,
+    pub optimizer: AdamWConfig,
+    /// Weight of the KL term (per latent element, relative to the per-pixel reconstruction).
+    pub kl_weight: f64,
+    /// Reconstruction loss: l1 or l2.
+    pub recon: Recon,
+    /// Steps between test-set PSNR evaluations (0 = only at the end).
+    pub eval_every: u64,
+    /// Test clips used for PSNR.
+    pub eval_clips: usize,
+    /// Steps between checkpoints (not part of the stage's identity).
+    pub checkpoint_every: u64,
+}
+
+impl Default for AutoencoderParams {
+    fn default() -> Self {
+        Self {
+            vae: VaeConfig::tiny(),
+            pretrained: None,
+            steps: 1500,
+            batch_clips: 4,
+            frames: 4,
+            optimizer: AdamWConfig {
+                lr: 5e-4,
+                warmup: 50,
+                ..Default::default()
+            },
+            kl_weight: 1e-6,
+            recon: Recon::L1,
+            eval_every: 500,
+            eval_clips: 16,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+impl AutoencoderParams {
+    fn check(&self) -> std::result::Result<(), ParamError> {
+        let bad = |path: &str, message: String| ParamError {
+            path: path.into(),
+            message,
+        };
+        if self.pretrained.is_none() {
+            self.vae.validate().map_err(|m| bad("vae", m))?;
+        }
+        if self.batch_clips == 0 {
+            return Err(bad("batch_clips", "must be at least 1".into()));
+        }
+        if self.frames == 0 {
+            return Err(bad("frames", "must be at least 1".into()));
+        }
+        if self.steps > 0 && self.optimizer.lr <= 0.0 {
+            return Err(bad("optimizer.lr", "must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+pub struct AutoencoderStage;
+
+impl StageKind for AutoencoderStage {
+    fn name(&self) -> &'static str {
+        "autoencoder"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn seeded(&self) -> bool {
+        true
+    }
+    fn resolve(&self, params: toml::Value) -> Result<toml::Value, ParamError> {
+        let (p, v) = resolve_typed::<AutoencoderParams>(params)?;
+        p.check()?;
+        Ok(v)
+    }
+    fn fingerprint(&self, params: &toml::Value) -> Result<Option<String>> {
+        let p: AutoencoderParams = params
+            .clone()
+            .try_into()
+            .map_err(|e| Error::Other(format!("autoencoder params: {e}")))?;
+        match p.pretrained {
+            Some(dir) => {
+                let f = Path::new(&dir).join(crate::models::checkpoint::WEIGHTS_FILE);
+                Ok(Some(crate::util::sha256_file(&f)?))
+            }
+            None => Ok(None),
+        }
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
+        let p: AutoencoderParams = ctx.params()?;
+        train(ctx, &p)
+    }
+}
+
+/// Loads the train and test clip sets of the nearest upstream `data` stage.
+pub fn upstream_clips(ctx: &StageContext<'_>) -> Result<(ClipSet, ClipSet)> {
+    let up = ctx.upstream_of_kind("data").ok_or_else(|| {
+        Error::Other(format!(
+            "stage `{}` needs a `data` stage before it (add one, or set `after`)",
+            ctx.name
+        ))
+    })?;
+    Ok((
+        ClipSet::load(&up.dir.join("train.safetensors"))?,
+        ClipSet::load(&up.dir.join("test.safetensors"))?,
+    ))
+}
+
+fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
+    let dev = device(ctx.device)?;
+    let (train_set, test_set) = upstream_clips(ctx)?;
+    if train_set.is_empty() {
+        return Err(Error::Data("the training clip set is empty".into()));
+    }
+    let frames = p.frames.min(train_set.frames);
+    let varmap = VarMap::new();
+    let (cfg, vae) = match &p.pretrained {
+        Some(dir) => {
+            let (cfg, vae, vm) = load_component(Path::new(dir), &dev, AutoencoderKLTemporalDecoder::new)?;
+            // Copy the loaded variables into our map so they train and save like fresh ones.
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let fresh = AutoencoderKLTemporalDecoder::new(vb, &cfg).map_err(ce("VAE"))?;
+            let src = named_vars(&vm);
+            for (name, var) in named_vars(&varmap) {
+                if let Some((_, s)) = src.iter().find(|(n, _)| *n == name) {
+                    var.set(s.as_tensor()).map_err(ce("VAE"))?;
+                }
+            }
+            drop(vae);
+            (cfg, fresh)
+        }
+        None => {
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let vae = AutoencoderKLTemporalDecoder::new(vb, &p.vae).map_err(ce("VAE"))?;
+            (p.vae.clone(), vae)
+        }
+    };
+    let f = cfg.downsample_factor();
+    if train_set.height % f != 0 || train_set.width % f != 0 {
+        return Err(Error::Data(format!(
+            "clips are {}x{} but the VAE downsamples by {f}: sizes must be multiples of {f}",
+            train_set.width, train_set.height
+        )));
+    }
+    let vars = named_vars(&varmap);
+    let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
+    let state_dir = ctx.dir.join("train_state");
+    let mut start = 0;
+    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
+        crate::models::checkpoint::load_weights(&varmap, &state_dir.join("vae.safetensors"))?;
+        opt.load(&state_dir.join("optimizer.safetensors"), step)?;
+        start = step;
+        ctx.note(&format!("resuming from step {step}"));
+    }
+
+    for step in start..p.steps {
+        ctx.check_interrupt(step)?;
+        // Each step's randomness comes from (seed, step), so a resumed run draws the same.
+        let mut rng = NormalRng::new(ctx.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
+        let idx: Vec<usize> = (0..p.batch_clips)
+            .map(|_| (rng.uniform() * train_set.len() as f64) as usize % train_set.len())
+            .collect();
+        let starts: Vec<usize> = idx
+            .iter()
+            .map(|_| (rng.uniform() * (train_set.frames - frames + 1) as f64) as usize)
+            .map(|s| s.min(train_set.frames - frames))
+            .collect();
+        let e = ce("autoencoder step");
+        let x = clip_batch(&train_set, &idx, &starts, frames, &dev).map_err(&e)?;
+        let (b, t, c, h, w) = x.dims5().map_err(&e)?;
+        let x = x.reshape((b * t, c, h, w)).map_err(&e)?;
+        let post = vae.encode(&x).map_err(&e)?;
+        let eps = rng.tensor(post.mean.dims(), &dev).map_err(&e)?;
+        let z = post.sample_with(&eps).map_err(&e)?;
+        let xr = vae.decode(&z, t).map_err(&e)?;
+        let diff = (xr - &x).map_err(&e)?;
+        let recon = match p.recon {
+            Recon::L1 => diff.abs(),
+            Recon::L2 => diff.sqr(),
+        }
+        .and_then(|d| d.mean_all())
+        .map_err(&e)?;
+        let latent_elems = post.mean.elem_count() / (b * t);
+        let kl = (post.kl().map_err(&e)?.mean_all().map_err(&e)? / latent_elems as f64).map_err(&e)?;
+        let loss = (&recon + (&kl * p.kl_weight).map_err(&e)?).map_err(&e)?;
+        let grads = loss.backward().map_err(&e)?;
+        let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
+        let gnorm = opt.step(&grads, lr).map_err(&e)?;
+        let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
+        ctx.metric("loss", step + 1, lv)?;
+        ctx.metric("recon", step + 1, recon.to_scalar::<f32>().map_err(&e)? as f64)?;
+        ctx.metric("kl", step + 1, kl.to_scalar::<f32>().map_err(&e)? as f64)?;
+        ctx.metric("grad_norm", step + 1, gnorm)?;
+        ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
+        let done = step + 1 == p.steps;
+        if p.eval_every > 0 && (step + 1) % p.eval_every == 0 && !done {
+            let psnr = test_psnr(&vae, &test_set, p.eval_clips, &dev)?;
+            ctx.metric("psnr_test", step + 1, psnr)?;
+        }
+        if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
+            std::fs::create_dir_all(&state_dir).map_err(|e| Error::io(&state_dir, e))?;
+            crate::models::checkpoint::save_tensors(
+                &state_dir.join("vae.safetensors"),
+                &vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect(),
+            )?;
+            opt.save(&state_dir.join("optimizer.safetensors"))?;
+            ctx.save_checkpoint(step + 1, &())?;
+        }
+    }
+
+    // Scaling factor: 1 / std of training latents (posterior means), as computed for SD.
+    let mut cfg = cfg;
+    if p.steps > 0 || p.pretrained.is_none() {
+        let std = latent_std(&vae, &train_set, 32, &dev)?;
+        cfg.scaling_factor = 1.0 / std.max(1e-6);
+    }
+    ctx.metric("scaling_factor", p.steps, cfg.scaling_factor)?;
+    let psnr = test_psnr(&vae, &test_set, p.eval_clips, &dev)?;
+    ctx.metric("psnr_test", p.steps, psnr)?;
+    save_component(&ctx.dir.join("vae"), &cfg, &varmap)?;
+    write_recon_preview(ctx, &vae, &test_set, &dev)?;
+    ctx.note(&format!("test PSNR {psnr:.2} dB, scaling factor {:.4}", cfg.scaling_factor));
+    Ok(())
+}
+
+/// Mean PSNR (dB, pixels in [0, 1]) of reconstructions (posterior mode) of the first `n` test
+/// clips, each decoded as a whole clip.
+pub fn test_psnr(
+    vae: &AutoencoderKLTemporalDecoder,
+    test: &ClipSet,
+    n: usize,
+    dev: &candle_core::Device,
+) -> Result<f64> {
+    let n = n.min(test.len());
+    if n == 0 {
+        return Ok(f64::NAN);
+    }
+    let e = ce("test PSNR");
+    let mut total = 0.0;
+    for i in 0..n {
+        let x = clip_batch(test, &[i], &[0], test.frames, dev).map_err(&e)?;
+        let (_, t, c, h, w) = x.dims5().map_err(&e)?;
+        let x = x.reshape((t, c, h, w)).map_err(&e)?;
+        let xr = no_grad(|| vae.encode(&x).and_then(|p| vae.decode(p.mode(), t))).map_err(&e)?;
+        let xr = xr.clamp(-1f32, 1f32).map_err(&e)?;
+        // Pixel error in [0, 1] units: half the error in [-1, 1] units.
+        let mse = ((xr - &x).map_err(&e)? * 0.5)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.mean_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .map_err(&e)? as f64;
+        total += -10.0 * mse.max(1e-12).log10();
+    }
+    Ok(total / n as f64)
+}
+
+fn latent_std(
+    vae: &AutoencoderKLTemporalDecoder,
+    set: &ClipSet,
+    n: usize,
+    dev: &candle_core::Device,
+) -> Result<f64> {
+    let e = ce("latent statistics");
+    let n = n.min(set.len());
+    let (mut s, mut s2, mut cnt) = (0f64, 0f64, 0f64);
+    for i in 0..n {
+        let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
+        let (_, t, c, h, w) = x.dims5().map_err(&e)?;
+        let x = x.reshape((t, c, h, w)).map_err(&e)?;
+        let z = no_grad(|| vae.encode(&x)).map_err(&e)?.mean;
+        let v: Vec<f32> = z.flatten_all().and_then(|z| z.to_vec1()).map_err(&e)?;
+        for a in v {
+            s += a as f64;
+            s2 += (a as f64) * (a as f64);
+            cnt += 1.0;
+        }
+    }
+    let mean = s / cnt.max(1.0);
+    Ok((s2 / cnt.max(1.0) - mean * mean).max(0.0).sqrt())
+}
+
+/// `recon.png`: test clips (rows 1, 3, ..) above their reconstructions (rows 2, 4, ..).
+fn write_recon_preview(
+    ctx: &mut StageContext<'_>,
+    vae: &AutoencoderKLTemporalDecoder,
+    test: &ClipSet,
+    dev: &candle_core::Device,
+) -> Result<()> {
+    let e = ce("reconstruction preview");
+    let mut strip = ClipSet::new(test.frames, test.height, test.width);
+    for i in 0..test.len().min(4) {
+        let x = clip_batch(test, &[i], &[0], test.frames, dev).map_err(&e)?;
+        let (_, t, c, h, w) = x.dims5().map_err(&e)?;
+        let x = x.reshape((t, c, h, w)).map_err(&e)?;
+        let xr = no_grad(|| vae.encode(&x).and_then(|p| vae.decode(p.mode(), t))).map_err(&e)?;
+        strip.push(test.clip(i), 0, 0);
+        strip.push(&crate::train::to_u8_frames(&xr).map_err(&e)?, 0, 0);
+    }
+    let path = ctx.dir.join("recon.png");
+    strip
+        .filmstrip(strip.len())
+        .save(&path)
+        .map_err(|err| Error::Other(format!("{}: {err}", path.display())))?;
+    ctx.artifact("recon.png", "filmstrip")
+}

@@ -1,0 +1,82 @@
+//! Training utilities shared by the stages: the compute device, AdamW with a state that can be
+//! checkpointed, an EMA of parameters, learning-rate warm-up, and clip batches as tensors.
+
+pub mod optim;
+
+pub use optim::{AdamW, AdamWConfig, Ema};
+
+use crate::data::clips::ClipSet;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// The candle device for a spec's `device`, or an error that says why CUDA cannot be used.
+pub fn device(d: crate::spec::Device) -> Result<Device> {
+    match d {
+        crate::spec::Device::Cpu => Ok(Device::Cpu),
+        crate::spec::Device::Cuda => cuda_device(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device> {
+    Device::new_cuda(0).map_err(|e| {
+        Error::Other(format!(
+            "device `cuda`: this build has CUDA support but no GPU could be opened ({e}); use `cpu`"
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device> {
+    Err(Error::Other(
+        "device `cuda`: this build of onestep has no CUDA backend; rebuild with `cargo build --release --features cuda` (needs nvcc) or use `cpu`".into(),
+    ))
+}
+
+/// Whether `device = "cuda"` can work in this build (checked before a run starts).
+pub fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// Converts a candle error into the library's error with context.
+pub fn ce(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+    move |e| Error::Other(format!("{context}: {e}"))
+}
+
+/// Frames `[start, start + len)` of clips `idx` as a float tensor in [-1, 1]:
+/// `[b, len, 3, h, w]`.
+pub fn clip_batch(
+    set: &ClipSet,
+    idx: &[usize],
+    start: &[usize],
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let (h, w) = (set.height, set.width);
+    let frame = h * w * 3;
+    let mut data = Vec::with_capacity(idx.len() * len * frame);
+    for (&i, &s) in idx.iter().zip(start) {
+        let c = set.clip(i);
+        data.extend_from_slice(&c[s * frame..(s + len) * frame]);
+    }
+    let t = Tensor::from_vec(data, (idx.len(), len, h, w, 3), &Device::Cpu)?;
+    let t = t.permute((0, 1, 4, 2, 3))?.to_dtype(DType::F32)?;
+    ((t / 127.5)? - 1.0)?.to_device(device)
+}
+
+/// A float video in [-1, 1] `[t, 3, h, w]` to u8 frames `[t, h, w, 3]`.
+pub fn to_u8_frames(x: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let x = ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?;
+    let x = x.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?;
+    x.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<u8>()
+}
+
+/// Linear warm-up to the base learning rate over `warmup` steps (nanoGPT's schedule without
+/// decay; the tiny runs here are too short for decay to matter).
+pub fn warmup_lr(base: f64, step: u64, warmup: u64) -> f64 {
+    if warmup == 0 || step >= warmup {
+        base
+    } else {
+        base * (step + 1) as f64 / warmup as f64
+    }
+}

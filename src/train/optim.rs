@@ -1,0 +1,163 @@
+//! AdamW (Loshchilov & Hutter 2019, decoupled weight decay; PyTorch's `torch.optim.AdamW`
+//! update) over named variables, with its moments saved to and restored from safetensors so a
+//! resumed stage continues exactly; and an exponential moving average of parameters.
+
+use crate::error::{Error, Result};
+use crate::models::checkpoint::save_tensors;
+use candle_core::{backprop::GradStore, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// Learning rate after warm-up.
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay (PyTorch's default 0.01).
+    pub weight_decay: f64,
+    /// Linear warm-up steps.
+    pub warmup: u64,
+    /// Gradient clipping by global norm (0 = off).
+    pub grad_clip: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            warmup: 100,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> candle_core::Result<Self> {
+        let m = vars
+            .iter()
+            .map(|(_, v)| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = m.clone();
+        Ok(Self {
+            cfg,
+            vars,
+            m,
+            v,
+            step: 0,
+        })
+    }
+
+    /// One update from `grads` at learning rate `lr`; returns the gradient norm before clipping.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> candle_core::Result<f64> {
+        let mut sq = 0f64;
+        for (_, var) in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let norm = sq.sqrt();
+        let clip = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
+            self.cfg.grad_clip / norm
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2 = 1.0 - b2.powi(self.step as i32);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = (g * clip)?;
+            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(norm)
+    }
+
+    /// Writes the moments (`m.NAME`, `v.NAME`) to a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut t = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            t.insert(format!("m.{name}"), self.m[i].clone());
+            t.insert(format!("v.{name}"), self.v[i].clone());
+        }
+        save_tensors(path, &t)
+    }
+
+    /// Restores moments saved by [`AdamW::save`] at optimizer step `step`.
+    pub fn load(&mut self, path: &Path, step: u64) -> Result<()> {
+        let dev = self.vars.first().map(|(_, v)| v.device().clone());
+        let Some(dev) = dev else { return Ok(()) };
+        let t = candle_core::safetensors::load(path, &dev)
+            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            let get = |k: String| {
+                t.get(&k)
+                    .filter(|x| x.dims() == var.dims())
+                    .cloned()
+                    .ok_or_else(|| Error::Data(format!("{}: no moment `{k}` of the right shape", path.display())))
+            };
+            self.m[i] = get(format!("m.{name}"))?;
+            self.v[i] = get(format!("v.{name}"))?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Exponential moving average of parameters with the warm-up of Karras et al.'s EDM code
+/// (`min(decay, (1 + step) / (10 + step))`), so early averages are not dominated by the
+/// random initialisation.
+pub struct Ema {
+    pub decay: f64,
+    pub shadow: Vec<(String, Tensor)>,
+}
+
+impl Ema {
+    pub fn new(vars: &[(String, Var)], decay: f64) -> candle_core::Result<Self> {
+        let shadow = vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { decay, shadow })
+    }
+
+    pub fn update(&mut self, vars: &[(String, Var)], step: u64) -> candle_core::Result<()> {
+        let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
+        for ((_, s), (_, v)) in self.shadow.iter_mut().zip(vars) {
+            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Named variables of a VarMap in a stable (sorted) order.
+pub fn named_vars(map: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    let data = map.data().lock().expect("variable map poisoned");
+    let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
