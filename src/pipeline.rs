@@ -180,3 +180,63 @@ impl VideoPipeline {
         x.reshape((b, t, ch, hh, ww))
     }
 }
+
+/// How a conditioning image whose size differs from the model's is made to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// Centre-crop to the model's aspect ratio, then resize (the default).
+    Crop,
+    /// Resize without keeping the aspect ratio.
+    Stretch,
+    /// Refuse images whose size differs.
+    Reject,
+}
+
+/// Reads an image file (PNG, JPEG or GIF; first frame) and prepares it as the model's
+/// conditioning frame: `[3, height, width]` in [-1, 1].
+pub fn load_image(path: &Path, height: usize, width: usize, fit: Fit) -> Result<Tensor> {
+    let img = image::ImageReader::open(path)
+        .at(path)?
+        .with_guessed_format()
+        .at(path)?
+        .decode()
+        .map_err(|e| Error::Data(format!("{}: not a readable image: {e}", path.display())))?
+        .to_rgb8();
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    if w0 == 0 || h0 == 0 {
+        return Err(Error::Data(format!("{}: the image is empty", path.display())));
+    }
+    let filter = image::imageops::FilterType::Triangle;
+    let img = if (w0, h0) == (width, height) {
+        img
+    } else {
+        match fit {
+            Fit::Reject => {
+                return Err(Error::Data(format!(
+                    "{}: the image is {w0}x{h0} but the model generates {width}x{height}; resize it, or use --fit crop or --fit stretch",
+                    path.display()
+                )))
+            }
+            Fit::Stretch => image::imageops::resize(&img, width as u32, height as u32, filter),
+            Fit::Crop => {
+                // Largest centred region with the target aspect ratio.
+                let (cw, ch) = if w0 * height > h0 * width {
+                    (h0 * width / height, h0)
+                } else {
+                    (w0, w0 * height / width)
+                };
+                let (cw, ch) = (cw.max(1), ch.max(1));
+                let x = (w0 - cw) / 2;
+                let y = (h0 - ch) / 2;
+                let crop = image::imageops::crop_imm(&img, x as u32, y as u32, cw as u32, ch as u32).to_image();
+                image::imageops::resize(&crop, width as u32, height as u32, filter)
+            }
+        }
+    };
+    let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
+    Tensor::from_vec(data, (height, width, 3), &Device::Cpu)
+        .and_then(|t| t.permute((2, 0, 1)))
+        .and_then(|t| t.contiguous())
+        .map_err(ce("image"))
+}

@@ -181,10 +181,11 @@ fn execute_run(
                             .map_err(|e| fail(e, executed, reused))?;
                         continue;
                     }
-                    let upstream = st
-                        .upstream
-                        .iter()
-                        .map(|&i| {
+                    // Every ancestor, farthest first, so `upstream_of_kind` finds the nearest
+                    // stage of a kind (a teacher reads its data stage through its autoencoder).
+                    let upstream = ancestors(run, &st.upstream)
+                        .into_iter()
+                        .map(|i| {
                             let u = &run.stages[i];
                             Upstream {
                                 name: u.name.clone(),
@@ -398,4 +399,23 @@ fn execute_stage(
         }
     }
     result
+}
+
+/// Indices of the stages `direct` depend on, transitively, each once, ancestors before the
+/// stages that depend on them.
+fn ancestors(run: &crate::plan::PlannedRun, direct: &[usize]) -> Vec<usize> {
+    fn visit(run: &crate::plan::PlannedRun, i: usize, out: &mut Vec<usize>) {
+        if out.contains(&i) {
+            return;
+        }
+        for &u in &run.stages[i].upstream {
+            visit(run, u, out);
+        }
+        out.push(i);
+    }
+    let mut out = Vec::new();
+    for &i in direct {
+        visit(run, i, &mut out);
+    }
+    out
 }

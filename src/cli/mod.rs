@@ -2,6 +2,7 @@
 
 mod data;
 mod export;
+mod generate;
 mod plan;
 mod run;
 mod runs;
@@ -87,6 +88,8 @@ pub enum Command {
     Show(show::Args),
     /// Export store tables as CSV or Parquet.
     Export(export::Args),
+    /// Generate a video from an image with a trained model folder.
+    Generate(generate::Args),
     /// Fetch, list and preview video data.
     #[command(subcommand)]
     Data(data::Command),
@@ -100,6 +103,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Show(a) => show::execute(&cli.global, a),
         Command::Export(a) => export::execute(&cli.global, a),
         Command::Data(c) => data::execute(&cli.global, c),
+        Command::Generate(a) => generate::execute(&cli.global, a),
     }
 }
 

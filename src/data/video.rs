@@ -148,3 +148,37 @@ pub fn list_folder(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     other.sort();
     Ok((videos, other))
 }
+
+/// Encodes u8 RGB frames (`[t, h, w, 3]`, frame-major) as an H.264 MP4 with ffmpeg (odd sizes
+/// are padded to even, as yuv420p needs).
+pub fn encode_mp4(
+    ffmpeg: &Path,
+    frames: &[u8],
+    height: usize,
+    width: usize,
+    fps: f64,
+    out: &Path,
+) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(ffmpeg)
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24"])
+        .args(["-s", &format!("{width}x{height}"), "-r", &format!("{fps}"), "-i", "-"])
+        .args(["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-pix_fmt", "yuv420p", "-c:v", "libx264"])
+        .arg(out)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::io(ffmpeg, e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(frames).map_err(|e| Error::io(ffmpeg, e))?;
+    }
+    let o = child.wait_with_output().map_err(|e| Error::io(ffmpeg, e))?;
+    if !o.status.success() {
+        return Err(Error::Other(format!(
+            "ffmpeg could not write {}: {}",
+            out.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok(())
+}

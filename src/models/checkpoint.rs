@@ -137,3 +137,15 @@ fn tmp_path(path: &Path) -> PathBuf {
     name.push(".tmp");
     path.with_file_name(name)
 }
+
+/// The variables of a component folder, loaded (for re-exporting a component unchanged).
+pub fn varmap_of<C, M>(
+    dir: &Path,
+    device: &Device,
+    build: impl FnOnce(candle_nn::VarBuilder, &C) -> candle_core::Result<M>,
+) -> Result<VarMap>
+where
+    C: DeserializeOwned,
+{
+    Ok(load_component(dir, device, build)?.2)
+}

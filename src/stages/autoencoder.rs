@@ -177,7 +177,7 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
             (cfg, fresh)
         }
         None => {
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let vb = crate::train::seeded_varbuilder(&varmap, ctx.seed, &dev);
             let vae = AutoencoderKLTemporalDecoder::new(vb, &p.vae).map_err(ce("VAE"))?;
             (p.vae.clone(), vae)
         }

@@ -7,6 +7,7 @@
 
 pub mod autoencoder;
 pub mod data;
+pub mod teacher;
 
 use crate::error::{Error, IoContext, Result};
 use crate::spec::Device;
@@ -37,7 +38,7 @@ pub trait StageKind: Sync {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()>;
 }
 
-static KINDS: &[&dyn StageKind] = &[&data::DataStage, &autoencoder::AutoencoderStage];
+static KINDS: &[&dyn StageKind] = &[&data::DataStage, &autoencoder::AutoencoderStage, &teacher::TeacherStage];
 
 pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
     KINDS.iter().copied().find(|k| k.name() == name)
@@ -150,8 +151,13 @@ impl StageContext<'_> {
     }
 
     /// Stop at a step boundary if the user asked to (Ctrl-C): the last checkpoint stands.
+    ///
+    /// `ONESTEP_INTERRUPT_AT=STAGE:N` in the environment acts as a Ctrl-C at step N of the
+    /// stage named STAGE (used by the tests of resumption).
     pub fn check_interrupt(&self, step: u64) -> Result<()> {
-        if self.log.interrupted() {
+        let simulated = std::env::var("ONESTEP_INTERRUPT_AT")
+            .is_ok_and(|v| v == format!("{}:{step}", self.name));
+        if self.log.interrupted() || simulated {
             return Err(Error::Interrupted {
                 stage: self.name.clone(),
                 step,

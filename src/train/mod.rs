@@ -80,3 +80,75 @@ pub fn warmup_lr(base: f64, step: u64, warmup: u64) -> f64 {
         base * (step + 1) as f64 / warmup as f64
     }
 }
+
+/// A `VarBuilder` that creates missing variables in `varmap` from a seeded generator, so a
+/// model's initial weights are a function of the seed (candle's CPU generator cannot be
+/// seeded). Variables are drawn in construction order; the supported initialisations are
+/// those onestep's layers use (constants, uniform, normal).
+pub fn seeded_varbuilder(
+    varmap: &candle_nn::VarMap,
+    seed: u64,
+    device: &Device,
+) -> candle_nn::VarBuilder<'static> {
+    candle_nn::VarBuilder::from_backend(
+        Box::new(SeededVars {
+            map: varmap.clone(),
+            rng: std::sync::Mutex::new(crate::diffusion::noise::NormalRng::new(seed)),
+        }),
+        DType::F32,
+        device.clone(),
+    )
+}
+
+struct SeededVars {
+    map: candle_nn::VarMap,
+    rng: std::sync::Mutex<crate::diffusion::noise::NormalRng>,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededVars {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut data = self.map.data().lock().expect("variable map poisoned");
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("{name}: shape {:?} requested, {:?} exists", s, v.shape());
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let n = s.elem_count();
+        let mut rng = self.rng.lock().expect("generator poisoned");
+        let values: Vec<f32> = match h {
+            candle_nn::Init::Const(c) => vec![c as f32; n],
+            candle_nn::Init::Uniform { lo, up } => {
+                (0..n).map(|_| (lo + (up - lo) * rng.uniform()) as f32).collect()
+            }
+            candle_nn::Init::Randn { mean, stdev } => {
+                (0..n).map(|_| (mean + stdev * rng.normal()) as f32).collect()
+            }
+            other => candle_core::bail!("{name}: initialisation {other:?} is not supported"),
+        };
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+        let var = candle_core::Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        let data = self.map.data().lock().expect("variable map poisoned");
+        match data.get(name) {
+            Some(v) => Ok(v.as_tensor().clone()),
+            None => candle_core::bail!("no variable `{name}`"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+    }
+}

@@ -1,0 +1,506 @@
+//! Stage `teacher`: trains the SVD-architecture image-to-video model (spatio-temporal UNet and
+//! image encoder) with EDM on latents of the upstream `autoencoder`'s VAE, and writes a
+//! pipeline folder (`vae/`, `unet/`, `image_encoder/`, `onestep.json`) that `onestep generate`
+//! and the distillation stages load. See docs/models.md.
+//!
+//! Training follows SVD (Blattmann et al. 2023, arXiv 2311.15127, and its generative-models
+//! config): ln(sigma) ~ N(P_mean, P_std^2), EDM loss weighting, v-prediction preconditioning;
+//! the conditioning frame is noise-augmented with strength ~ LogNormal(-3, 0.5) before VAE
+//! encoding; image latent and embedding are dropped together with probability `p_uncond` so
+//! classifier-free guidance works; fps and a motion bucket (from frame differences) enter as
+//! added time ids. The exported weights are the EMA of the trained ones.
+//! Metrics: `loss` per step (EDM-weighted MSE), `grad_norm`; at the end `sample_nfe`,
+//! `sample_motion` / `real_motion` (mean absolute frame difference of generated / real test
+//! clips, pixels in [0, 1]) and `sample_first_frame_psnr` (how well the generated first frame
+//! keeps the conditioning image).
+
+use super::autoencoder::upstream_clips;
+use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::data::ClipSet;
+use crate::diffusion::noise::NormalRng;
+use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
+use crate::error::{Error, IoContext, Result};
+use crate::models::checkpoint::{load_weights, save_tensors};
+use crate::models::layers::no_grad;
+use crate::models::{
+    load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder,
+    ImageEncoderConfig, UNetConfig, UNetSpatioTemporal,
+};
+use crate::pipeline::{GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::train::optim::named_vars;
+use crate::train::{ce, clip_batch, device, AdamW, AdamWConfig, Ema};
+use candle_core::Tensor;
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// How the motion bucket id of a training clip is chosen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MotionBucket {
+    /// The same id for every clip.
+    Fixed(f64),
+    /// `"frame_difference"`: round(motion_scale x mean |frame_t+1 - frame_t|), pixels in
+    /// [0, 1], clamped to [0, 255] (SVD derives its buckets from optical flow instead).
+    Rule(String),
+}
+
+/// Parameters of the `teacher` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeacherParams {
+    /// The UNet, as diffusers' `config.json` fields (default `UNetConfig::tiny()`, 1.33 M
+    /// parameters). `in_channels` must be twice and `out_channels` equal to the VAE's latent
+    /// channels.
+    pub unet: UNetConfig,
+    /// The small trainable image encoder (`embed_dim` = the UNet's `cross_attention_dim`).
+    pub image_encoder: ImageEncoderConfig,
+    /// A folder with `unet/` (and optionally `image_encoder/`) in diffusers' layout to start
+    /// from; its configs replace `unet` / `image_encoder`.
+    pub pretrained: Option<String>,
+    pub steps: u64,
+    /// Clips per step.
+    pub batch_clips: usize,
+    /// Frames per training clip (0 = all frames of the data stage's clips).
+    pub frames: usize,
+    pub optimizer: AdamWConfig,
+    /// EDM noise-level distribution.
+    pub edm: EdmLoss,
+    /// EMA decay of the exported weights (with EDM's warm-up; 0 = export the raw weights).
+    pub ema_decay: f64,
+    /// Probability of dropping the image conditioning (latent and embedding) in training.
+    pub p_uncond: f64,
+    /// ln of the conditioning noise augmentation ~ N(mean, std^2) in training (SVD: -3, 0.5).
+    pub noise_aug_mean: f64,
+    pub noise_aug_std: f64,
+    /// Augmentation strength used when sampling (SVD's default 0.02).
+    pub noise_aug_strength: f64,
+    /// `"frame_difference"` or a fixed id.
+    pub motion_bucket: MotionBucket,
+    /// Multiplier of the frame-difference rule.
+    pub motion_scale: f64,
+    /// Sampler of the preview samples (and the default of `onestep generate`).
+    pub sampler: SamplerConfig,
+    /// Test clips sampled at the end (first frame as conditioning).
+    pub sample_clips: usize,
+    /// Steps between checkpoints (not part of the stage's identity).
+    pub checkpoint_every: u64,
+}
+
+impl Default for TeacherParams {
+    fn default() -> Self {
+        Self {
+            unet: UNetConfig::tiny(),
+            image_encoder: ImageEncoderConfig::default(),
+            pretrained: None,
+            steps: 3000,
+            batch_clips: 4,
+            frames: 0,
+            optimizer: AdamWConfig {
+                lr: 3e-4,
+                warmup: 100,
+                ..Default::default()
+            },
+            edm: EdmLoss::default(),
+            ema_decay: 0.999,
+            p_uncond: 0.1,
+            noise_aug_mean: -3.0,
+            noise_aug_std: 0.5,
+            noise_aug_strength: 0.02,
+            motion_bucket: MotionBucket::Rule("frame_difference".into()),
+            motion_scale: 1000.0,
+            sampler: SamplerConfig::default(),
+            sample_clips: 4,
+            checkpoint_every: 200,
+        }
+    }
+}
+
+impl TeacherParams {
+    fn check(&self) -> std::result::Result<(), ParamError> {
+        let bad = |path: &str, message: String| ParamError {
+            path: path.into(),
+            message,
+        };
+        if self.pretrained.is_none() {
+            self.unet.validate().map_err(|m| bad("unet", m))?;
+            let n = self.unet.block_out_channels.len();
+            for i in 0..n {
+                let c = self.unet.cross_attention_dim.at(i, n).map_err(|m| bad("unet.cross_attention_dim", m))?;
+                if c != self.image_encoder.embed_dim {
+                    return Err(bad(
+                        "image_encoder.embed_dim",
+                        format!("is {} but the UNet's cross_attention_dim is {c}", self.image_encoder.embed_dim),
+                    ));
+                }
+            }
+        }
+        if let MotionBucket::Rule(r) = &self.motion_bucket {
+            if r != "frame_difference" {
+                return Err(bad("motion_bucket", format!("`{r}`: expected \"frame_difference\" or a number")));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.p_uncond) {
+            return Err(bad("p_uncond", "must be in [0, 1]".into()));
+        }
+        if self.batch_clips == 0 {
+            return Err(bad("batch_clips", "must be at least 1".into()));
+        }
+        self.sampler.validate().map_err(|m| bad("sampler", m))?;
+        Ok(())
+    }
+}
+
+pub struct TeacherStage;
+
+impl StageKind for TeacherStage {
+    fn name(&self) -> &'static str {
+        "teacher"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn seeded(&self) -> bool {
+        true
+    }
+    fn resolve(&self, params: toml::Value) -> Result<toml::Value, ParamError> {
+        let (p, v) = resolve_typed::<TeacherParams>(params)?;
+        p.check()?;
+        Ok(v)
+    }
+    fn fingerprint(&self, params: &toml::Value) -> Result<Option<String>> {
+        let p: TeacherParams = params
+            .clone()
+            .try_into()
+            .map_err(|e| Error::Other(format!("teacher params: {e}")))?;
+        match p.pretrained {
+            Some(dir) => {
+                let f = Path::new(&dir).join("unet").join(crate::models::checkpoint::WEIGHTS_FILE);
+                Ok(Some(crate::util::sha256_file(&f)?))
+            }
+            None => Ok(None),
+        }
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
+        let p: TeacherParams = ctx.params()?;
+        train(ctx, &p)
+    }
+}
+
+/// The motion bucket id of each clip of a set.
+fn motion_buckets(set: &ClipSet, p: &TeacherParams) -> Vec<f64> {
+    (0..set.len())
+        .map(|i| match &p.motion_bucket {
+            MotionBucket::Fixed(v) => *v,
+            MotionBucket::Rule(_) => (p.motion_scale * clip_motion(set.clip(i), set.frames)).round().clamp(0.0, 255.0),
+        })
+        .collect()
+}
+
+/// Mean absolute difference between consecutive frames, pixels in [0, 1].
+pub fn clip_motion(clip: &[u8], frames: usize) -> f64 {
+    if frames < 2 {
+        return 0.0;
+    }
+    let n = clip.len() / frames;
+    let mut s = 0u64;
+    for f in 1..frames {
+        let (a, b) = (&clip[(f - 1) * n..f * n], &clip[f * n..(f + 1) * n]);
+        s += a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as u64).sum::<u64>();
+    }
+    s as f64 / ((frames - 1) * n) as f64 / 255.0
+}
+
+fn build_vars<M>(
+    dev: &candle_core::Device,
+    seed: u64,
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+) -> Result<(VarMap, M)> {
+    let vm = VarMap::new();
+    let m = build(crate::train::seeded_varbuilder(&vm, seed, dev)).map_err(ce("building the model"))?;
+    Ok((vm, m))
+}
+
+fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
+    let dev = device(ctx.device)?;
+    let up = ctx
+        .upstream_of_kind("autoencoder")
+        .ok_or_else(|| Error::Other(format!("stage `{}` needs an `autoencoder` stage before it", ctx.name)))?
+        .clone();
+    let vae_dir = up.dir.join("vae");
+    let (vae_cfg, vae, _) = load_component(&vae_dir, &dev, AutoencoderKLTemporalDecoder::new)?;
+    let (train_set, test_set) = upstream_clips(ctx)?;
+    if train_set.is_empty() || test_set.is_empty() {
+        return Err(Error::Data("the teacher needs non-empty train and test clip sets".into()));
+    }
+    let frames = if p.frames == 0 { train_set.frames } else { p.frames.min(train_set.frames) };
+    let fps = data_fps(ctx)?;
+
+    // Model configs: from `pretrained` or the spec, checked against the VAE.
+    let (unet_cfg, enc_cfg) = match &p.pretrained {
+        Some(dir) => {
+            let d = Path::new(dir);
+            let u: UNetConfig = crate::models::checkpoint::load_config(&d.join("unet"))?;
+            let e = if d.join("image_encoder").exists() {
+                crate::models::checkpoint::load_config(&d.join("image_encoder"))?
+            } else {
+                p.image_encoder.clone()
+            };
+            (u, e)
+        }
+        None => (p.unet.clone(), p.image_encoder.clone()),
+    };
+    let lc = vae_cfg.latent_channels;
+    if unet_cfg.in_channels != 2 * lc || unet_cfg.out_channels != lc {
+        return Err(Error::Data(format!(
+            "the UNet has in/out channels {}/{} but the VAE's latents have {lc} channels: set unet.in_channels = {} and unet.out_channels = {lc}",
+            unet_cfg.in_channels,
+            unet_cfg.out_channels,
+            2 * lc
+        )));
+    }
+    let (unet_map, unet) = build_vars(&dev, ctx.seed, |vb| UNetSpatioTemporal::new(vb, &unet_cfg))?;
+    let (enc_map, encoder) = build_vars(&dev, ctx.seed.wrapping_add(1), |vb| ImageEncoder::new(vb, &enc_cfg))?;
+    if let Some(dir) = &p.pretrained {
+        let d = Path::new(dir);
+        load_weights(&unet_map, &d.join("unet").join(crate::models::checkpoint::WEIGHTS_FILE))?;
+        let ef = d.join("image_encoder").join(crate::models::checkpoint::WEIGHTS_FILE);
+        if ef.exists() {
+            load_weights(&enc_map, &ef)?;
+        }
+    }
+    let mut vars = named_vars(&unet_map);
+    vars.extend(named_vars(&enc_map).into_iter().map(|(n, v)| (format!("image_encoder.{n}"), v)));
+    let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
+    let mut ema = Ema::new(&vars, p.ema_decay).map_err(ce("EMA"))?;
+
+    // The VAE is frozen: encode every training clip once (posterior mode x scaling factor).
+    ctx.note(&format!("encoding {} training clips with the VAE", train_set.len()));
+    let latents = encode_all(&vae, &train_set, &dev)?;
+    let buckets = motion_buckets(&train_set, p);
+
+    let state_dir = ctx.dir.join("train_state");
+    let mut start = 0;
+    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
+        let all = candle_core::safetensors::load(state_dir.join("weights.safetensors"), &dev)
+            .map_err(|e| Error::Data(format!("{}: {e}", state_dir.join("weights.safetensors").display())))?;
+        for (n, v) in &vars {
+            let t = all.get(n).ok_or_else(|| Error::Data(format!("train state lacks `{n}`")))?;
+            v.set(t).map_err(ce("resume"))?;
+        }
+        for (n, s) in ema.shadow.iter_mut() {
+            *s = all
+                .get(&format!("ema.{n}"))
+                .ok_or_else(|| Error::Data(format!("train state lacks `ema.{n}`")))?
+                .clone();
+        }
+        opt.load(&state_dir.join("optimizer.safetensors"), step)?;
+        start = step;
+        ctx.note(&format!("resuming from step {step}"));
+    }
+
+    let den = SvdDenoiser { unet: &unet };
+    let (h, w) = (train_set.height, train_set.width);
+    for step in start..p.steps {
+        ctx.check_interrupt(step)?;
+        let e = ce("teacher step");
+        let mut rng = NormalRng::new(ctx.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
+        let b = p.batch_clips;
+        let idx: Vec<usize> = (0..b)
+            .map(|_| (rng.uniform() * train_set.len() as f64) as usize % train_set.len())
+            .collect();
+        let starts: Vec<usize> = idx
+            .iter()
+            .map(|_| ((rng.uniform() * (train_set.frames - frames + 1) as f64) as usize).min(train_set.frames - frames))
+            .collect();
+        // Clean latents of the window [b, t, c, h, w].
+        let x0 = Tensor::stack(
+            &idx.iter()
+                .zip(&starts)
+                .map(|(&i, &s)| latents[i].narrow(0, s, frames))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(&e)?,
+            0,
+        )
+        .map_err(&e)?;
+        // Conditioning: the window's first frame, noise-augmented, VAE-encoded (frozen).
+        let first = clip_batch(&train_set, &idx, &starts, 1, &dev)
+            .and_then(|x| x.reshape((b, 3, h, w)))
+            .map_err(&e)?;
+        let aug: Vec<f64> = (0..b).map(|_| (p.noise_aug_mean + p.noise_aug_std * rng.normal()).exp()).collect();
+        let aug_t = Tensor::from_vec(aug.iter().map(|&a| a as f32).collect::<Vec<_>>(), (b, 1, 1, 1), &dev).map_err(&e)?;
+        let eps_img = rng.tensor(&[b, 3, h, w], &dev).map_err(&e)?;
+        let noisy = (&first + eps_img.broadcast_mul(&aug_t).map_err(&e)?).map_err(&e)?;
+        let image_latents = no_grad(|| vae.encode(&noisy))
+            .map_err(&e)?
+            .mean
+            .detach()
+            .unsqueeze(1)
+            .map_err(&e)?;
+        let embeds = encoder.forward(&first).map_err(&e)?;
+        let keep: Vec<f32> = (0..b).map(|_| if rng.uniform() < p.p_uncond { 0.0 } else { 1.0 }).collect();
+        let keep = Tensor::from_vec(keep, (b, 1, 1, 1, 1), &dev).map_err(&e)?;
+        let image_latents = image_latents.broadcast_mul(&keep).map_err(&e)?;
+        let embeds = embeds
+            .broadcast_mul(&keep.reshape((b, 1, 1)).map_err(&e)?)
+            .map_err(&e)?;
+        let ids: Vec<f32> = (0..b)
+            .flat_map(|j| [(fps - 1.0) as f32, buckets[idx[j]] as f32, aug[j] as f32])
+            .collect();
+        let cond = Conditioning {
+            image_latents,
+            image_embeds: embeds,
+            added_time_ids: Tensor::from_vec(ids, (b, 3), &dev).map_err(&e)?,
+        };
+        let sig: Vec<f32> = (0..b).map(|_| p.edm.sigma_from_normal(rng.normal()) as f32).collect();
+        let sigma = Tensor::from_vec(sig, b, &dev).map_err(&e)?;
+        let n = rng.tensor(x0.dims(), &dev).map_err(&e)?;
+        let x = (&x0 + n.broadcast_mul(&sigma.reshape((b, 1, 1, 1, 1)).map_err(&e)?).map_err(&e)?).map_err(&e)?;
+        let d = den.denoise(&x, &sigma, &cond).map_err(&e)?;
+        let loss = p.edm.loss(&d, &x0, &sigma).map_err(&e)?;
+        let grads = loss.backward().map_err(&e)?;
+        let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
+        let gnorm = opt.step(&grads, lr).map_err(&e)?;
+        ema.update(&vars, step).map_err(&e)?;
+        let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
+        ctx.metric("loss", step + 1, lv)?;
+        ctx.metric("grad_norm", step + 1, gnorm)?;
+        ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
+        let done = step + 1 == p.steps;
+        if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
+            std::fs::create_dir_all(&state_dir).at(&state_dir)?;
+            let mut all: HashMap<String, Tensor> =
+                vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            for (n, s) in &ema.shadow {
+                all.insert(format!("ema.{n}"), s.clone());
+            }
+            save_tensors(&state_dir.join("weights.safetensors"), &all)?;
+            opt.save(&state_dir.join("optimizer.safetensors"))?;
+            ctx.save_checkpoint(step + 1, &())?;
+        }
+    }
+
+    // Export the EMA weights as a pipeline folder.
+    let use_ema = p.ema_decay > 0.0 && p.steps > 0;
+    for (n, v) in &vars {
+        if use_ema {
+            if let Some((_, s)) = ema.shadow.iter().find(|(m, _)| m == n) {
+                v.set(s).map_err(ce("EMA export"))?;
+            }
+        }
+    }
+    save_component(&ctx.dir.join("unet"), &unet_cfg, &unet_map)?;
+    save_component(&ctx.dir.join("image_encoder"), &enc_cfg, &enc_map)?;
+    save_component(&ctx.dir.join("vae"), &vae_cfg, &crate::models::checkpoint::varmap_of(&vae_dir, &dev, AutoencoderKLTemporalDecoder::new)?)?;
+    let mut sorted = buckets.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let settings = PipelineSettings {
+        frames,
+        height: h,
+        width: w,
+        fps,
+        motion_bucket_id: sorted[sorted.len() / 2],
+        noise_aug_strength: p.noise_aug_strength,
+        sampler: p.sampler.clone(),
+    };
+    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
+    crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
+    drop(unet);
+    drop(encoder);
+    samples(ctx, p, &test_set)
+}
+
+/// Frames per second of the upstream data stage's clips.
+fn data_fps(ctx: &StageContext<'_>) -> Result<f64> {
+    let up = ctx.upstream_of_kind("data").ok_or_else(|| Error::Other("no data stage".into()))?;
+    let p = up.dir.join("manifest.json");
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
+    Ok(v["params"]["fps"].as_f64().unwrap_or(8.0))
+}
+
+/// Posterior means x scaling factor of every clip: `[t, c, h, w]` each.
+fn encode_all(vae: &AutoencoderKLTemporalDecoder, set: &ClipSet, dev: &candle_core::Device) -> Result<Vec<Tensor>> {
+    let e = ce("encoding clips");
+    (0..set.len())
+        .map(|i| {
+            let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
+            let (_, t, c, h, w) = x.dims5().map_err(&e)?;
+            let z = no_grad(|| vae.encode(&x.reshape((t, c, h, w))?)).map_err(&e)?.mean;
+            (z * vae.config.scaling_factor).map_err(&e)
+        })
+        .collect()
+}
+
+/// Preview samples from the exported pipeline: `samples.png` (each real test clip above the
+/// clip generated from its first frame) and `samples.gif` (real | generated, side by side).
+fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Result<()> {
+    let n = p.sample_clips.min(test.len());
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = device(ctx.device)?;
+    let pipe = VideoPipeline::load(&ctx.dir, &dev)?;
+    let t = pipe.settings.frames;
+    let e = ce("samples");
+    let first = clip_batch(test, &(0..n).collect::<Vec<_>>(), &vec![0; n], 1, &dev)
+        .and_then(|x| x.squeeze(1))
+        .map_err(&e)?;
+    let seeds: Vec<u64> = (0..n as u64).map(|i| ctx.seed * 1000 + i).collect();
+    let mut opts: GenerateOptions = pipe.default_options();
+    opts.motion_bucket_id = pipe.settings.motion_bucket_id;
+    let total = p.sampler.steps as u64;
+    let name = ctx.name.clone();
+    let (video, nfe) = {
+        let log = &mut *ctx.log;
+        pipe.generate(&first, &seeds, &opts, |s, _| log.progress(s as u64, total, &format!("{name}: sampling")))?
+    };
+    // A guided step evaluates the whole batch twice: NFE per sample = NFE of the batch.
+    ctx.metric("sample_nfe", p.steps, nfe as f64)?;
+    let mut strip = ClipSet::new(t, test.height, test.width);
+    let mut gen = ClipSet::new(t, test.height, test.width);
+    let mut side = ClipSet::new(t, test.height, test.width * 2);
+    let (mut motion_gen, mut motion_real, mut psnr) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let v = video.get(i).map_err(&e)?;
+        let frames = crate::train::to_u8_frames(&v).map_err(&e)?;
+        let real = &test.clip(i)[..t * test.height * test.width * 3];
+        strip.push(real, 0, 0);
+        strip.push(&frames, 0, 0);
+        gen.push(&frames, 0, 0);
+        side.push(&side_by_side(real, &frames, t, test.height, test.width), 0, 0);
+        motion_gen += clip_motion(&frames, t);
+        motion_real += clip_motion(real, t);
+        let fl = test.height * test.width * 3;
+        let mse = real[..fl]
+            .iter()
+            .zip(&frames[..fl])
+            .map(|(a, b)| ((*a as f64 - *b as f64) / 255.0).powi(2))
+            .sum::<f64>()
+            / fl as f64;
+        psnr += -10.0 * mse.max(1e-12).log10();
+    }
+    ctx.metric("sample_motion", p.steps, motion_gen / n as f64)?;
+    ctx.metric("real_motion", p.steps, motion_real / n as f64)?;
+    ctx.metric("sample_first_frame_psnr", p.steps, psnr / n as f64)?;
+    let png = ctx.dir.join("samples.png");
+    strip.filmstrip(strip.len()).save(&png).map_err(|err| Error::Other(format!("{}: {err}", png.display())))?;
+    ctx.artifact("samples.png", "filmstrip")?;
+    side.write_gif(&ctx.dir.join("samples.gif"), n, pipe.settings.fps)?;
+    ctx.artifact("samples.gif", "animation")?;
+    gen.save(&ctx.dir.join("samples.safetensors"))?;
+    Ok(())
+}
+
+fn side_by_side(a: &[u8], b: &[u8], t: usize, h: usize, w: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(a.len() * 2);
+    for f in 0..t {
+        for y in 0..h {
+            let o = ((f * h + y) * w) * 3;
+            out.extend_from_slice(&a[o..o + w * 3]);
+            out.extend_from_slice(&b[o..o + w * 3]);
+        }
+    }
+    out
+}
