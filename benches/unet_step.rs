@@ -24,12 +24,18 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() -> candle_core::Result<()> {
     onestep::alloc::tune_for_tensors();
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let (b, t, hw) = match args.as_slice() {
         [b, t, hw, ..] => (*b, *t, *hw),
         _ => (4, 16, 16),
     };
-    let reps: usize = std::env::var("ONESTEP_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let reps: usize = std::env::var("ONESTEP_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -40,7 +46,13 @@ fn main() -> candle_core::Result<()> {
     let ehs = Tensor::randn(0f32, 1.0, (b, 1, 64), &dev)?;
     let ids = Tensor::from_vec([7f32, 127.0, 0.02].repeat(b), (b, 3), &dev)?;
     let target = Tensor::randn(0f32, 1.0, (b, t, 4, hw, hw), &dev)?;
-    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: 1e-4, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )?;
 
     let fwd = best_of(reps, || {
         onestep::models::layers::no_grad(|| unet.forward(&x, &ts, &ehs, &ids)).expect("forward");
@@ -48,7 +60,10 @@ fn main() -> candle_core::Result<()> {
     let only_forward = std::env::var_os("ONESTEP_BENCH_FORWARD_ONLY").is_some();
     let step = best_of(if only_forward { 0 } else { reps }, || {
         let out = unet.forward(&x, &ts, &ehs, &ids).expect("forward");
-        let loss = (out - &target).and_then(|d| d.sqr()).and_then(|d| d.mean_all()).expect("loss");
+        let loss = (out - &target)
+            .and_then(|d| d.sqr())
+            .and_then(|d| d.mean_all())
+            .expect("loss");
         opt.backward_step(&loss).expect("step");
     });
     println!("tiny UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}");
@@ -72,11 +87,18 @@ fn main() -> candle_core::Result<()> {
                 v["threads"],
                 v["params"]
             );
-            println!("ratio onestep/PyTorch:  forward {:.2}   train step {:.2}", fwd / pf, step / ps);
+            println!(
+                "ratio onestep/PyTorch:  forward {:.2}   train step {:.2}",
+                fwd / pf,
+                step / ps
+            );
         }
         Ok(o) => println!(
             "PyTorch side skipped ({python} {script} failed: {})",
-            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         ),
         Err(e) => println!("PyTorch side skipped ({python}: {e})"),
     }

@@ -70,7 +70,8 @@ impl VideoPipeline {
         let text = std::fs::read_to_string(&settings_path).at(&settings_path)?;
         let settings: PipelineSettings = serde_json::from_str(&text)
             .map_err(|e| Error::Data(format!("{}: {e}", settings_path.display())))?;
-        let (_, vae, _) = load_component(&dir.join("vae"), device, AutoencoderKLTemporalDecoder::new)?;
+        let (_, vae, _) =
+            load_component(&dir.join("vae"), device, AutoencoderKLTemporalDecoder::new)?;
         let (_, unet, _) = load_component(&dir.join("unet"), device, UNetSpatioTemporal::new)?;
         let (_, image_encoder, _) =
             load_component(&dir.join("image_encoder"), device, ImageEncoder::new)?;
@@ -115,7 +116,10 @@ impl VideoPipeline {
         let err = ce("generate");
         let (b, _, h, w) = images.dims4().map_err(&err)?;
         if b != seeds.len() {
-            return Err(Error::Other(format!("{b} images but {} seeds", seeds.len())));
+            return Err(Error::Other(format!(
+                "{b} images but {} seeds",
+                seeds.len()
+            )));
         }
         let f = self.vae.config.downsample_factor();
         if h % f != 0 || w % f != 0 {
@@ -137,7 +141,13 @@ impl VideoPipeline {
         let noise = Tensor::stack(&noises, 0).map_err(&err)?;
         let aug = Tensor::stack(&augs, 0).map_err(&err)?;
         let cond = self
-            .conditioning(images, &aug, opts.noise_aug_strength, opts.fps, opts.motion_bucket_id)
+            .conditioning(
+                images,
+                &aug,
+                opts.noise_aug_strength,
+                opts.fps,
+                opts.motion_bucket_id,
+            )
             .map_err(&err)?;
         let den = SvdDenoiser { unet: &self.unet };
         let (z, nfe) = sample(&den, &cond, &noise, &opts.sampler, on_step).map_err(&err)?;
@@ -160,7 +170,13 @@ impl VideoPipeline {
         let image_latents = self.vae.encode(&noisy)?.mode().unsqueeze(1)?;
         let image_embeds = self.image_encoder.forward(images)?;
         let ids: Vec<f32> = (0..b)
-            .flat_map(|_| [(fps - 1.0) as f32, motion_bucket_id as f32, noise_aug_strength as f32])
+            .flat_map(|_| {
+                [
+                    (fps - 1.0) as f32,
+                    motion_bucket_id as f32,
+                    noise_aug_strength as f32,
+                ]
+            })
             .collect();
         Ok(Conditioning {
             image_latents,
@@ -205,7 +221,10 @@ pub fn load_image(path: &Path, height: usize, width: usize, fit: Fit) -> Result<
         .to_rgb8();
     let (w0, h0) = (img.width() as usize, img.height() as usize);
     if w0 == 0 || h0 == 0 {
-        return Err(Error::Data(format!("{}: the image is empty", path.display())));
+        return Err(Error::Data(format!(
+            "{}: the image is empty",
+            path.display()
+        )));
     }
     let filter = image::imageops::FilterType::Triangle;
     let img = if (w0, h0) == (width, height) {
@@ -234,7 +253,11 @@ pub fn load_image(path: &Path, height: usize, width: usize, fit: Fit) -> Result<
             }
         }
     };
-    let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 127.5 - 1.0).collect();
+    let data: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 127.5 - 1.0)
+        .collect();
     Tensor::from_vec(data, (height, width, 3), &Device::Cpu)
         .and_then(|t| t.permute((2, 0, 1)))
         .and_then(|t| t.contiguous())

@@ -771,66 +771,164 @@ fn teacher_chain_trains_logs_and_generates_from_any_image_size() {
     // Per-step losses of both training stages are in the store.
     for key in ["loss", "recon", "kl", "psnr_test", "scaling_factor"] {
         assert!(
-            count(&store, &format!("SELECT COUNT(*) FROM metrics WHERE key = '{key}'")) >= 1,
+            count(
+                &store,
+                &format!("SELECT COUNT(*) FROM metrics WHERE key = '{key}'")
+            ) >= 1,
             "metric {key} missing"
         );
     }
     assert!(count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'loss'") >= 8);
     assert_eq!(
-        count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'sample_nfe' AND value = 4"),
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key = 'sample_nfe' AND value = 4"
+        ),
         1,
         "2 guided Euler steps are 4 evaluations"
     );
     for kind in ["filmstrip", "animation"] {
-        assert!(count(&store, &format!("SELECT COUNT(*) FROM artifacts WHERE kind = '{kind}'")) >= 1);
+        assert!(
+            count(
+                &store,
+                &format!("SELECT COUNT(*) FROM artifacts WHERE kind = '{kind}'")
+            ) >= 1
+        );
     }
     let s = onestep::spec::load(&spec, &[]).unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
     let teacher = onestep::plan::cache_dir(results, &plan.runs[0].stages[2].hash);
-    for f in ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "image_encoder/config.json", "onestep.json", "samples.png", "samples.gif"] {
+    for f in [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "image_encoder/config.json",
+        "onestep.json",
+        "samples.png",
+        "samples.gif",
+    ] {
         assert!(teacher.join(f).exists(), "{f} missing");
     }
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(teacher.join("unet/config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(teacher.join("unet/config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["_class_name"], "UNetSpatioTemporalConditionModel");
 
     // A PNG of an unrelated size is cropped and resized; the GIF has the model's frame count.
     let img = results.join("in.png");
-    image::RgbImage::from_fn(37, 23, |x, y| image::Rgb([(x * 7) as u8, (y * 11) as u8, 90])).save(&img).unwrap();
+    image::RgbImage::from_fn(37, 23, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 11) as u8, 90])
+    })
+    .save(&img)
+    .unwrap();
     let gif = results.join("out.gif");
     let o = onestep(
         results,
-        &["generate", "--checkpoint", teacher.to_str().unwrap(), "--image", img.to_str().unwrap(), "--steps", "2", "--out", gif.to_str().unwrap()],
+        &[
+            "generate",
+            "--checkpoint",
+            teacher.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--out",
+            gif.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     use image::AnimationDecoder;
-    let dec = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
+    let dec = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+        std::fs::File::open(&gif).unwrap(),
+    ))
+    .unwrap();
     let frames = dec.into_frames().collect_frames().unwrap();
     assert_eq!(frames.len(), 4);
-    assert_eq!((frames[0].buffer().width(), frames[0].buffer().height()), (16, 16));
+    assert_eq!(
+        (frames[0].buffer().width(), frames[0].buffer().height()),
+        (16, 16)
+    );
 
     // The same seed gives the same video; --fit reject names the sizes.
     let png1 = results.join("a.png");
     let png2 = results.join("b.png");
     for p in [&png1, &png2] {
-        let o = onestep(results, &["generate", "--checkpoint", teacher.to_str().unwrap(), "--image", img.to_str().unwrap(), "--steps", "2", "--seed", "7", "--out", p.to_str().unwrap()]);
+        let o = onestep(
+            results,
+            &[
+                "generate",
+                "--checkpoint",
+                teacher.to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--steps",
+                "2",
+                "--seed",
+                "7",
+                "--out",
+                p.to_str().unwrap(),
+            ],
+        );
         assert!(o.status.success(), "{}", text(&o));
     }
     assert_eq!(std::fs::read(&png1).unwrap(), std::fs::read(&png2).unwrap());
-    let o = onestep(results, &["generate", "--checkpoint", teacher.to_str().unwrap(), "--image", img.to_str().unwrap(), "--fit", "reject", "--out", png1.to_str().unwrap()]);
+    let o = onestep(
+        results,
+        &[
+            "generate",
+            "--checkpoint",
+            teacher.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--fit",
+            "reject",
+            "--out",
+            png1.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).contains("37x23") && text(&o).contains("16x16"), "{}", text(&o));
-    let o = onestep(results, &["generate", "--checkpoint", results.to_str().unwrap(), "--image", img.to_str().unwrap(), "--out", png1.to_str().unwrap()]);
-    assert!(text(&o).contains("not a onestep model folder"), "{}", text(&o));
+    assert!(
+        text(&o).contains("37x23") && text(&o).contains("16x16"),
+        "{}",
+        text(&o)
+    );
+    let o = onestep(
+        results,
+        &[
+            "generate",
+            "--checkpoint",
+            results.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--out",
+            png1.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        text(&o).contains("not a onestep model folder"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
 fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
     let spec = fixture("good/teacher_smoke.toml");
-    let set = ["--set", "stages.teacher.steps=6", "--set", "stages.teacher.sample_clips=0"];
+    let set = [
+        "--set",
+        "stages.teacher.steps=6",
+        "--set",
+        "stages.teacher.sample_clips=0",
+    ];
     let run = |results: &Path, interrupt_at: Option<&str>| {
         let mut c = bin();
-        c.arg("--results").arg(results).arg("--assets").arg(assets()).args(["--progress", "lines", "run"]).arg(&spec).args(set);
+        c.arg("--results")
+            .arg(results)
+            .arg("--assets")
+            .arg(assets())
+            .args(["--progress", "lines", "run"])
+            .arg(&spec)
+            .args(set);
         if let Some(n) = interrupt_at {
             c.env("ONESTEP_INTERRUPT_AT", n);
         }
@@ -846,16 +944,36 @@ fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
     let o = run(b.path(), None);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("resuming from step 2"), "{}", text(&o));
-    let s = onestep::spec::load(&spec, &["stages.teacher.steps=6".into(), "stages.teacher.sample_clips=0".into()]).unwrap();
+    let s = onestep::spec::load(
+        &spec,
+        &[
+            "stages.teacher.steps=6".into(),
+            "stages.teacher.sample_clips=0".into(),
+        ],
+    )
+    .unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
     let w = |r: &Path| {
         let d = onestep::plan::cache_dir(r, &plan.runs[0].stages[2].hash);
-        candle_core::safetensors::load(d.join("unet/diffusion_pytorch_model.safetensors"), &candle_core::Device::Cpu).unwrap()
+        candle_core::safetensors::load(
+            d.join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
     };
     let (wa, wb) = (w(a.path()), w(b.path()));
     assert_eq!(wa.len(), wb.len());
     for (k, ta) in &wa {
-        let d = (ta - &wb[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = (ta - &wb[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d <= 1e-6, "{k} differs by {d} after resume");
     }
 }

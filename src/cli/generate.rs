@@ -66,9 +66,16 @@ pub enum FitArg {
 }
 
 pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
-    let ext = a.out.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    let ext = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
     if !matches!(ext.as_deref(), Some("gif" | "mp4" | "png")) {
-        anyhow::bail!("{}: the output must end in .gif, .mp4 or .png", a.out.display());
+        anyhow::bail!(
+            "{}: the output must end in .gif, .mp4 or .png",
+            a.out.display()
+        );
     }
     let device = onestep::train::device(match a.device {
         super::run::DeviceArg::Cpu => onestep::spec::Device::Cpu,
@@ -109,7 +116,9 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
     if let Some(v) = a.noise_aug {
         opts.noise_aug_strength = v;
     }
-    opts.sampler.validate().map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
+    opts.sampler
+        .validate()
+        .map_err(|e| anyhow::anyhow!("sampler: {e}"))?;
     let mut progress = onestep::progress::Progress::new(g.progress(), 1);
     progress.stage_start("generate", "sample");
     let total = opts.sampler.steps as u64;
@@ -130,7 +139,9 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", a.out.display()))?,
         _ => {
             let ffmpeg = onestep::data::video::ffmpeg(&g.assets())?;
-            onestep::data::video::encode_mp4(&ffmpeg, &frames, s.height, s.width, opts.fps, &a.out)?;
+            onestep::data::video::encode_mp4(
+                &ffmpeg, &frames, s.height, s.width, opts.fps, &a.out,
+            )?;
         }
     }
     println!(

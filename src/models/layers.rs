@@ -131,14 +131,18 @@ impl Conv2d {
             for ky in 0..kh {
                 let rows = xp.narrow(2, ky, s * ho)?;
                 let rows = if s > 1 {
-                    rows.reshape((cin, b, ho, s, wp))?.narrow(3, 0, 1)?.squeeze(3)?
+                    rows.reshape((cin, b, ho, s, wp))?
+                        .narrow(3, 0, 1)?
+                        .squeeze(3)?
                 } else {
                     rows
                 };
                 for kx in 0..kw {
                     let tap = rows.narrow(3, kx, s * wo)?;
                     let tap = if s > 1 {
-                        tap.reshape((cin, b, ho, wo, s))?.narrow(4, 0, 1)?.squeeze(4)?
+                        tap.reshape((cin, b, ho, wo, s))?
+                            .narrow(4, 0, 1)?
+                            .squeeze(4)?
                     } else {
                         tap
                     };
@@ -331,7 +335,7 @@ pub struct Attention {
 }
 
 /// Options of [`Attention::new`] that differ between its users.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct AttentionOpts {
     pub cross_attention_dim: Option<usize>,
     pub qkv_bias: bool,
@@ -340,16 +344,6 @@ pub struct AttentionOpts {
     pub residual: bool,
 }
 
-impl Default for AttentionOpts {
-    fn default() -> Self {
-        Self {
-            cross_attention_dim: None,
-            qkv_bias: false,
-            group_norm: None,
-            residual: false,
-        }
-    }
-}
 
 impl Attention {
     pub fn new(

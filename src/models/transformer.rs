@@ -11,6 +11,20 @@ use super::resnet::AlphaBlender;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+fn cross_attention(
+    vb: VarBuilder,
+    dim: usize,
+    heads: usize,
+    head_dim: usize,
+    cross: usize,
+) -> Result<Attention> {
+    let opts = AttentionOpts {
+        cross_attention_dim: Some(cross),
+        ..Default::default()
+    };
+    Attention::new(vb, dim, heads, head_dim, opts)
+}
+
 /// `BasicTransformerBlock` (layer norms, self-attention, cross-attention, GEGLU feed-forward).
 #[derive(Debug, Clone)]
 pub struct BasicTransformerBlock {
@@ -40,16 +54,7 @@ impl BasicTransformerBlock {
                 AttentionOpts::default(),
             )?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                heads,
-                head_dim,
-                AttentionOpts {
-                    cross_attention_dim: Some(cross),
-                    ..Default::default()
-                },
-            )?,
+            attn2: cross_attention(vb.pp("attn2"), dim, heads, head_dim, cross)?,
             norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(vb.pp("ff"), dim, dim, 4)?,
         })
@@ -101,16 +106,7 @@ impl TemporalBasicTransformerBlock {
                 AttentionOpts::default(),
             )?,
             norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                heads,
-                head_dim,
-                AttentionOpts {
-                    cross_attention_dim: Some(cross),
-                    ..Default::default()
-                },
-            )?,
+            attn2: cross_attention(vb.pp("attn2"), dim, heads, head_dim, cross)?,
             norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(vb.pp("ff"), dim, dim, 4)?,
         })

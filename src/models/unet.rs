@@ -167,6 +167,24 @@ impl UNetConfig {
         Ok(())
     }
 
+    /// The spatio-temporal transformer of level `i` at width `ch`.
+    fn transformer(
+        &self,
+        vb: VarBuilder,
+        i: usize,
+        ch: usize,
+    ) -> Result<TransformerSpatioTemporalModel> {
+        let heads = self.level(&self.num_attention_heads, i);
+        TransformerSpatioTemporalModel::new(
+            vb,
+            heads,
+            ch / heads,
+            ch,
+            self.level(&self.transformer_layers_per_block, i),
+            self.level(&self.cross_attention_dim, i),
+        )
+    }
+
     fn level(&self, v: &OneOrMany, i: usize) -> usize {
         // validate() has checked the lengths.
         v.at(i, self.block_out_channels.len()).unwrap_or(1)
@@ -226,7 +244,6 @@ impl UNetSpatioTemporal {
             let vbi = vb.pp("down_blocks").pp(i);
             let cross = cfg.down_block_types[i] == "CrossAttnDownBlockSpatioTemporal";
             let eps = if cross { 1e-6 } else { 1e-5 };
-            let heads = cfg.level(&cfg.num_attention_heads, i);
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
             for l in 0..cfg.level(&cfg.layers_per_block, i) {
@@ -239,14 +256,7 @@ impl UNetSpatioTemporal {
                     eps,
                 )?);
                 if cross {
-                    attentions.push(TransformerSpatioTemporalModel::new(
-                        vbi.pp("attentions").pp(l),
-                        heads,
-                        out_ch / heads,
-                        out_ch,
-                        cfg.level(&cfg.transformer_layers_per_block, i),
-                        cfg.level(&cfg.cross_attention_dim, i),
-                    )?);
+                    attentions.push(cfg.transformer(vbi.pp("attentions").pp(l), i, out_ch)?);
                 }
             }
             let downsampler = if i + 1 < n {
@@ -263,19 +273,11 @@ impl UNetSpatioTemporal {
 
         let last = ch[n - 1];
         let vbm = vb.pp("mid_block");
-        let heads = cfg.level(&cfg.num_attention_heads, n - 1);
         let mid_resnets = vec![
             SpatioTemporalResBlock::new(vbm.pp("resnets").pp(0), last, last, Some(temb), 1e-5)?,
             SpatioTemporalResBlock::new(vbm.pp("resnets").pp(1), last, last, Some(temb), 1e-5)?,
         ];
-        let mid_attentions = vec![TransformerSpatioTemporalModel::new(
-            vbm.pp("attentions").pp(0),
-            heads,
-            last / heads,
-            last,
-            cfg.level(&cfg.transformer_layers_per_block, n - 1),
-            cfg.level(&cfg.cross_attention_dim, n - 1),
-        )?];
+        let mid_attentions = vec![cfg.transformer(vbm.pp("attentions").pp(0), n - 1, last)?];
 
         let mut up_blocks = Vec::with_capacity(n);
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -287,7 +289,6 @@ impl UNetSpatioTemporal {
             let li = n - 1 - i;
             let vbi = vb.pp("up_blocks").pp(i);
             let cross = cfg.up_block_types[i] == "CrossAttnUpBlockSpatioTemporal";
-            let heads = cfg.level(&cfg.num_attention_heads, li);
             let layers = cfg.level(&cfg.layers_per_block, li) + 1;
             let mut resnets = Vec::new();
             let mut attentions = Vec::new();
@@ -302,14 +303,7 @@ impl UNetSpatioTemporal {
                     1e-6,
                 )?);
                 if cross {
-                    attentions.push(TransformerSpatioTemporalModel::new(
-                        vbi.pp("attentions").pp(l),
-                        heads,
-                        out_ch / heads,
-                        out_ch,
-                        cfg.level(&cfg.transformer_layers_per_block, li),
-                        cfg.level(&cfg.cross_attention_dim, li),
-                    )?);
+                    attentions.push(cfg.transformer(vbi.pp("attentions").pp(l), li, out_ch)?);
                 }
             }
             let upsampler = if i + 1 < n {

@@ -163,7 +163,8 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
     let varmap = VarMap::new();
     let (cfg, vae) = match &p.pretrained {
         Some(dir) => {
-            let (cfg, vae, vm) = load_component(Path::new(dir), &dev, AutoencoderKLTemporalDecoder::new)?;
+            let (cfg, vae, vm) =
+                load_component(Path::new(dir), &dev, AutoencoderKLTemporalDecoder::new)?;
             // Copy the loaded variables into our map so they train and save like fresh ones.
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
             let fresh = AutoencoderKLTemporalDecoder::new(vb, &cfg).map_err(ce("VAE"))?;
@@ -228,14 +229,19 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         .and_then(|d| d.mean_all())
         .map_err(&e)?;
         let latent_elems = post.mean.elem_count() / (b * t);
-        let kl = (post.kl().map_err(&e)?.mean_all().map_err(&e)? / latent_elems as f64).map_err(&e)?;
+        let kl =
+            (post.kl().map_err(&e)?.mean_all().map_err(&e)? / latent_elems as f64).map_err(&e)?;
         let loss = (&recon + (&kl * p.kl_weight).map_err(&e)?).map_err(&e)?;
         let grads = loss.backward().map_err(&e)?;
         let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
         ctx.metric("loss", step + 1, lv)?;
-        ctx.metric("recon", step + 1, recon.to_scalar::<f32>().map_err(&e)? as f64)?;
+        ctx.metric(
+            "recon",
+            step + 1,
+            recon.to_scalar::<f32>().map_err(&e)? as f64,
+        )?;
         ctx.metric("kl", step + 1, kl.to_scalar::<f32>().map_err(&e)? as f64)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
@@ -248,7 +254,10 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
             std::fs::create_dir_all(&state_dir).map_err(|e| Error::io(&state_dir, e))?;
             crate::models::checkpoint::save_tensors(
                 &state_dir.join("vae.safetensors"),
-                &vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect(),
+                &vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect(),
             )?;
             opt.save(&state_dir.join("optimizer.safetensors"))?;
             ctx.save_checkpoint(step + 1, &())?;
@@ -266,7 +275,10 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
     ctx.metric("psnr_test", p.steps, psnr)?;
     save_component(&ctx.dir.join("vae"), &cfg, &varmap)?;
     write_recon_preview(ctx, &vae, &test_set, &dev)?;
-    ctx.note(&format!("test PSNR {psnr:.2} dB, scaling factor {:.4}", cfg.scaling_factor));
+    ctx.note(&format!(
+        "test PSNR {psnr:.2} dB, scaling factor {:.4}",
+        cfg.scaling_factor
+    ));
     Ok(())
 }
 

@@ -38,7 +38,11 @@ pub trait StageKind: Sync {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()>;
 }
 
-static KINDS: &[&dyn StageKind] = &[&data::DataStage, &autoencoder::AutoencoderStage, &teacher::TeacherStage];
+static KINDS: &[&dyn StageKind] = &[
+    &data::DataStage,
+    &autoencoder::AutoencoderStage,
+    &teacher::TeacherStage,
+];
 
 pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
     KINDS.iter().copied().find(|k| k.name() == name)

@@ -23,8 +23,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::models::checkpoint::{load_weights, save_tensors};
 use crate::models::layers::no_grad;
 use crate::models::{
-    load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder,
-    ImageEncoderConfig, UNetConfig, UNetSpatioTemporal,
+    load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder, ImageEncoderConfig,
+    UNetConfig, UNetSpatioTemporal,
 };
 use crate::pipeline::{GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE};
 use crate::train::optim::named_vars;
@@ -127,18 +127,28 @@ impl TeacherParams {
             self.unet.validate().map_err(|m| bad("unet", m))?;
             let n = self.unet.block_out_channels.len();
             for i in 0..n {
-                let c = self.unet.cross_attention_dim.at(i, n).map_err(|m| bad("unet.cross_attention_dim", m))?;
+                let c = self
+                    .unet
+                    .cross_attention_dim
+                    .at(i, n)
+                    .map_err(|m| bad("unet.cross_attention_dim", m))?;
                 if c != self.image_encoder.embed_dim {
                     return Err(bad(
                         "image_encoder.embed_dim",
-                        format!("is {} but the UNet's cross_attention_dim is {c}", self.image_encoder.embed_dim),
+                        format!(
+                            "is {} but the UNet's cross_attention_dim is {c}",
+                            self.image_encoder.embed_dim
+                        ),
                     ));
                 }
             }
         }
         if let MotionBucket::Rule(r) = &self.motion_bucket {
             if r != "frame_difference" {
-                return Err(bad("motion_bucket", format!("`{r}`: expected \"frame_difference\" or a number")));
+                return Err(bad(
+                    "motion_bucket",
+                    format!("`{r}`: expected \"frame_difference\" or a number"),
+                ));
             }
         }
         if !(0.0..=1.0).contains(&self.p_uncond) {
@@ -176,7 +186,9 @@ impl StageKind for TeacherStage {
             .map_err(|e| Error::Other(format!("teacher params: {e}")))?;
         match p.pretrained {
             Some(dir) => {
-                let f = Path::new(&dir).join("unet").join(crate::models::checkpoint::WEIGHTS_FILE);
+                let f = Path::new(&dir)
+                    .join("unet")
+                    .join(crate::models::checkpoint::WEIGHTS_FILE);
                 Ok(Some(crate::util::sha256_file(&f)?))
             }
             None => Ok(None),
@@ -193,7 +205,9 @@ fn motion_buckets(set: &ClipSet, p: &TeacherParams) -> Vec<f64> {
     (0..set.len())
         .map(|i| match &p.motion_bucket {
             MotionBucket::Fixed(v) => *v,
-            MotionBucket::Rule(_) => (p.motion_scale * clip_motion(set.clip(i), set.frames)).round().clamp(0.0, 255.0),
+            MotionBucket::Rule(_) => (p.motion_scale * clip_motion(set.clip(i), set.frames))
+                .round()
+                .clamp(0.0, 255.0),
         })
         .collect()
 }
@@ -207,7 +221,11 @@ pub fn clip_motion(clip: &[u8], frames: usize) -> f64 {
     let mut s = 0u64;
     for f in 1..frames {
         let (a, b) = (&clip[(f - 1) * n..f * n], &clip[f * n..(f + 1) * n]);
-        s += a.iter().zip(b).map(|(x, y)| x.abs_diff(*y) as u64).sum::<u64>();
+        s += a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| x.abs_diff(*y) as u64)
+            .sum::<u64>();
     }
     s as f64 / ((frames - 1) * n) as f64 / 255.0
 }
@@ -218,7 +236,8 @@ fn build_vars<M>(
     build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<(VarMap, M)> {
     let vm = VarMap::new();
-    let m = build(crate::train::seeded_varbuilder(&vm, seed, dev)).map_err(ce("building the model"))?;
+    let m =
+        build(crate::train::seeded_varbuilder(&vm, seed, dev)).map_err(ce("building the model"))?;
     Ok((vm, m))
 }
 
@@ -226,15 +245,26 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     let dev = device(ctx.device)?;
     let up = ctx
         .upstream_of_kind("autoencoder")
-        .ok_or_else(|| Error::Other(format!("stage `{}` needs an `autoencoder` stage before it", ctx.name)))?
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "stage `{}` needs an `autoencoder` stage before it",
+                ctx.name
+            ))
+        })?
         .clone();
     let vae_dir = up.dir.join("vae");
     let (vae_cfg, vae, _) = load_component(&vae_dir, &dev, AutoencoderKLTemporalDecoder::new)?;
     let (train_set, test_set) = upstream_clips(ctx)?;
     if train_set.is_empty() || test_set.is_empty() {
-        return Err(Error::Data("the teacher needs non-empty train and test clip sets".into()));
+        return Err(Error::Data(
+            "the teacher needs non-empty train and test clip sets".into(),
+        ));
     }
-    let frames = if p.frames == 0 { train_set.frames } else { p.frames.min(train_set.frames) };
+    let frames = if p.frames == 0 {
+        train_set.frames
+    } else {
+        p.frames.min(train_set.frames)
+    };
     let fps = data_fps(ctx)?;
 
     // Model configs: from `pretrained` or the spec, checked against the VAE.
@@ -261,22 +291,36 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         )));
     }
     let (unet_map, unet) = build_vars(&dev, ctx.seed, |vb| UNetSpatioTemporal::new(vb, &unet_cfg))?;
-    let (enc_map, encoder) = build_vars(&dev, ctx.seed.wrapping_add(1), |vb| ImageEncoder::new(vb, &enc_cfg))?;
+    let (enc_map, encoder) = build_vars(&dev, ctx.seed.wrapping_add(1), |vb| {
+        ImageEncoder::new(vb, &enc_cfg)
+    })?;
     if let Some(dir) = &p.pretrained {
         let d = Path::new(dir);
-        load_weights(&unet_map, &d.join("unet").join(crate::models::checkpoint::WEIGHTS_FILE))?;
-        let ef = d.join("image_encoder").join(crate::models::checkpoint::WEIGHTS_FILE);
+        load_weights(
+            &unet_map,
+            &d.join("unet").join(crate::models::checkpoint::WEIGHTS_FILE),
+        )?;
+        let ef = d
+            .join("image_encoder")
+            .join(crate::models::checkpoint::WEIGHTS_FILE);
         if ef.exists() {
             load_weights(&enc_map, &ef)?;
         }
     }
     let mut vars = named_vars(&unet_map);
-    vars.extend(named_vars(&enc_map).into_iter().map(|(n, v)| (format!("image_encoder.{n}"), v)));
+    vars.extend(
+        named_vars(&enc_map)
+            .into_iter()
+            .map(|(n, v)| (format!("image_encoder.{n}"), v)),
+    );
     let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
     let mut ema = Ema::new(&vars, p.ema_decay).map_err(ce("EMA"))?;
 
     // The VAE is frozen: encode every training clip once (posterior mode x scaling factor).
-    ctx.note(&format!("encoding {} training clips with the VAE", train_set.len()));
+    ctx.note(&format!(
+        "encoding {} training clips with the VAE",
+        train_set.len()
+    ));
     let latents = encode_all(&vae, &train_set, &dev)?;
     let buckets = motion_buckets(&train_set, p);
 
@@ -284,9 +328,16 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     let mut start = 0;
     if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
         let all = candle_core::safetensors::load(state_dir.join("weights.safetensors"), &dev)
-            .map_err(|e| Error::Data(format!("{}: {e}", state_dir.join("weights.safetensors").display())))?;
+            .map_err(|e| {
+                Error::Data(format!(
+                    "{}: {e}",
+                    state_dir.join("weights.safetensors").display()
+                ))
+            })?;
         for (n, v) in &vars {
-            let t = all.get(n).ok_or_else(|| Error::Data(format!("train state lacks `{n}`")))?;
+            let t = all
+                .get(n)
+                .ok_or_else(|| Error::Data(format!("train state lacks `{n}`")))?;
             v.set(t).map_err(ce("resume"))?;
         }
         for (n, s) in ema.shadow.iter_mut() {
@@ -312,7 +363,10 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
             .collect();
         let starts: Vec<usize> = idx
             .iter()
-            .map(|_| ((rng.uniform() * (train_set.frames - frames + 1) as f64) as usize).min(train_set.frames - frames))
+            .map(|_| {
+                ((rng.uniform() * (train_set.frames - frames + 1) as f64) as usize)
+                    .min(train_set.frames - frames)
+            })
             .collect();
         // Clean latents of the window [b, t, c, h, w].
         let x0 = Tensor::stack(
@@ -328,8 +382,15 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         let first = clip_batch(&train_set, &idx, &starts, 1, &dev)
             .and_then(|x| x.reshape((b, 3, h, w)))
             .map_err(&e)?;
-        let aug: Vec<f64> = (0..b).map(|_| (p.noise_aug_mean + p.noise_aug_std * rng.normal()).exp()).collect();
-        let aug_t = Tensor::from_vec(aug.iter().map(|&a| a as f32).collect::<Vec<_>>(), (b, 1, 1, 1), &dev).map_err(&e)?;
+        let aug: Vec<f64> = (0..b)
+            .map(|_| (p.noise_aug_mean + p.noise_aug_std * rng.normal()).exp())
+            .collect();
+        let aug_t = Tensor::from_vec(
+            aug.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+            (b, 1, 1, 1),
+            &dev,
+        )
+        .map_err(&e)?;
         let eps_img = rng.tensor(&[b, 3, h, w], &dev).map_err(&e)?;
         let noisy = (&first + eps_img.broadcast_mul(&aug_t).map_err(&e)?).map_err(&e)?;
         let image_latents = no_grad(|| vae.encode(&noisy))
@@ -339,7 +400,9 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
             .unsqueeze(1)
             .map_err(&e)?;
         let embeds = encoder.forward(&first).map_err(&e)?;
-        let keep: Vec<f32> = (0..b).map(|_| if rng.uniform() < p.p_uncond { 0.0 } else { 1.0 }).collect();
+        let keep: Vec<f32> = (0..b)
+            .map(|_| if rng.uniform() < p.p_uncond { 0.0 } else { 1.0 })
+            .collect();
         let keep = Tensor::from_vec(keep, (b, 1, 1, 1, 1), &dev).map_err(&e)?;
         let image_latents = image_latents.broadcast_mul(&keep).map_err(&e)?;
         let embeds = embeds
@@ -353,10 +416,15 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
             image_embeds: embeds,
             added_time_ids: Tensor::from_vec(ids, (b, 3), &dev).map_err(&e)?,
         };
-        let sig: Vec<f32> = (0..b).map(|_| p.edm.sigma_from_normal(rng.normal()) as f32).collect();
+        let sig: Vec<f32> = (0..b)
+            .map(|_| p.edm.sigma_from_normal(rng.normal()) as f32)
+            .collect();
         let sigma = Tensor::from_vec(sig, b, &dev).map_err(&e)?;
         let n = rng.tensor(x0.dims(), &dev).map_err(&e)?;
-        let x = (&x0 + n.broadcast_mul(&sigma.reshape((b, 1, 1, 1, 1)).map_err(&e)?).map_err(&e)?).map_err(&e)?;
+        let x = (&x0
+            + n.broadcast_mul(&sigma.reshape((b, 1, 1, 1, 1)).map_err(&e)?)
+                .map_err(&e)?)
+        .map_err(&e)?;
         let d = den.denoise(&x, &sigma, &cond).map_err(&e)?;
         let loss = p.edm.loss(&d, &x0, &sigma).map_err(&e)?;
         let grads = loss.backward().map_err(&e)?;
@@ -370,8 +438,10 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         let done = step + 1 == p.steps;
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
             std::fs::create_dir_all(&state_dir).at(&state_dir)?;
-            let mut all: HashMap<String, Tensor> =
-                vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let mut all: HashMap<String, Tensor> = vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
             for (n, s) in &ema.shadow {
                 all.insert(format!("ema.{n}"), s.clone());
             }
@@ -392,7 +462,11 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     }
     save_component(&ctx.dir.join("unet"), &unet_cfg, &unet_map)?;
     save_component(&ctx.dir.join("image_encoder"), &enc_cfg, &enc_map)?;
-    save_component(&ctx.dir.join("vae"), &vae_cfg, &crate::models::checkpoint::varmap_of(&vae_dir, &dev, AutoencoderKLTemporalDecoder::new)?)?;
+    save_component(
+        &ctx.dir.join("vae"),
+        &vae_cfg,
+        &crate::models::checkpoint::varmap_of(&vae_dir, &dev, AutoencoderKLTemporalDecoder::new)?,
+    )?;
     let mut sorted = buckets.clone();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let settings = PipelineSettings {
@@ -413,21 +487,30 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
 
 /// Frames per second of the upstream data stage's clips.
 fn data_fps(ctx: &StageContext<'_>) -> Result<f64> {
-    let up = ctx.upstream_of_kind("data").ok_or_else(|| Error::Other("no data stage".into()))?;
+    let up = ctx
+        .upstream_of_kind("data")
+        .ok_or_else(|| Error::Other("no data stage".into()))?;
     let p = up.dir.join("manifest.json");
     let text = std::fs::read_to_string(&p).at(&p)?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
     Ok(v["params"]["fps"].as_f64().unwrap_or(8.0))
 }
 
 /// Posterior means x scaling factor of every clip: `[t, c, h, w]` each.
-fn encode_all(vae: &AutoencoderKLTemporalDecoder, set: &ClipSet, dev: &candle_core::Device) -> Result<Vec<Tensor>> {
+fn encode_all(
+    vae: &AutoencoderKLTemporalDecoder,
+    set: &ClipSet,
+    dev: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
     let e = ce("encoding clips");
     (0..set.len())
         .map(|i| {
             let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
             let (_, t, c, h, w) = x.dims5().map_err(&e)?;
-            let z = no_grad(|| vae.encode(&x.reshape((t, c, h, w))?)).map_err(&e)?.mean;
+            let z = no_grad(|| vae.encode(&x.reshape((t, c, h, w))?))
+                .map_err(&e)?
+                .mean;
             (z * vae.config.scaling_factor).map_err(&e)
         })
         .collect()
@@ -454,7 +537,9 @@ fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Res
     let name = ctx.name.clone();
     let (video, nfe) = {
         let log = &mut *ctx.log;
-        pipe.generate(&first, &seeds, &opts, |s, _| log.progress(s as u64, total, &format!("{name}: sampling")))?
+        pipe.generate(&first, &seeds, &opts, |s, _| {
+            log.progress(s as u64, total, &format!("{name}: sampling"))
+        })?
     };
     // A guided step evaluates the whole batch twice: NFE per sample = NFE of the batch.
     ctx.metric("sample_nfe", p.steps, nfe as f64)?;
@@ -469,7 +554,11 @@ fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Res
         strip.push(real, 0, 0);
         strip.push(&frames, 0, 0);
         gen.push(&frames, 0, 0);
-        side.push(&side_by_side(real, &frames, t, test.height, test.width), 0, 0);
+        side.push(
+            &side_by_side(real, &frames, t, test.height, test.width),
+            0,
+            0,
+        );
         motion_gen += clip_motion(&frames, t);
         motion_real += clip_motion(real, t);
         let fl = test.height * test.width * 3;
@@ -485,7 +574,10 @@ fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Res
     ctx.metric("real_motion", p.steps, motion_real / n as f64)?;
     ctx.metric("sample_first_frame_psnr", p.steps, psnr / n as f64)?;
     let png = ctx.dir.join("samples.png");
-    strip.filmstrip(strip.len()).save(&png).map_err(|err| Error::Other(format!("{}: {err}", png.display())))?;
+    strip
+        .filmstrip(strip.len())
+        .save(&png)
+        .map_err(|err| Error::Other(format!("{}: {err}", png.display())))?;
     ctx.artifact("samples.png", "filmstrip")?;
     side.write_gif(&ctx.dir.join("samples.gif"), n, pipe.settings.fps)?;
     ctx.artifact("samples.gif", "animation")?;

@@ -125,12 +125,12 @@ impl candle_nn::var_builder::SimpleBackend for SeededVars {
         let mut rng = self.rng.lock().expect("generator poisoned");
         let values: Vec<f32> = match h {
             candle_nn::Init::Const(c) => vec![c as f32; n],
-            candle_nn::Init::Uniform { lo, up } => {
-                (0..n).map(|_| (lo + (up - lo) * rng.uniform()) as f32).collect()
-            }
-            candle_nn::Init::Randn { mean, stdev } => {
-                (0..n).map(|_| (mean + stdev * rng.normal()) as f32).collect()
-            }
+            candle_nn::Init::Uniform { lo, up } => (0..n)
+                .map(|_| (lo + (up - lo) * rng.uniform()) as f32)
+                .collect(),
+            candle_nn::Init::Randn { mean, stdev } => (0..n)
+                .map(|_| (mean + stdev * rng.normal()) as f32)
+                .collect(),
             other => candle_core::bail!("{name}: initialisation {other:?} is not supported"),
         };
         let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
@@ -140,7 +140,12 @@ impl candle_nn::var_builder::SimpleBackend for SeededVars {
         Ok(out)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let data = self.map.data().lock().expect("variable map poisoned");
         match data.get(name) {
             Some(v) => Ok(v.as_tensor().clone()),
@@ -149,6 +154,10 @@ impl candle_nn::var_builder::SimpleBackend for SeededVars {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.map
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
     }
 }

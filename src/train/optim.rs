@@ -118,7 +118,12 @@ impl AdamW {
                 t.get(&k)
                     .filter(|x| x.dims() == var.dims())
                     .cloned()
-                    .ok_or_else(|| Error::Data(format!("{}: no moment `{k}` of the right shape", path.display())))
+                    .ok_or_else(|| {
+                        Error::Data(format!(
+                            "{}: no moment `{k}` of the right shape",
+                            path.display()
+                        ))
+                    })
             };
             self.m[i] = get(format!("m.{name}"))?;
             self.v[i] = get(format!("v.{name}"))?;
