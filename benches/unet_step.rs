@@ -36,6 +36,23 @@ fn main() -> candle_core::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
+    // The PyTorch side runs first, before candle's worker threads exist, so neither side
+    // competes with the other's idle threads.
+    let python = std::env::var("ONESTEP_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/unet_step_torch.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args([b.to_string(), t.to_string(), hw.to_string()])
+        .env("ONESTEP_BENCH_REPS", reps.to_string())
+        .output();
+    let torch: Result<serde_json::Value, String> = match out {
+        Ok(o) if o.status.success() => Ok(serde_json::from_slice(&o.stdout).unwrap_or_default()),
+        Ok(o) => Err(format!(
+            "{python} {script} failed: {}",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        )),
+        Err(e) => Err(format!("{python}: {e}")),
+    };
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
@@ -69,16 +86,8 @@ fn main() -> candle_core::Result<()> {
     println!("tiny UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}");
     println!("onestep (candle, CPU):  forward {fwd:.3} s   train step {step:.3} s");
 
-    let python = std::env::var("ONESTEP_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/unet_step_torch.py");
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .args([b.to_string(), t.to_string(), hw.to_string()])
-        .env("ONESTEP_BENCH_REPS", reps.to_string())
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    match torch {
+        Ok(v) => {
             let pf = v["forward_s"].as_f64().unwrap_or(f64::NAN);
             let ps = v["train_step_s"].as_f64().unwrap_or(f64::NAN);
             println!(
@@ -87,20 +96,9 @@ fn main() -> candle_core::Result<()> {
                 v["threads"],
                 v["params"]
             );
-            println!(
-                "ratio onestep/PyTorch:  forward {:.2}   train step {:.2}",
-                fwd / pf,
-                step / ps
-            );
+            println!("ratio onestep/PyTorch:  forward {:.2}   train step {:.2}", fwd / pf, step / ps);
         }
-        Ok(o) => println!(
-            "PyTorch side skipped ({python} {script} failed: {})",
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        ),
-        Err(e) => println!("PyTorch side skipped ({python}: {e})"),
+        Err(e) => println!("PyTorch side skipped ({e})"),
     }
     Ok(())
 }

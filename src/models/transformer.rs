@@ -218,13 +218,16 @@ impl TransformerSpatioTemporalModel {
             .time_pos_embed
             .forward(&timestep_embedding(&frame_idx, self.in_channels)?)?
             .unsqueeze(1)?;
+        let ones_seq = Tensor::ones((bt, h * w, 1), hs.dtype(), hs.device())?;
         for (block, temporal) in self
             .transformer_blocks
             .iter()
             .zip(&self.temporal_transformer_blocks)
         {
             hs = block.forward(&hs, context)?;
-            let mix = hs.broadcast_add(&emb)?;
+            // emb [b*t, 1, c] repeated over positions by a batched GEMM with ones (see
+            // `expand_param` for why not a broadcast).
+            let mix = (&hs + ones_seq.matmul(&emb)?)?;
             let mix = temporal.forward(&mix, frames, &time_context)?;
             hs = self.time_mixer.forward(&hs, &mix)?;
         }
