@@ -49,7 +49,10 @@ fn main() -> candle_core::Result<()> {
         Ok(o) if o.status.success() => Ok(serde_json::from_slice(&o.stdout).unwrap_or_default()),
         Ok(o) => Err(format!(
             "{python} {script} failed: {}",
-            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
         )),
         Err(e) => Err(format!("{python}: {e}")),
     };
@@ -72,7 +75,7 @@ fn main() -> candle_core::Result<()> {
     )?;
 
     let fwd = best_of(reps, || {
-        onestep::models::layers::no_grad(|| unet.forward(&x, &ts, &ehs, &ids)).expect("forward");
+        unet.forward(&x, &ts, &ehs, &ids).expect("forward").detach();
     });
     let only_forward = std::env::var_os("ONESTEP_BENCH_FORWARD_ONLY").is_some();
     let step = best_of(if only_forward { 0 } else { reps }, || {
@@ -96,7 +99,11 @@ fn main() -> candle_core::Result<()> {
                 v["threads"],
                 v["params"]
             );
-            println!("ratio onestep/PyTorch:  forward {:.2}   train step {:.2}", fwd / pf, step / ps);
+            println!(
+                "ratio onestep/PyTorch:  forward {:.2}   train step {:.2}",
+                fwd / pf,
+                step / ps
+            );
         }
         Err(e) => println!("PyTorch side skipped ({e})"),
     }

@@ -5,6 +5,15 @@
 /// zero on first touch, which perf showed as a fifth of the CPU time of a UNet forward pass
 /// (a training step of the tiny UNet preset at batch 4 x 16 frames went from 2.9 s to 2.2 s). A no-op elsewhere.
 pub fn tune_for_tensors() {
+    // candle asks for its thread count on every CPU op; without RAYON_NUM_THREADS that means
+    // parsing /proc/cpuinfo each time (5% of a teacher training step, seen with perf).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        // Set before any thread exists (first thing in main).
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         // M_MMAP_THRESHOLD = -3 (malloc.h): blocks below it come from the heap and are reused;

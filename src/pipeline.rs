@@ -10,7 +10,6 @@
 use crate::diffusion::noise::NormalRng;
 use crate::diffusion::{sample, Conditioning, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
-use crate::models::layers::no_grad;
 use crate::models::{
     load_component, AutoencoderKLTemporalDecoder, ImageEncoder, UNetSpatioTemporal,
 };
@@ -103,7 +102,7 @@ impl VideoPipeline {
         opts: &GenerateOptions,
         on_step: impl FnMut(usize, usize),
     ) -> Result<(Tensor, usize)> {
-        no_grad(|| self.generate_inner(images, seeds, opts, on_step))
+        self.generate_inner(images, seeds, opts, on_step)
     }
 
     fn generate_inner(

@@ -159,7 +159,9 @@ pub fn sample(
                 (&x + ((deriv + deriv2)? * (dt / 2.0))?)?
             }
             _ => x_euler,
-        };
+        }
+        // The denoiser's parameters may be trainable variables: drop the graph of this step.
+        .detach();
         on_step(i + 1, cfg.steps);
     }
     Ok((x, nfe.0))

@@ -120,9 +120,6 @@ impl Conv2d {
     /// One GEMM `W [c_out, c_in k k] x cols [c_in k k, b h_out w_out]`: the weight gradient is
     /// then one GEMM as well, and the bias gradient a sum over the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !grad_enabled() {
-            return self.forward_native(x);
-        }
         let (b, cin, h, w) = x.dims4()?;
         let (cout, _, kh, kw) = self.weight.dims4()?;
         let s = self.stride;
@@ -175,43 +172,6 @@ impl Conv2d {
         };
         y.reshape((cout, b, ho, wo))?.transpose(0, 1)?.contiguous()
     }
-}
-
-impl Conv2d {
-    /// candle's own convolution: faster forward, but a slow backward on the CPU.
-    fn forward_native(&self, x: &Tensor) -> Result<Tensor> {
-        let [pt, pb, pl, pr] = self.pad;
-        let y = if pt == pb && pl == pr && pt == pl {
-            x.conv2d(&self.weight, pt, self.stride, 1, 1)?
-        } else {
-            x.pad_with_zeros(2, pt, pb)?
-                .pad_with_zeros(3, pl, pr)?
-                .conv2d(&self.weight, 0, self.stride, 1, 1)?
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-            None => Ok(y),
-        }
-    }
-}
-
-thread_local! {
-    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether layers should build a graph that trains well (the default) or take the fastest
-/// forward path; see [`no_grad`].
-pub fn grad_enabled() -> bool {
-    !NO_GRAD.with(|c| c.get())
-}
-
-/// Runs `f` with inference-only layer implementations on this thread (sampling, evaluation).
-/// Results are the same up to float rounding; gradients through them are slow, not wrong.
-pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
-    let prev = NO_GRAD.with(|c| c.replace(true));
-    let out = f();
-    NO_GRAD.with(|c| c.set(prev));
-    out
 }
 
 /// `torch.nn.Conv3d` with kernel (3, 1, 1) and padding (1, 0, 0): a convolution over time only,
@@ -365,7 +325,6 @@ pub struct AttentionOpts {
     pub group_norm: Option<(usize, f64)>,
     pub residual: bool,
 }
-
 
 impl Attention {
     pub fn new(

@@ -14,7 +14,6 @@ use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::diffusion::noise::NormalRng;
 use crate::error::{Error, Result};
-use crate::models::layers::no_grad;
 use crate::models::{load_component, save_component, AutoencoderKLTemporalDecoder, VaeConfig};
 use crate::train::optim::named_vars;
 use crate::train::{ce, clip_batch, device, AdamW, AdamWConfig};
@@ -300,7 +299,10 @@ pub fn test_psnr(
         let x = clip_batch(test, &[i], &[0], test.frames, dev).map_err(&e)?;
         let (_, t, c, h, w) = x.dims5().map_err(&e)?;
         let x = x.reshape((t, c, h, w)).map_err(&e)?;
-        let xr = no_grad(|| vae.encode(&x).and_then(|p| vae.decode(p.mode(), t))).map_err(&e)?;
+        let xr = vae
+            .encode(&x)
+            .and_then(|p| vae.decode(p.mode(), t))
+            .map_err(&e)?;
         let xr = xr.clamp(-1f32, 1f32).map_err(&e)?;
         // Pixel error in [0, 1] units: half the error in [-1, 1] units.
         let mse = ((xr - &x).map_err(&e)? * 0.5)
@@ -326,7 +328,7 @@ fn latent_std(
         let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
         let (_, t, c, h, w) = x.dims5().map_err(&e)?;
         let x = x.reshape((t, c, h, w)).map_err(&e)?;
-        let z = no_grad(|| vae.encode(&x)).map_err(&e)?.mean;
+        let z = vae.encode(&x).map_err(&e)?.mean;
         let v: Vec<f32> = z.flatten_all().and_then(|z| z.to_vec1()).map_err(&e)?;
         for a in v {
             s += a as f64;
@@ -351,7 +353,10 @@ fn write_recon_preview(
         let x = clip_batch(test, &[i], &[0], test.frames, dev).map_err(&e)?;
         let (_, t, c, h, w) = x.dims5().map_err(&e)?;
         let x = x.reshape((t, c, h, w)).map_err(&e)?;
-        let xr = no_grad(|| vae.encode(&x).and_then(|p| vae.decode(p.mode(), t))).map_err(&e)?;
+        let xr = vae
+            .encode(&x)
+            .and_then(|p| vae.decode(p.mode(), t))
+            .map_err(&e)?;
         strip.push(test.clip(i), 0, 0);
         strip.push(&crate::train::to_u8_frames(&xr).map_err(&e)?, 0, 0);
     }

@@ -21,7 +21,6 @@ use crate::diffusion::noise::NormalRng;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
 use crate::models::checkpoint::{load_weights, save_tensors};
-use crate::models::layers::no_grad;
 use crate::models::{
     load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder, ImageEncoderConfig,
     UNetConfig, UNetSpatioTemporal,
@@ -393,7 +392,8 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         .map_err(&e)?;
         let eps_img = rng.tensor(&[b, 3, h, w], &dev).map_err(&e)?;
         let noisy = (&first + eps_img.broadcast_mul(&aug_t).map_err(&e)?).map_err(&e)?;
-        let image_latents = no_grad(|| vae.encode(&noisy))
+        let image_latents = vae
+            .encode(&noisy)
             .map_err(&e)?
             .mean
             .detach()
@@ -508,10 +508,14 @@ fn encode_all(
         .map(|i| {
             let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
             let (_, t, c, h, w) = x.dims5().map_err(&e)?;
-            let z = no_grad(|| vae.encode(&x.reshape((t, c, h, w))?))
+            let z = vae
+                .encode(&x.reshape((t, c, h, w)).map_err(&e)?)
                 .map_err(&e)?
                 .mean;
-            (z * vae.config.scaling_factor).map_err(&e)
+            // Detached: a kept latent must not keep the encoder's graph alive.
+            (z * vae.config.scaling_factor)
+                .map(|z| z.detach())
+                .map_err(&e)
         })
         .collect()
 }
