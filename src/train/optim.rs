@@ -85,14 +85,16 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = (g * clip)?;
+            // Detached: otherwise each moment would reference the previous one and this
+            // step's backward graph, and memory would grow with every step.
+            let g = (g.detach() * clip)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + self.cfg.eps)?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(norm)
     }
@@ -145,7 +147,7 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> candle_core::Result<Self> {
         let shadow = vars
             .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?.detach())))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { decay, shadow })
     }
@@ -153,7 +155,7 @@ impl Ema {
     pub fn update(&mut self, vars: &[(String, Var)], step: u64) -> candle_core::Result<()> {
         let d = self.decay.min((1.0 + step as f64) / (10.0 + step as f64));
         for ((_, s), (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?;
+            *s = ((&*s * d)? + (v.as_tensor().detach() * (1.0 - d))?)?.detach();
         }
         Ok(())
     }
