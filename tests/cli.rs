@@ -977,3 +977,20 @@ fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
         assert!(d <= 1e-6, "{k} differs by {d} after resume");
     }
 }
+
+#[test]
+fn the_committed_tiny_teacher_loads_and_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/teacher-tiny");
+    let img = tmp.path().join("in.png");
+    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 128])).save(&img).unwrap();
+    let out = tmp.path().join("clip.png");
+    let o = onestep(
+        tmp.path(),
+        &["generate", "--checkpoint", model.to_str().unwrap(), "--image", img.to_str().unwrap(), "--steps", "2", "--out", out.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let strip = image::open(&out).unwrap();
+    // A filmstrip of the model's 8 frames of 32x32.
+    assert_eq!((strip.width(), strip.height()), (8 * 32, 32));
+}
