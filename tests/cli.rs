@@ -983,11 +983,25 @@ fn the_committed_tiny_teacher_loads_and_generates() {
     let tmp = tempfile::tempdir().unwrap();
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/teacher-tiny");
     let img = tmp.path().join("in.png");
-    image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 3) as u8, (y * 5) as u8, 128])).save(&img).unwrap();
+    image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 5) as u8, 128])
+    })
+    .save(&img)
+    .unwrap();
     let out = tmp.path().join("clip.png");
     let o = onestep(
         tmp.path(),
-        &["generate", "--checkpoint", model.to_str().unwrap(), "--image", img.to_str().unwrap(), "--steps", "2", "--out", out.to_str().unwrap()],
+        &[
+            "generate",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let strip = image::open(&out).unwrap();

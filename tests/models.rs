@@ -309,36 +309,54 @@ fn gradients_match_finite_differences() {
     let loss = || -> Tensor {
         let post = vae.encode(&x).unwrap();
         let xr = vae.decode(post.mode(), frames).unwrap();
-        ((xr - &x).unwrap().sqr().unwrap().mean_all().unwrap() + post.logvar.mean_all().unwrap()).unwrap()
+        ((xr - &x).unwrap().sqr().unwrap().mean_all().unwrap() + post.logvar.mean_all().unwrap())
+            .unwrap()
     };
     let (_, unet, uvars) = load_unet(&fixtures().join("unet"));
     let u = io("unet_io.safetensors");
     let uloss = || -> Tensor {
-        unet.forward(&u["sample"], &u["timestep"], &u["encoder_hidden_states"], &u["added_time_ids"])
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean_all()
-            .unwrap()
+        unet.forward(
+            &u["sample"],
+            &u["timestep"],
+            &u["encoder_hidden_states"],
+            &u["added_time_ids"],
+        )
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
     };
     let check = |vars: &candle_nn::VarMap, name: &str, f: &dyn Fn() -> Tensor| {
         let var = vars.data().lock().unwrap()[name].clone();
         let grads = f().backward().unwrap();
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let g0 = g.flatten_all().unwrap().get(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g0 = g
+            .flatten_all()
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let orig = var.as_tensor().copy().unwrap();
         let flat = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let h = 1e-2f32.max(flat[0].abs() * 1e-2);
         let mut at = |delta: f32| {
             let mut v = flat.clone();
             v[0] += delta;
-            var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
+                .unwrap();
             f().to_scalar::<f32>().unwrap() as f64
         };
         let fd = (at(h) - at(-h)) / (2.0 * h as f64);
         var.set(&orig).unwrap();
         let tol = 0.05 * fd.abs().max(g0.abs()) + 1e-5;
-        assert!((g0 - fd).abs() <= tol, "{name}: autograd {g0:e}, finite difference {fd:e}");
+        assert!(
+            (g0 - fd).abs() <= tol,
+            "{name}: autograd {g0:e}, finite difference {fd:e}"
+        );
     };
     for name in [
         "encoder.conv_in.weight",
