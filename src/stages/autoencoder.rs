@@ -12,11 +12,12 @@
 
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
-use crate::diffusion::noise::NormalRng;
 use crate::error::{Error, Result};
 use crate::models::{load_component, save_component, AutoencoderKLTemporalDecoder, VaeConfig};
 use crate::train::optim::named_vars;
-use crate::train::{ce, clip_batch, device, AdamW, AdamWConfig};
+use crate::train::{
+    ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig,
+};
 use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -202,16 +203,14 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
 
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
-        // Each step's randomness comes from (seed, step), so a resumed run draws the same.
-        let mut rng = NormalRng::new(ctx.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
-        let idx: Vec<usize> = (0..p.batch_clips)
-            .map(|_| (rng.uniform() * train_set.len() as f64) as usize % train_set.len())
-            .collect();
-        let starts: Vec<usize> = idx
-            .iter()
-            .map(|_| (rng.uniform() * (train_set.frames - frames + 1) as f64) as usize)
-            .map(|s| s.min(train_set.frames - frames))
-            .collect();
+        let mut rng = step_rng(ctx.seed, step);
+        let (idx, starts) = random_windows(
+            &mut rng,
+            train_set.len(),
+            train_set.frames,
+            frames,
+            p.batch_clips,
+        );
         let e = ce("autoencoder step");
         let x = clip_batch(&train_set, &idx, &starts, frames, &dev).map_err(&e)?;
         let (b, t, c, h, w) = x.dims5().map_err(&e)?;
@@ -296,9 +295,8 @@ pub fn test_psnr(
     let e = ce("test PSNR");
     let mut total = 0.0;
     for i in 0..n {
-        let x = clip_batch(test, &[i], &[0], test.frames, dev).map_err(&e)?;
-        let (_, t, c, h, w) = x.dims5().map_err(&e)?;
-        let x = x.reshape((t, c, h, w)).map_err(&e)?;
+        let x = clip_frames(test, i, dev).map_err(&e)?;
+        let t = x.dim(0).map_err(&e)?;
         let xr = vae
             .encode(&x)
             .and_then(|p| vae.decode(p.mode(), t))
@@ -325,9 +323,7 @@ fn latent_std(
     let n = n.min(set.len());
     let (mut s, mut s2, mut cnt) = (0f64, 0f64, 0f64);
     for i in 0..n {
-        let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
-        let (_, t, c, h, w) = x.dims5().map_err(&e)?;
-        let x = x.reshape((t, c, h, w)).map_err(&e)?;
+        let x = clip_frames(set, i, dev).map_err(&e)?;
         let z = vae.encode(&x).map_err(&e)?.mean;
         let v: Vec<f32> = z.flatten_all().and_then(|z| z.to_vec1()).map_err(&e)?;
         for a in v {
@@ -350,9 +346,8 @@ fn write_recon_preview(
     let e = ce("reconstruction preview");
     let mut strip = ClipSet::new(test.frames, test.height, test.width);
     for i in 0..test.len().min(4) {
-        let x = clip_batch(test, &[i], &[0], test.frames, dev).map_err(&e)?;
-        let (_, t, c, h, w) = x.dims5().map_err(&e)?;
-        let x = x.reshape((t, c, h, w)).map_err(&e)?;
+        let x = clip_frames(test, i, dev).map_err(&e)?;
+        let t = x.dim(0).map_err(&e)?;
         let xr = vae
             .encode(&x)
             .and_then(|p| vae.decode(p.mode(), t))

@@ -17,7 +17,6 @@
 use super::autoencoder::upstream_clips;
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
-use crate::diffusion::noise::NormalRng;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
 use crate::models::checkpoint::{load_weights, save_tensors};
@@ -27,7 +26,9 @@ use crate::models::{
 };
 use crate::pipeline::{GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE};
 use crate::train::optim::named_vars;
-use crate::train::{ce, clip_batch, device, AdamW, AdamWConfig, Ema};
+use crate::train::{
+    ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig, Ema,
+};
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -355,18 +356,9 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let e = ce("teacher step");
-        let mut rng = NormalRng::new(ctx.seed.wrapping_mul(0x9E37_79B9).wrapping_add(step));
+        let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
-        let idx: Vec<usize> = (0..b)
-            .map(|_| (rng.uniform() * train_set.len() as f64) as usize % train_set.len())
-            .collect();
-        let starts: Vec<usize> = idx
-            .iter()
-            .map(|_| {
-                ((rng.uniform() * (train_set.frames - frames + 1) as f64) as usize)
-                    .min(train_set.frames - frames)
-            })
-            .collect();
+        let (idx, starts) = random_windows(&mut rng, train_set.len(), train_set.frames, frames, b);
         // Clean latents of the window [b, t, c, h, w].
         let x0 = Tensor::stack(
             &idx.iter()
@@ -506,12 +498,8 @@ fn encode_all(
     let e = ce("encoding clips");
     (0..set.len())
         .map(|i| {
-            let x = clip_batch(set, &[i], &[0], set.frames, dev).map_err(&e)?;
-            let (_, t, c, h, w) = x.dims5().map_err(&e)?;
-            let z = vae
-                .encode(&x.reshape((t, c, h, w)).map_err(&e)?)
-                .map_err(&e)?
-                .mean;
+            let x = clip_frames(set, i, dev).map_err(&e)?;
+            let z = vae.encode(&x).map_err(&e)?.mean;
             // Detached: a kept latent must not keep the encoder's graph alive.
             (z * vae.config.scaling_factor)
                 .map(|z| z.detach())

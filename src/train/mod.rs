@@ -64,6 +64,38 @@ pub fn clip_batch(
     ((t / 127.5)? - 1.0)?.to_device(device)
 }
 
+/// All frames of clip `i` as a float tensor in [-1, 1]: `[t, 3, h, w]`.
+pub fn clip_frames(set: &ClipSet, i: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let x = clip_batch(set, &[i], &[0], set.frames, device)?;
+    x.squeeze(0)
+}
+
+/// The generator of training step `step`: every step's randomness comes from (seed, step), so
+/// a run resumed from a checkpoint draws exactly what an uninterrupted one would.
+pub fn step_rng(seed: u64, step: u64) -> crate::diffusion::noise::NormalRng {
+    crate::diffusion::noise::NormalRng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(step))
+}
+
+/// `batch` random clips of a set of `n` clips and, for each, a random start of a window of
+/// `frames` frames within its `clip_frames` (indices, starts).
+pub fn random_windows(
+    rng: &mut crate::diffusion::noise::NormalRng,
+    n: usize,
+    clip_frames: usize,
+    frames: usize,
+    batch: usize,
+) -> (Vec<usize>, Vec<usize>) {
+    let idx: Vec<usize> = (0..batch)
+        .map(|_| (rng.uniform() * n as f64) as usize % n)
+        .collect();
+    let last = clip_frames - frames;
+    let starts = idx
+        .iter()
+        .map(|_| ((rng.uniform() * (last + 1) as f64) as usize).min(last))
+        .collect();
+    (idx, starts)
+}
+
 /// A float video in [-1, 1] `[t, 3, h, w]` to u8 frames `[t, h, w, 3]`.
 pub fn to_u8_frames(x: &Tensor) -> candle_core::Result<Vec<u8>> {
     let x = ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?.round()?;
@@ -114,7 +146,11 @@ impl candle_nn::var_builder::SimpleBackend for SeededVars {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let mut data = self.map.data().lock().expect("variable map poisoned");
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map poisoned".into()))?;
         if let Some(v) = data.get(name) {
             if v.shape() != &s {
                 candle_core::bail!("{name}: shape {:?} requested, {:?} exists", s, v.shape());
@@ -122,7 +158,10 @@ impl candle_nn::var_builder::SimpleBackend for SeededVars {
             return Ok(v.as_tensor().clone());
         }
         let n = s.elem_count();
-        let mut rng = self.rng.lock().expect("generator poisoned");
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("generator poisoned".into()))?;
         let values: Vec<f32> = match h {
             candle_nn::Init::Const(c) => vec![c as f32; n],
             candle_nn::Init::Uniform { lo, up } => (0..n)
@@ -146,7 +185,11 @@ impl candle_nn::var_builder::SimpleBackend for SeededVars {
         _dtype: DType,
         _dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let data = self.map.data().lock().expect("variable map poisoned");
+        let data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map poisoned".into()))?;
         match data.get(name) {
             Some(v) => Ok(v.as_tensor().clone()),
             None => candle_core::bail!("no variable `{name}`"),
