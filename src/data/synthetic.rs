@@ -23,7 +23,9 @@ pub fn clip_rng(seed: u64, index: u64) -> ChaCha8Rng {
     r
 }
 
-/// A smooth random colour field: a few oriented sinusoidal gratings with random colours.
+/// A smooth random colour field: a few oriented sinusoidal gratings with random colours, 0.5 to
+/// 3 cycles across the frame with amplitude falling as 1/frequency (like natural images, most
+/// energy is at low spatial frequencies, so a 4x-downsampling autoencoder can represent it).
 struct Texture {
     base: [f32; 3],
     waves: Vec<([f32; 2], f32, [f32; 3])>,
@@ -39,11 +41,13 @@ impl Texture {
         let waves = (0..4)
             .map(|_| {
                 let angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
-                let freq: f32 = rng.random_range(1.0..6.0) * std::f32::consts::TAU / scale;
+                let cycles: f32 = rng.random_range(0.5..3.0);
+                let freq = cycles * std::f32::consts::TAU / scale;
+                let a = 0.25 / cycles.max(1.0);
                 let amp = [
-                    rng.random_range(-0.2..0.2),
-                    rng.random_range(-0.2..0.2),
-                    rng.random_range(-0.2..0.2),
+                    rng.random_range(-a..a),
+                    rng.random_range(-a..a),
+                    rng.random_range(-a..a),
                 ];
                 (
                     [angle.cos() * freq, angle.sin() * freq],
@@ -139,7 +143,7 @@ fn render_sprites(rng: &mut ChaCha8Rng, frames: usize, size: usize, max_sprites:
                     rng.random_range(0.0..1.0),
                     rng.random_range(0.0..1.0),
                 ],
-                stripes: rng.random_range(0.3..1.2),
+                stripes: rng.random_range(0.15..0.5),
             }
         })
         .collect();

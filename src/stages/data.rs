@@ -160,7 +160,7 @@ impl StageKind for DataStage {
         "data"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn seeded(&self) -> bool {
         false

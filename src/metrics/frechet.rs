@@ -1,0 +1,448 @@
+//! Fréchet distance between Gaussians fitted to feature sets (FVD when the features are I3D
+//! logits), in `f64`.
+//!
+//! `d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`. The trace of the square root
+//! is computed in symmetric form: with `S1 = V L V^T` and `R = V L^(1/2) V^T` (both symmetric
+//! PSD), the eigenvalues of `S1 S2` are those of the symmetric PSD matrix `R S2 R`, so
+//! `tr((S1 S2)^(1/2)) = sum_i sqrt(max(eig_i(R S2 R), 0))`. Two symmetric eigendecompositions
+//! (Householder tridiagonalisation + implicit QL, from the public-domain JAMA), the second
+//! without vectors; no complex arithmetic and no iteration that can fail to converge on
+//! singular covariances, which small sample sets always give.
+
+use crate::error::{Error, Result};
+
+/// Mean and covariance (denominator n - 1, as `numpy.cov`) of `n` feature vectors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gaussian {
+    pub n: usize,
+    pub dim: usize,
+    pub mean: Vec<f64>,
+    /// Row-major `dim x dim`.
+    pub cov: Vec<f64>,
+}
+
+/// Fewest feature vectors from which a covariance is defined.
+pub const MIN_SAMPLES: usize = 2;
+
+impl Gaussian {
+    /// Fit to `features` (one row of `dim` values per clip).
+    pub fn fit(features: &[Vec<f32>], what: &str) -> Result<Self> {
+        let n = features.len();
+        if n < MIN_SAMPLES {
+            return Err(Error::Data(format!(
+                "{what}: {n} clip(s); a Fréchet distance needs at least {MIN_SAMPLES} (and far more, \
+                 several hundred, for a value comparable with published FVDs)"
+            )));
+        }
+        let dim = features[0].len();
+        if let Some((i, f)) = features.iter().enumerate().find(|(_, f)| f.len() != dim) {
+            return Err(Error::Data(format!(
+                "{what}: feature {i} has {} values, the first has {dim}",
+                f.len()
+            )));
+        }
+        if let Some(i) = features
+            .iter()
+            .position(|f| f.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::Data(format!(
+                "{what}: feature {i} holds a non-finite value"
+            )));
+        }
+        let mut mean = vec![0f64; dim];
+        for f in features {
+            for (m, v) in mean.iter_mut().zip(f) {
+                *m += *v as f64;
+            }
+        }
+        for m in &mut mean {
+            *m /= n as f64;
+        }
+        // Centered data [n, dim], then cov = X^T X / (n - 1) with one GEMM.
+        let x: Vec<f64> = features
+            .iter()
+            .flat_map(|f| f.iter().zip(&mean).map(|(v, m)| *v as f64 - m))
+            .collect();
+        let mut cov = vec![0f64; dim * dim];
+        // SAFETY: x is n x dim, cov is dim x dim, strides match.
+        unsafe {
+            gemm::gemm(
+                dim,
+                dim,
+                n,
+                cov.as_mut_ptr(),
+                1,
+                dim as isize,
+                false,
+                x.as_ptr(),
+                dim as isize,
+                1,
+                x.as_ptr(),
+                1,
+                dim as isize,
+                0.0,
+                1.0 / (n as f64 - 1.0),
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(0),
+            );
+        }
+        Ok(Gaussian { n, dim, mean, cov })
+    }
+}
+
+/// Fréchet distance between two Gaussians.
+pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64> {
+    if a.dim != b.dim {
+        return Err(Error::Data(format!(
+            "Fréchet distance of {}-d and {}-d features",
+            a.dim, b.dim
+        )));
+    }
+    let n = a.dim;
+    let mean_term: f64 = a
+        .mean
+        .iter()
+        .zip(&b.mean)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum();
+    let tr_a: f64 = (0..n).map(|i| a.cov[i * n + i]).sum();
+    let tr_b: f64 = (0..n).map(|i| b.cov[i * n + i]).sum();
+    let tr_sqrt = trace_sqrt_product(&a.cov, &b.cov, n);
+    Ok((mean_term + tr_a + tr_b - 2.0 * tr_sqrt).max(0.0))
+}
+
+/// `tr((A B)^(1/2))` for symmetric PSD `A`, `B` (row-major `n x n`).
+pub fn trace_sqrt_product(a: &[f64], b: &[f64], n: usize) -> f64 {
+    let (vals, vecs) = symmetric_eigen(a, n, true);
+    // R = V diag(sqrt(l)) V^T; W = V diag(l^(1/4)) so that R = W W^T.
+    let mut w = vecs;
+    for i in 0..n {
+        for j in 0..n {
+            w[i * n + j] *= vals[j].max(0.0).sqrt().sqrt();
+        }
+    }
+    let r = matmul(&w, false, &w, true, n);
+    let rb = matmul(&r, false, b, false, n);
+    let mut m = matmul(&rb, false, &r, false, n);
+    // Symmetrise against rounding.
+    for i in 0..n {
+        for j in 0..i {
+            let s = 0.5 * (m[i * n + j] + m[j * n + i]);
+            m[i * n + j] = s;
+            m[j * n + i] = s;
+        }
+    }
+    let (ev, _) = symmetric_eigen(&m, n, false);
+    ev.iter().map(|l| l.max(0.0).sqrt()).sum()
+}
+
+/// `op(x) op(y)` for square row-major matrices, `op` = transpose when the flag is set.
+fn matmul(x: &[f64], tx: bool, y: &[f64], ty: bool, n: usize) -> Vec<f64> {
+    let mut out = vec![0f64; n * n];
+    let (xcs, xrs) = if tx { (n as isize, 1) } else { (1, n as isize) };
+    let (ycs, yrs) = if ty { (n as isize, 1) } else { (1, n as isize) };
+    // SAFETY: all three are n x n.
+    unsafe {
+        gemm::gemm(
+            n,
+            n,
+            n,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            xcs,
+            xrs,
+            y.as_ptr(),
+            ycs,
+            yrs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+    out
+}
+
+/// Eigenvalues (ascending) and, if `vectors`, eigenvectors (columns of a row-major matrix) of
+/// a symmetric matrix. JAMA's `tred2` + `tql2`.
+pub fn symmetric_eigen(a: &[f64], n: usize, vectors: bool) -> (Vec<f64>, Vec<f64>) {
+    let mut v = a.to_vec();
+    let mut d = vec![0f64; n];
+    let mut e = vec![0f64; n];
+    if n == 0 {
+        return (d, v);
+    }
+    tred2(&mut v, &mut d, &mut e, n, vectors);
+    tql2(&mut v, &mut d, &mut e, n, vectors);
+    (d, v)
+}
+
+/// Householder reduction to tridiagonal form (JAMA `tred2`, row-major `v`). Without `vectors`,
+/// the transformations are not accumulated.
+fn tred2(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize, vectors: bool) {
+    for j in 0..n {
+        d[j] = v[(n - 1) * n + j];
+    }
+    for i in (1..n).rev() {
+        let mut scale = 0.0;
+        let mut h = 0.0;
+        for k in 0..i {
+            scale += d[k].abs();
+        }
+        if scale == 0.0 {
+            e[i] = d[i - 1];
+            for j in 0..i {
+                d[j] = v[(i - 1) * n + j];
+                v[i * n + j] = 0.0;
+                v[j * n + i] = 0.0;
+            }
+        } else {
+            for k in 0..i {
+                d[k] /= scale;
+                h += d[k] * d[k];
+            }
+            let mut f = d[i - 1];
+            let mut g = h.sqrt();
+            if f > 0.0 {
+                g = -g;
+            }
+            e[i] = scale * g;
+            h -= f * g;
+            d[i - 1] = f - g;
+            for ej in e.iter_mut().take(i) {
+                *ej = 0.0;
+            }
+            // Apply the similarity transformation to the remaining columns (v holds the lower
+            // triangle of the working matrix, row j col k for k <= j).
+            for j in 0..i {
+                f = d[j];
+                v[j * n + i] = f;
+                g = e[j] + v[j * n + j] * f;
+                for k in j + 1..i {
+                    g += v[k * n + j] * d[k];
+                    e[k] += v[k * n + j] * f;
+                }
+                e[j] = g;
+            }
+            f = 0.0;
+            for j in 0..i {
+                e[j] /= h;
+                f += e[j] * d[j];
+            }
+            let hh = f / (h + h);
+            for j in 0..i {
+                e[j] -= hh * d[j];
+            }
+            for j in 0..i {
+                f = d[j];
+                g = e[j];
+                for k in j..i {
+                    v[k * n + j] -= f * e[k] + g * d[k];
+                }
+                d[j] = v[(i - 1) * n + j];
+                v[i * n + j] = 0.0;
+            }
+        }
+        d[i] = h;
+    }
+    if vectors {
+        // Accumulate transformations.
+        for i in 0..n - 1 {
+            v[(n - 1) * n + i] = v[i * n + i];
+            v[i * n + i] = 1.0;
+            let h = d[i + 1];
+            if h != 0.0 {
+                for k in 0..=i {
+                    d[k] = v[k * n + i + 1] / h;
+                }
+                for j in 0..=i {
+                    let mut g = 0.0;
+                    for k in 0..=i {
+                        g += v[k * n + i + 1] * v[k * n + j];
+                    }
+                    for k in 0..=i {
+                        v[k * n + j] -= g * d[k];
+                    }
+                }
+            }
+            for k in 0..=i {
+                v[k * n + i + 1] = 0.0;
+            }
+        }
+        for j in 0..n {
+            d[j] = v[(n - 1) * n + j];
+            v[(n - 1) * n + j] = 0.0;
+        }
+        v[(n - 1) * n + n - 1] = 1.0;
+    } else {
+        for j in 0..n {
+            d[j] = v[j * n + j];
+        }
+    }
+    e[0] = 0.0;
+}
+
+/// Symmetric tridiagonal QL with implicit shifts (JAMA `tql2`); sorts ascending.
+fn tql2(v: &mut [f64], d: &mut [f64], e: &mut [f64], n: usize, vectors: bool) {
+    for i in 1..n {
+        e[i - 1] = e[i];
+    }
+    e[n - 1] = 0.0;
+    let mut f = 0.0;
+    let mut tst1: f64 = 0.0;
+    let eps = f64::EPSILON;
+    for l in 0..n {
+        tst1 = tst1.max(d[l].abs() + e[l].abs());
+        let mut m = l;
+        while m < n {
+            if e[m].abs() <= eps * tst1 {
+                break;
+            }
+            m += 1;
+        }
+        if m > l {
+            loop {
+                let mut g = d[l];
+                let mut p = (d[l + 1] - g) / (2.0 * e[l]);
+                let mut r = p.hypot(1.0);
+                if p < 0.0 {
+                    r = -r;
+                }
+                d[l] = e[l] / (p + r);
+                d[l + 1] = e[l] * (p + r);
+                let dl1 = d[l + 1];
+                let mut h = g - d[l];
+                for di in d.iter_mut().take(n).skip(l + 2) {
+                    *di -= h;
+                }
+                f += h;
+                p = d[m];
+                let mut c = 1.0;
+                let mut c2 = c;
+                let mut c3 = c;
+                let el1 = e[l + 1];
+                let mut s = 0.0;
+                let mut s2 = 0.0;
+                for i in (l..m).rev() {
+                    c3 = c2;
+                    c2 = c;
+                    s2 = s;
+                    g = c * e[i];
+                    h = c * p;
+                    r = p.hypot(e[i]);
+                    e[i + 1] = s * r;
+                    s = e[i] / r;
+                    c = p / r;
+                    p = c * d[i] - s * g;
+                    d[i + 1] = h + s * (c * g + s * d[i]);
+                    if vectors {
+                        for k in 0..n {
+                            let vk = &mut v[k * n..k * n + n];
+                            h = vk[i + 1];
+                            vk[i + 1] = s * vk[i] + c * h;
+                            vk[i] = c * vk[i] - s * h;
+                        }
+                    }
+                }
+                p = -s * s2 * c3 * el1 * e[l] / dl1;
+                e[l] = s * p;
+                d[l] = c * p;
+                if e[l].abs() <= eps * tst1 {
+                    break;
+                }
+            }
+        }
+        d[l] += f;
+        e[l] = 0.0;
+    }
+    // Sort ascending (with vectors).
+    for i in 0..n.saturating_sub(1) {
+        let mut k = i;
+        let mut p = d[i];
+        for (j, dj) in d.iter().enumerate().skip(i + 1) {
+            if *dj < p {
+                k = j;
+                p = *dj;
+            }
+        }
+        if k != i {
+            d[k] = d[i];
+            d[i] = p;
+            if vectors {
+                for r in 0..n {
+                    v.swap(r * n + i, r * n + k);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_features(n: usize, d: usize, seed: u64, shift: f32) -> Vec<Vec<f32>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let z: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                // correlated features
+                (0..d)
+                    .map(|j| z[j] + 0.5 * z[(j + 1) % d] + shift)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn eigen_reconstructs_the_matrix() {
+        let g = Gaussian::fit(&random_features(50, 12, 1, 0.0), "t").unwrap();
+        let n = 12;
+        let (vals, vecs) = symmetric_eigen(&g.cov, n, true);
+        for w in vals.windows(2) {
+            assert!(w[0] <= w[1]);
+        }
+        for i in 0..n {
+            for j in 0..n {
+                let r: f64 = (0..n)
+                    .map(|k| vecs[i * n + k] * vals[k] * vecs[j * n + k])
+                    .sum();
+                assert!((r - g.cov[i * n + j]).abs() < 1e-12, "{i} {j}");
+            }
+        }
+        let (vals2, _) = symmetric_eigen(&g.cov, n, false);
+        for (a, b) in vals.iter().zip(&vals2) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn distance_invariants() {
+        let a = Gaussian::fit(&random_features(40, 16, 2, 0.0), "a").unwrap();
+        let b = Gaussian::fit(&random_features(40, 16, 3, 0.3), "b").unwrap();
+        let aa = frechet_distance(&a, &a).unwrap();
+        assert!(aa.abs() < 1e-9, "d(a,a) = {aa}");
+        let ab = frechet_distance(&a, &b).unwrap();
+        let ba = frechet_distance(&b, &a).unwrap();
+        assert!(ab > 1.0);
+        assert!((ab - ba).abs() < 1e-9 * ab.max(1.0), "{ab} vs {ba}");
+        // Rank-deficient covariances (n < dim) work too.
+        let c = Gaussian::fit(&random_features(5, 16, 4, 0.0), "c").unwrap();
+        assert!(frechet_distance(&c, &c).unwrap().abs() < 1e-9);
+        assert!(frechet_distance(&a, &c).unwrap().is_finite());
+    }
+
+    #[test]
+    fn too_few_clips_is_a_clear_error() {
+        let e = Gaussian::fit(&random_features(1, 4, 0, 0.0), "real clips").unwrap_err();
+        assert!(e.to_string().contains("real clips: 1 clip"), "{e}");
+    }
+}
