@@ -1008,3 +1008,140 @@ fn the_committed_tiny_teacher_loads_and_generates() {
     // A filmstrip of the model's 8 frames of 32x32.
     assert_eq!((strip.width(), strip.height()), (8 * 32, 32));
 }
+
+#[test]
+fn fvd_stage_logs_a_labelled_distance_and_caches_real_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path();
+    let spec = fixture("good/fvd_smoke.toml");
+    let o = onestep(results, &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let store = Store::open(&results.join("onestep.sqlite")).unwrap();
+    let value = |key: &str| -> f64 {
+        store
+            .conn()
+            .query_row("SELECT value FROM metrics WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .unwrap_or_else(|e| panic!("metric {key}: {e}"))
+    };
+    // A fast check is never logged as `fvd`.
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'fvd'"),
+        0
+    );
+    let d = value("fvd_fast");
+    assert!(d.is_finite() && d > 0.0, "fvd_fast = {d}");
+    assert_eq!(value("fvd/clips"), 8.0);
+    assert_eq!(value("fvd/frames"), 10.0);
+    assert_eq!(value("fvd/resolution"), 16.0);
+    assert_eq!(value("fvd/comparable"), 0.0);
+    assert_eq!(value("fvd_real_halves/clips"), 4.0);
+    assert!(value("fvd_real_halves") > 0.0);
+    // The real logits were cached in the assets folder for the next method.
+    let cached: Vec<_> = std::fs::read_dir(assets().join("fvd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("real-"))
+        .collect();
+    assert!(!cached.is_empty());
+}
+
+#[test]
+fn fvd_command_is_zero_for_a_set_against_itself_and_features_match_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Three videos as folders of PNG frames, 9 frames of 20x12 each.
+    let real = dir.join("real");
+    for v in 0..3u32 {
+        let d = real.join(format!("clip{v}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in 0..9u32 {
+            image::RgbImage::from_fn(20, 12, |x, y| {
+                image::Rgb([
+                    (x * 12 + f * 5) as u8,
+                    (y * 20 + v * 40) as u8,
+                    (v * 70) as u8,
+                ])
+            })
+            .save(d.join(format!("{f:03}.png")))
+            .unwrap();
+        }
+    }
+    let o = onestep(
+        dir,
+        &[
+            "fvd",
+            "--real",
+            real.to_str().unwrap(),
+            "--fake",
+            real.to_str().unwrap(),
+            "--frames",
+            "9",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+    assert!(v["fvd"].as_f64().unwrap().abs() < 1e-6, "{v}");
+    assert_eq!(v["real_clips"], 3);
+    // Too few frames: a clear error naming the video.
+    let o = onestep(
+        dir,
+        &[
+            "fvd",
+            "--real",
+            real.to_str().unwrap(),
+            "--fake",
+            real.to_str().unwrap(),
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("clip0") && text(&o).contains("at least 16"),
+        "{}",
+        text(&o)
+    );
+    // features: JSON with 400 logits per video, and .npy of the same shape.
+    let out = dir.join("f.json");
+    let clip0 = real.join("clip0");
+    let o = onestep(
+        dir,
+        &[
+            "features",
+            "--network",
+            "i3d",
+            clip0.to_str().unwrap(),
+            "--frames",
+            "9",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(j[0]["logits"].as_array().unwrap().len(), 400);
+    let npy = dir.join("f.npy");
+    let o = onestep(
+        dir,
+        &[
+            "features",
+            clip0.to_str().unwrap(),
+            real.join("clip1").to_str().unwrap(),
+            "--frames",
+            "9",
+            "--out",
+            npy.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let b = std::fs::read(&npy).unwrap();
+    assert!(b.starts_with(b"\x93NUMPY"));
+    let header_len = u16::from_le_bytes([b[8], b[9]]) as usize;
+    assert!(String::from_utf8_lossy(&b[10..10 + header_len]).contains("(2, 400)"));
+    assert_eq!(b.len(), 10 + header_len + 2 * 400 * 4);
+    let first = f32::from_le_bytes(b[10 + header_len..14 + header_len].try_into().unwrap());
+    assert!((first as f64 - j[0]["logits"][0].as_f64().unwrap()).abs() < 1e-6);
+}

@@ -2,12 +2,13 @@
 //! logits), in `f64`.
 //!
 //! `d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`. The trace of the square root
-//! is computed in symmetric form: with `S1 = V L V^T` and `R = V L^(1/2) V^T` (both symmetric
-//! PSD), the eigenvalues of `S1 S2` are those of the symmetric PSD matrix `R S2 R`, so
-//! `tr((S1 S2)^(1/2)) = sum_i sqrt(max(eig_i(R S2 R), 0))`. Two symmetric eigendecompositions
-//! (Householder tridiagonalisation + implicit QL, from the public-domain JAMA), the second
-//! without vectors; no complex arithmetic and no iteration that can fail to converge on
-//! singular covariances, which small sample sets always give.
+//! is computed in symmetric form: with a Cholesky factor `S1 = L L^T`, the eigenvalues of
+//! `S1 S2` are those of the symmetric PSD matrix `L^T S2 L`, so `tr((S1 S2)^(1/2)) = sum_i
+//! sqrt(max(eig_i(L^T S2 L), 0))` (eigenvalues only: Householder tridiagonalisation + the
+//! implicit QL of the public-domain JAMA). Singular covariances (fewer clips than dimensions,
+//! which small sample sets always give) have no Cholesky factor: then `R = S1^(1/2)` from a
+//! full eigendecomposition replaces `L`. No complex arithmetic, nothing that fails to
+//! converge.
 
 use crate::error::{Error, Result};
 
@@ -114,19 +115,70 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64> {
 }
 
 /// `tr((A B)^(1/2))` for symmetric PSD `A`, `B` (row-major `n x n`).
+///
+/// When `A` (or else `B`) has a Cholesky factor `L`, the eigenvalues of `A B` are those of the
+/// symmetric `L^T B L`, and only its eigenvalues are needed. Singular covariances (fewer clips
+/// than feature dimensions) have no Cholesky factor; then `R = A^(1/2)` comes from a full
+/// eigendecomposition and the eigenvalues are those of `R B R`.
 pub fn trace_sqrt_product(a: &[f64], b: &[f64], n: usize) -> f64 {
-    let (vals, vecs) = symmetric_eigen(a, n, true);
-    // R = V diag(sqrt(l)) V^T; W = V diag(l^(1/4)) so that R = W W^T.
-    let mut w = vecs;
+    let m = match cholesky(a, n)
+        .map(|l| (l, b))
+        .or_else(|| cholesky(b, n).map(|l| (l, a)))
+    {
+        Some((l, other)) => {
+            let ol = matmul(other, false, &l, false, n);
+            matmul(&l, true, &ol, false, n)
+        }
+        None => {
+            let (vals, vecs) = symmetric_eigen(a, n, true);
+            // R = V diag(sqrt(l)) V^T = W W^T with W = V diag(l^(1/4)).
+            let mut w = vecs;
+            for i in 0..n {
+                for j in 0..n {
+                    w[i * n + j] *= vals[j].max(0.0).sqrt().sqrt();
+                }
+            }
+            let r = matmul(&w, false, &w, true, n);
+            let rb = matmul(&r, false, b, false, n);
+            matmul(&rb, false, &r, false, n)
+        }
+    };
+    symmetric_eigenvalues(&m, n)
+        .iter()
+        .map(|l| l.max(0.0).sqrt())
+        .sum()
+}
+
+/// Lower Cholesky factor (row-major), or `None` when the matrix is not positive definite
+/// (a pivot below `1e-12` times the largest diagonal entry).
+pub fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    let tol = 1e-12 * (0..n).map(|i| a[i * n + i]).fold(0.0, f64::max);
+    let mut l = vec![0f64; n * n];
     for i in 0..n {
-        for j in 0..n {
-            w[i * n + j] *= vals[j].max(0.0).sqrt().sqrt();
+        for j in 0..=i {
+            let (ri, rj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
+            let s = a[i * n + j] - ri.iter().zip(rj).map(|(x, y)| x * y).sum::<f64>();
+            if i == j {
+                if s <= tol || !s.is_finite() {
+                    return None;
+                }
+                l[i * n + i] = s.sqrt();
+            } else {
+                l[i * n + j] = s / l[j * n + j];
+            }
         }
     }
-    let r = matmul(&w, false, &w, true, n);
-    let rb = matmul(&r, false, b, false, n);
-    let mut m = matmul(&rb, false, &r, false, n);
-    // Symmetrise against rounding.
+    Some(l)
+}
+
+/// Eigenvalues (ascending) of a symmetric matrix (symmetrised first): Householder
+/// tridiagonalisation on full row-major storage (row-contiguous, so it vectorises) and
+/// JAMA's implicit QL without vectors.
+pub fn symmetric_eigenvalues(a: &[f64], n: usize) -> Vec<f64> {
+    if n == 0 {
+        return vec![];
+    }
+    let mut m = a.to_vec();
     for i in 0..n {
         for j in 0..i {
             let s = 0.5 * (m[i * n + j] + m[j * n + i]);
@@ -134,8 +186,57 @@ pub fn trace_sqrt_product(a: &[f64], b: &[f64], n: usize) -> f64 {
             m[j * n + i] = s;
         }
     }
-    let (ev, _) = symmetric_eigen(&m, n, false);
-    ev.iter().map(|l| l.max(0.0).sqrt()).sum()
+    let mut d = vec![0f64; n];
+    // JAMA's convention: e[i] couples i - 1 and i, e[0] = 0.
+    let mut e = vec![0f64; n];
+    let mut v = vec![0f64; n];
+    let mut p = vec![0f64; n];
+    for k in 0..n.saturating_sub(2) {
+        let lo = k + 1;
+        // x = column k below the diagonal = row k right of it (symmetry).
+        let x = &m[k * n + lo..k * n + n];
+        let norm = x.iter().map(|t| t * t).sum::<f64>().sqrt();
+        d[k] = m[k * n + k];
+        if norm == 0.0 {
+            e[lo] = 0.0;
+            continue;
+        }
+        let alpha = if x[0] > 0.0 { -norm } else { norm };
+        let vs = &mut v[lo..n];
+        vs.copy_from_slice(x);
+        vs[0] -= alpha;
+        let vv: f64 = vs.iter().map(|t| t * t).sum();
+        e[lo] = alpha;
+        if vv == 0.0 {
+            continue;
+        }
+        let beta = 2.0 / vv;
+        // p = beta B v over the trailing block.
+        for i in lo..n {
+            let row = &m[i * n + lo..i * n + n];
+            p[i] = beta * row.iter().zip(&v[lo..n]).map(|(a, b)| a * b).sum::<f64>();
+        }
+        let kk = 0.5 * beta * (lo..n).map(|i| v[i] * p[i]).sum::<f64>();
+        for i in lo..n {
+            p[i] -= kk * v[i];
+        }
+        // B -= v w^T + w v^T (w = p).
+        for i in lo..n {
+            let (vi, wi) = (v[i], p[i]);
+            let row = &mut m[i * n + lo..i * n + n];
+            for ((r, vj), wj) in row.iter_mut().zip(&v[lo..n]).zip(&p[lo..n]) {
+                *r -= vi * wj + wi * vj;
+            }
+        }
+    }
+    if n >= 2 {
+        d[n - 2] = m[(n - 2) * n + n - 2];
+        e[n - 1] = m[(n - 1) * n + n - 2];
+    }
+    d[n - 1] = m[(n - 1) * n + n - 1];
+    let mut none = Vec::new();
+    tql2(&mut none, &mut d, &mut e, n, false);
+    d
 }
 
 /// `op(x) op(y)` for square row-major matrices, `op` = transpose when the flag is set.
@@ -419,8 +520,12 @@ mod tests {
             }
         }
         let (vals2, _) = symmetric_eigen(&g.cov, n, false);
-        for (a, b) in vals.iter().zip(&vals2) {
-            assert!((a - b).abs() < 1e-12);
+        let vals3 = symmetric_eigenvalues(&g.cov, n);
+        for ((a, b), c) in vals.iter().zip(&vals2).zip(&vals3) {
+            assert!(
+                (a - b).abs() < 1e-12 && (a - c).abs() < 1e-12,
+                "{a} {b} {c}"
+            );
         }
     }
 

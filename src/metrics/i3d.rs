@@ -168,34 +168,39 @@ impl Unit {
                 let nt = planes_per_chunk.min(to - t0);
                 let n = nt * plane;
                 let buf = &mut cols[..n * kdim];
+                // Row r = output voxel; its columns are (dt, dh, dw, ci). For each (dt, dh)
+                // the kw taps x cin channels are one contiguous run of the channels-last
+                // input (minus the part that falls in the padding).
+                let (kw, cin) = (self.k[2], self.cin);
                 buf.par_chunks_mut(kdim).enumerate().for_each(|(r, row)| {
                     let ot = t0 + r / plane;
                     let oh = (r % plane) / wo;
                     let ow = r % wo;
+                    let iw0 = (ow * self.s[2]) as isize - pad[2] as isize;
+                    let dw_lo = (-iw0).clamp(0, kw as isize) as usize;
+                    let dw_hi = (x.w as isize - iw0).clamp(0, kw as isize) as usize;
                     let mut o = 0;
                     for dt in 0..self.k[0] {
                         let it = (ot * self.s[0] + dt) as isize - pad[0] as isize;
                         for dh in 0..self.k[1] {
                             let ih = (oh * self.s[1] + dh) as isize - pad[1] as isize;
-                            for dw in 0..self.k[2] {
-                                let iw = (ow * self.s[2] + dw) as isize - pad[2] as isize;
-                                let dst = &mut row[o..o + self.cin];
-                                if it < 0
-                                    || ih < 0
-                                    || iw < 0
-                                    || it >= x.t as isize
-                                    || ih >= x.h as isize
-                                    || iw >= x.w as isize
-                                {
-                                    dst.fill(0.0);
-                                } else {
-                                    let src = ((it as usize * x.h + ih as usize) * x.w
-                                        + iw as usize)
-                                        * x.c;
-                                    dst.copy_from_slice(&x.data[src..src + self.cin]);
-                                }
-                                o += self.cin;
+                            let dst = &mut row[o..o + kw * cin];
+                            o += kw * cin;
+                            if it < 0
+                                || ih < 0
+                                || it >= x.t as isize
+                                || ih >= x.h as isize
+                                || dw_lo >= dw_hi
+                            {
+                                dst.fill(0.0);
+                                continue;
                             }
+                            dst[..dw_lo * cin].fill(0.0);
+                            dst[dw_hi * cin..].fill(0.0);
+                            let src = ((it as usize * x.h + ih as usize) * x.w) as isize + iw0;
+                            let src = (src + dw_lo as isize) as usize * x.c;
+                            let len = (dw_hi - dw_lo) * cin;
+                            dst[dw_lo * cin..dw_hi * cin].copy_from_slice(&x.data[src..src + len]);
                         }
                     }
                 });
@@ -298,9 +303,7 @@ pub fn max_pool_same(x: &Act, k: [usize; 3], s: [usize; 3]) -> Act {
                             ii[axis] = i as usize;
                             let src = ii[0] * stride[0] + ii[1] * stride[1] + ii[2] * stride[2];
                             for (a, b) in dst.iter_mut().zip(&x.data[src..src + c]) {
-                                if *b > *a {
-                                    *a = *b;
-                                }
+                                *a = a.max(*b);
                             }
                         }
                     }

@@ -7,6 +7,7 @@
 
 pub mod autoencoder;
 pub mod data;
+pub mod fvd;
 pub mod teacher;
 
 use crate::error::{Error, IoContext, Result};
@@ -42,6 +43,7 @@ static KINDS: &[&dyn StageKind] = &[
     &data::DataStage,
     &autoencoder::AutoencoderStage,
     &teacher::TeacherStage,
+    &fvd::FvdStage,
 ];
 
 pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
