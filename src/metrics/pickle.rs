@@ -469,24 +469,18 @@ impl Machine {
 mod tests {
     use super::*;
 
-    /// Protocol-4 pickle of {"a": {"w": np.arange(3, dtype=np.float32)}} written by CPython
-    /// 3.11 + numpy 1.26 (`pickle.dumps(obj, protocol=4)`).
+    /// `pickle.dumps({"a": {"w": np.arange(3, dtype=np.float32)}}, protocol=4)` as written by
+    /// CPython 3.11 + numpy 2.4.6.
     fn tiny_pickle() -> Vec<u8> {
-        let mut p = vec![0x80, 4, 0x95];
-        p.extend_from_slice(&0u64.to_le_bytes());
-        let body: Vec<u8> = [
-            &b"}\x94"[..],
-            b"\x8c\x01a\x94}\x94\x8c\x01w\x94",
-            b"\x8c\x15numpy.core.multiarray\x94\x8c\x0c_reconstruct\x94\x93\x94",
+        [
+            &b"\x80\x04\x95\xa3\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94}\x94\x8c\x01w\x94"[..],
+            b"\x8c\x16numpy._core.multiarray\x94\x8c\x0c_reconstruct\x94\x93\x94",
             b"\x8c\x05numpy\x94\x8c\x07ndarray\x94\x93\x94K\x00\x85\x94C\x01b\x94\x87\x94R\x94",
-            b"(K\x01K\x03\x85\x94h\x06\x8c\x05dtype\x94\x93\x94\x8c\x02f4\x94\x89\x88\x87\x94R\x94",
+            b"(K\x01K\x03\x85\x94h\x07\x8c\x05dtype\x94\x93\x94\x8c\x02f4\x94\x89\x88\x87\x94R\x94",
             b"(K\x03\x8c\x01<\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94b\x89C\x0c",
-            &[0, 0, 0, 0, 0, 0, 0x80, 0x3f, 0, 0, 0, 0x40],
-            b"\x94t\x94bss.",
+            b"\x00\x00\x00\x00\x00\x00\x80?\x00\x00\x00@\x94t\x94bss.",
         ]
-        .concat();
-        p.extend_from_slice(&body);
-        p
+        .concat()
     }
 
     #[test]

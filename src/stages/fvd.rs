@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 #[serde(default, deny_unknown_fields)]
 pub struct FvdParams {
     /// Name of the upstream stage whose model folder generates (default: the nearest upstream
-    /// stage that wrote one).
+    /// stage that wrote one), or `"static"`: the trivial image-to-video baseline that repeats
+    /// the conditioning frame (no model needed).
     pub model: Option<String>,
     /// Real test clips evaluated, each generated from its own first frame (0 = all).
     pub clips: usize,
@@ -101,9 +102,9 @@ impl StageKind for FvdStage {
 }
 
 fn model_dir(ctx: &StageContext<'_>, p: &FvdParams) -> Result<PathBuf> {
-    match &p.model {
+    match p.model.as_deref().filter(|m| *m != STATIC) {
         Some(name) => {
-            let up = ctx.upstream.iter().find(|u| &u.name == name).ok_or_else(|| {
+            let up = ctx.upstream.iter().find(|u| u.name == name).ok_or_else(|| {
                 Error::Other(format!(
                     "stage `{}`: model = \"{name}\" is not a stage before it (add it to `after`)",
                     ctx.name
@@ -198,6 +199,57 @@ fn load_logits(path: &Path, n: usize) -> Option<Vec<Vec<f32>>> {
     Some(v.chunks_exact(NUM_CLASSES).map(|c| c.to_vec()).collect())
 }
 
+/// `model = "static"`: each clip is its first frame repeated.
+pub const STATIC: &str = "static";
+
+fn static_clips(test: &ClipSet, n: usize) -> ClipSet {
+    let fl = test.height * test.width * 3;
+    let mut out = ClipSet::new(test.frames, test.height, test.width);
+    for i in 0..n {
+        let first = &test.clip(i)[..fl];
+        out.push(&first.repeat(test.frames), 0, 0);
+    }
+    out
+}
+
+fn generate(
+    ctx: &mut StageContext<'_>,
+    p: &FvdParams,
+    pipe: &VideoPipeline,
+    dev: &candle_core::Device,
+    test: &ClipSet,
+    n: usize,
+) -> Result<(ClipSet, usize)> {
+    let mut opts = pipe.default_options();
+    if let Some(s) = &p.sampler {
+        opts.sampler = s.clone();
+    }
+    let t = pipe.settings.frames;
+    let mut gen = ClipSet::new(t, test.height, test.width);
+    let e = ce("fvd generation");
+    let mut nfe = 0;
+    let mut start = 0;
+    while start < n {
+        let idx: Vec<usize> = (start..(start + p.batch).min(n)).collect();
+        let first = clip_batch(test, &idx, &vec![0; idx.len()], 1, dev)
+            .and_then(|x| x.squeeze(1))
+            .map_err(&e)?;
+        let seeds: Vec<u64> = idx
+            .iter()
+            .map(|&i| ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
+            .collect();
+        let (video, k) = pipe.generate(&first, &seeds, &opts, |_, _| {})?;
+        nfe = k;
+        for j in 0..idx.len() {
+            let v = video.get(j).map_err(&e)?;
+            gen.push(&crate::train::to_u8_frames(&v).map_err(&e)?, 0, 0);
+        }
+        start += idx.len();
+        ctx.progress(start as u64, n as u64, &format!("{}: generating", ctx.name));
+    }
+    Ok((gen, nfe))
+}
+
 fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     let (_, test) = upstream_clips(ctx)?;
     let n = if p.clips == 0 {
@@ -225,15 +277,21 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
             ctx.name, test.frames, p.frames
         )));
     }
-    let dev = device(ctx.device)?;
-    let dir = model_dir(ctx, p)?;
-    let pipe = VideoPipeline::load(&dir, &dev)?;
-    if pipe.settings.frames < p.frames {
-        return Err(Error::Data(format!(
-            "stage `{}`: the model generates {} frames but frames = {}",
-            ctx.name, pipe.settings.frames, p.frames
-        )));
-    }
+    let is_static = p.model.as_deref() == Some(STATIC);
+    let pipe = if is_static {
+        None
+    } else {
+        let dev = device(ctx.device)?;
+        let dir = model_dir(ctx, p)?;
+        let pipe = VideoPipeline::load(&dir, &dev)?;
+        if pipe.settings.frames < p.frames {
+            return Err(Error::Data(format!(
+                "stage `{}`: the model generates {} frames but frames = {}",
+                ctx.name, pipe.settings.frames, p.frames
+            )));
+        }
+        Some((pipe, dev))
+    };
     let net = assets::load_i3d(&ctx.assets)?;
 
     // Real logits, cached by content.
@@ -259,33 +317,10 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     };
 
     // Generations from each real clip's first frame.
-    let mut opts = pipe.default_options();
-    if let Some(s) = &p.sampler {
-        opts.sampler = s.clone();
-    }
-    let t = pipe.settings.frames;
-    let mut gen = ClipSet::new(t, test.height, test.width);
-    let e = ce("fvd generation");
-    let mut nfe = 0;
-    let mut start = 0;
-    while start < n {
-        let idx: Vec<usize> = (start..(start + p.batch).min(n)).collect();
-        let first = clip_batch(&test, &idx, &vec![0; idx.len()], 1, &dev)
-            .and_then(|x| x.squeeze(1))
-            .map_err(&e)?;
-        let seeds: Vec<u64> = idx
-            .iter()
-            .map(|&i| ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
-            .collect();
-        let (video, k) = pipe.generate(&first, &seeds, &opts, |_, _| {})?;
-        nfe = k;
-        for j in 0..idx.len() {
-            let v = video.get(j).map_err(&e)?;
-            gen.push(&crate::train::to_u8_frames(&v).map_err(&e)?, 0, 0);
-        }
-        start += idx.len();
-        ctx.progress(start as u64, n as u64, &format!("{}: generating", ctx.name));
-    }
+    let (gen, nfe) = match &pipe {
+        Some((pipe, dev)) => generate(ctx, p, pipe, dev, &test, n)?,
+        None => (static_clips(&test, n), 0),
+    };
     gen.save(&ctx.dir.join("generated.safetensors"))?;
     let name = ctx.name.clone();
     let fake = {
