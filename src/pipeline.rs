@@ -37,6 +37,9 @@ pub struct PipelineSettings {
     pub noise_aug_strength: f64,
     /// The sampler the model's previews were made with.
     pub sampler: SamplerConfig,
+    /// Present for consistency students: the boundary scalings around the UNet's denoiser.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<crate::diffusion::ConsistencyParam>,
 }
 
 pub struct VideoPipeline {
@@ -132,10 +135,12 @@ impl VideoPipeline {
         // One generator per sample: its initial noise, then its augmentation noise.
         let mut noises = Vec::with_capacity(b);
         let mut augs = Vec::with_capacity(b);
+        let mut rngs = Vec::with_capacity(b);
         for &s in seeds {
             let mut rng = NormalRng::new(s);
             noises.push(rng.tensor(&latent_shape, &self.device).map_err(&err)?);
             augs.push(rng.tensor(&[3, h, w], &self.device).map_err(&err)?);
+            rngs.push(rng);
         }
         let noise = Tensor::stack(&noises, 0).map_err(&err)?;
         let aug = Tensor::stack(&augs, 0).map_err(&err)?;
@@ -149,7 +154,23 @@ impl VideoPipeline {
             )
             .map_err(&err)?;
         let den = SvdDenoiser { unet: &self.unet };
-        let (z, nfe) = sample(&den, &cond, &noise, &opts.sampler, on_step).map_err(&err)?;
+        // Re-noising (consistency samplers) continues each sample's own generator.
+        let device = self.device.clone();
+        let mut fresh = || {
+            let parts = rngs
+                .iter_mut()
+                .map(|r| r.tensor(&latent_shape, &device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&parts, 0)
+        };
+        let (z, nfe) = match &self.settings.consistency {
+            Some(c) => {
+                let den = c.wrap(&den);
+                sample(&den, &cond, &noise, &opts.sampler, &mut fresh, on_step)
+            }
+            None => sample(&den, &cond, &noise, &opts.sampler, &mut fresh, on_step),
+        }
+        .map_err(&err)?;
         let video = self.decode(&z).map_err(&err)?;
         Ok((video, nfe))
     }

@@ -1145,3 +1145,121 @@ fn fvd_command_is_zero_for_a_set_against_itself_and_features_match_it() {
     let first = f32::from_le_bytes(b[10 + header_len..14 + header_len].try_into().unwrap());
     assert!((first as f64 - j[0]["logits"][0].as_f64().unwrap()).abs() < 1e-6);
 }
+
+#[test]
+fn consistency_student_trains_resumes_generates_and_is_scored() {
+    let spec = fixture("good/distill_smoke.toml");
+    let run = |results: &Path, interrupt_at: Option<&str>| {
+        let mut c = bin();
+        c.arg("--results")
+            .arg(results)
+            .arg("--assets")
+            .arg(assets())
+            .args(["--progress", "lines", "run"])
+            .arg(&spec);
+        if let Some(n) = interrupt_at {
+            c.env("ONESTEP_INTERRUPT_AT", n);
+        }
+        c.output().unwrap()
+    };
+    let a = tempfile::tempdir().unwrap();
+    let o = run(a.path(), None);
+    assert!(o.status.success(), "{}", text(&o));
+    let store = Store::open(&a.path().join("onestep.sqlite")).unwrap();
+    let s = onestep::spec::load(&spec, &[]).unwrap();
+    let plan = onestep::plan::plan(&s, None).unwrap();
+    let student = &plan.runs[0].stages[3];
+    assert_eq!(student.kind, "consistency");
+    let q = |sql: &str| count(&store, &sql.replace("{h}", &student.hash));
+    assert_eq!(
+        q("SELECT COUNT(*) FROM metrics WHERE stage_hash = '{h}' AND key = 'loss'"),
+        4
+    );
+    // The 1-step consistency sampler: one evaluation per sample.
+    assert_eq!(
+        q("SELECT COUNT(*) FROM metrics WHERE stage_hash = '{h}' AND key = 'sample_nfe' AND value = 1"),
+        1
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key = 'fvd_fast'"
+        ),
+        1
+    );
+    let dir = onestep::plan::cache_dir(a.path(), &student.hash);
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("onestep.json")).unwrap()).unwrap();
+    assert_eq!(settings["sampler"]["method"], "consistency");
+    assert!(settings["consistency"]["sigma_min"].as_f64().unwrap() > 0.0);
+
+    // Generation with each student sampler reports its evaluations.
+    let img = a.path().join("in.png");
+    image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 9) as u8, (y * 13) as u8, 70])
+    })
+    .save(&img)
+    .unwrap();
+    for (sampler, steps, nfe) in [
+        ("consistency", "1", 1),
+        ("consistency", "3", 3),
+        ("time-travel", "1", 2),
+    ] {
+        let out = a.path().join(format!("{sampler}{steps}.gif"));
+        let o = onestep(
+            a.path(),
+            &[
+                "generate",
+                "--checkpoint",
+                dir.to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--sampler",
+                sampler,
+                "--steps",
+                steps,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            text(&o).contains(&format!("{nfe} denoiser evaluations")),
+            "{sampler}: {}",
+            text(&o)
+        );
+        assert!(out.exists());
+    }
+
+    // Interrupted after its step-2 checkpoint and resumed, the student ends where an
+    // uninterrupted run does.
+    let b = tempfile::tempdir().unwrap();
+    let o = run(b.path(), Some("student:3"));
+    assert_eq!(o.status.code(), Some(130), "{}", text(&o));
+    let o = run(b.path(), None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("resuming from step 2"), "{}", text(&o));
+    let w = |r: &Path| {
+        candle_core::safetensors::load(
+            onestep::plan::cache_dir(r, &student.hash)
+                .join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (w(a.path()), w(b.path()));
+    for (k, ta) in &wa {
+        let d = (ta - &wb[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(
+            d.to_scalar::<f32>().unwrap() <= 1e-6,
+            "{k} differs after resume"
+        );
+    }
+}

@@ -118,6 +118,7 @@ fn euler_sampler_with_cfg_matches_diffusers_pipeline_loop() {
         &cond,
         &d["noise"],
         &cfg,
+        &mut || unreachable!(),
         |_, _| {},
     )
     .unwrap();
@@ -254,7 +255,15 @@ fn euler_and_heun_integrate_the_probability_flow_ode() {
             max_guidance: 1.0,
             ..Default::default()
         };
-        let (x, nfe) = sample(&GaussianDenoiser, &cond, &noise, &cfg, |_, _| {}).unwrap();
+        let (x, nfe) = sample(
+            &GaussianDenoiser,
+            &cond,
+            &noise,
+            &cfg,
+            &mut || unreachable!(),
+            |_, _| {},
+        )
+        .unwrap();
         let got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
         let want: Vec<f64> = noise
             .flatten_all()

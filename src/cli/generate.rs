@@ -23,9 +23,13 @@ pub struct Args {
     /// Sampling steps (default: the model's preview sampler).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// euler or heun.
+    /// euler, heun (ODE samplers, any model), consistency (1 or `--steps` evaluations) or
+    /// time-travel (2 evaluations) for consistency students.
     #[arg(long)]
     pub sampler: Option<SamplerArg>,
+    /// Time-Travel Sampler: the sigma re-noised to after the first prediction.
+    #[arg(long)]
+    pub travel_sigma: Option<f64>,
     /// Seed of the noise (the sample is reproducible from it alone).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -56,6 +60,8 @@ pub struct Args {
 pub enum SamplerArg {
     Euler,
     Heun,
+    Consistency,
+    TimeTravel,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -99,7 +105,12 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         opts.sampler.method = match m {
             SamplerArg::Euler => SamplerMethod::Euler,
             SamplerArg::Heun => SamplerMethod::Heun,
+            SamplerArg::Consistency => SamplerMethod::Consistency,
+            SamplerArg::TimeTravel => SamplerMethod::TimeTravel,
         };
+    }
+    if a.travel_sigma.is_some() {
+        opts.sampler.travel_sigma = a.travel_sigma;
     }
     if let Some(v) = a.min_guidance {
         opts.sampler.min_guidance = v;

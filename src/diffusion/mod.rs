@@ -2,11 +2,13 @@
 //! ([`edm`]), the one interface every generator is used through ([`denoiser`]), and the
 //! samplers over it ([`sampler`]).
 
+pub mod consistency;
 pub mod denoiser;
 pub mod edm;
 pub mod noise;
 pub mod sampler;
 
+pub use consistency::{ConsistencyDenoiser, ConsistencyParam};
 pub use denoiser::{Conditioning, Denoiser, SvdDenoiser};
 pub use edm::{EdmLoss, Scalings};
 pub use sampler::{karras_sigmas, sample, SamplerConfig, SamplerMethod};

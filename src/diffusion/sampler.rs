@@ -2,6 +2,14 @@
 //! order correction, k-diffusion's `sample_euler`) and Heun (Algorithm 2 with S_churn = 0,
 //! k-diffusion's `sample_heun`), over Karras sigmas, with SVD's classifier-free guidance whose
 //! scale rises linearly across frames from `min_guidance` to `max_guidance`.
+//!
+//! For consistency students (whose denoiser maps any noisy point straight to its clean end):
+//! `consistency` is 1-step (`steps = 1`) or multistep sampling (Song et al. 2023, Algorithm 1:
+//! denoise, re-noise to the next Karras sigma with fresh noise, denoise again), and
+//! `time_travel` is OSV's Time-Travel Sampler: one step at 2 evaluations, `f = D(x, sigma_max)`,
+//! `eps_hat = (x - f) / sigma_max`, `x' = f + s (eps_0 + eps_hat) / 2` with fresh `eps_0` and
+//! `s = travel_sigma`, output `D(x', s)`. Guidance applies to every evaluation (students are
+//! normally sampled with `min_guidance = max_guidance = 1`, one evaluation each).
 
 use super::denoiser::{Conditioning, Denoiser};
 use candle_core::{Result, Tensor};
@@ -12,6 +20,11 @@ use serde::{Deserialize, Serialize};
 pub enum SamplerMethod {
     Euler,
     Heun,
+    /// Consistency-model sampling: `steps` evaluations (1 = one step).
+    Consistency,
+    /// OSV's Time-Travel Sampler (2 evaluations).
+    #[serde(rename = "time_travel")]
+    TimeTravel,
 }
 
 /// A sampler configuration (the spec's `[stages.X.sampler]`).
@@ -32,6 +45,10 @@ pub struct SamplerConfig {
     pub min_guidance: f64,
     /// Guidance scale at the last frame (SVD: 3.0).
     pub max_guidance: f64,
+    /// Time-Travel Sampler: the sigma re-noised to after the first prediction (default 1.0,
+    /// our choice: about the scale of the unit-variance latents; the paper gives no value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub travel_sigma: Option<f64>,
 }
 
 impl Default for SamplerConfig {
@@ -44,6 +61,7 @@ impl Default for SamplerConfig {
             rho: 7.0,
             min_guidance: 1.0,
             max_guidance: 3.0,
+            travel_sigma: None,
         }
     }
 }
@@ -61,6 +79,13 @@ impl SamplerConfig {
         }
         if self.rho <= 0.0 {
             return Err("rho must be positive".into());
+        }
+        if let Some(s) = self.travel_sigma {
+            if !(s >= self.sigma_min && s < self.sigma_max) {
+                return Err(format!(
+                    "travel_sigma must be in [sigma_min, sigma_max), got {s}"
+                ));
+            }
         }
         Ok(())
     }
@@ -130,14 +155,40 @@ pub fn guided_denoise(
     du.broadcast_add(&(dc - &du)?.broadcast_mul(&w)?)
 }
 
+/// [`guided_denoise`] with one sigma per sample (`[b]`), as training stages need.
+pub fn guided_denoise_sigmas(
+    den: &dyn Denoiser,
+    x: &Tensor,
+    sigma: &Tensor,
+    cond: &Conditioning,
+    guidance: &[f64],
+) -> Result<Tensor> {
+    let (b, t, _, _, _) = x.dims5()?;
+    if guidance.iter().all(|&g| (g - 1.0).abs() < 1e-12) {
+        return den.denoise(x, sigma, cond);
+    }
+    let both = cond.with_unconditional()?;
+    let xx = Tensor::cat(&[x, x], 0)?;
+    let ss = Tensor::cat(&[sigma, sigma], 0)?;
+    let d = den.denoise(&xx, &ss, &both)?;
+    let du = d.narrow(0, 0, b)?;
+    let dc = d.narrow(0, b, b)?;
+    let w: Vec<f32> = guidance.iter().map(|&g| g as f32).collect();
+    let w = Tensor::from_vec(w, (1, t, 1, 1, 1), x.device())?;
+    du.broadcast_add(&(dc - &du)?.broadcast_mul(&w)?)
+}
+
 /// Samples from noise `noise` (standard normal, `[b, t, c, h, w]`): starts at
-/// `x = noise * sigma_max` and integrates the probability-flow ODE down the Karras schedule.
+/// `x = noise * sigma_max` and integrates the probability-flow ODE down the Karras schedule
+/// (Euler, Heun), or runs a consistency sampler. `fresh_noise` draws new standard normal noise
+/// shaped like `noise` (the consistency samplers re-noise; the ODE samplers never call it).
 /// Returns the sample and the number of denoiser evaluations.
 pub fn sample(
     den: &dyn Denoiser,
     cond: &Conditioning,
     noise: &Tensor,
     cfg: &SamplerConfig,
+    fresh_noise: &mut dyn FnMut() -> Result<Tensor>,
     mut on_step: impl FnMut(usize, usize),
 ) -> Result<(Tensor, usize)> {
     cfg.validate().map_err(candle_core::Error::Msg)?;
@@ -146,6 +197,34 @@ pub fn sample(
     let guidance = cfg.guidance(t);
     let mut nfe = Nfe::default();
     let mut x = (noise * sigmas[0])?;
+    match cfg.method {
+        SamplerMethod::Consistency => {
+            let mut x0 = x.clone();
+            for i in 0..cfg.steps {
+                x0 = guided_denoise(den, &x, sigmas[i], cond, &guidance, &mut nfe)?.detach();
+                if i + 1 < cfg.steps {
+                    let s = (sigmas[i + 1].powi(2) - cfg.sigma_min.powi(2))
+                        .max(0.0)
+                        .sqrt();
+                    x = (&x0 + (fresh_noise()? * s)?)?;
+                }
+                on_step(i + 1, cfg.steps);
+            }
+            return Ok((x0, nfe.0));
+        }
+        SamplerMethod::TimeTravel => {
+            let s0 = cfg.sigma_max;
+            let s1 = cfg.travel_sigma.unwrap_or(1.0);
+            let f = guided_denoise(den, &x, s0, cond, &guidance, &mut nfe)?.detach();
+            on_step(1, 2);
+            let eps_hat = ((&x - &f)? / s0)?;
+            let x1 = (&f + ((fresh_noise()? + eps_hat)? * (s1 / 2.0))?)?;
+            let out = guided_denoise(den, &x1, s1, cond, &guidance, &mut nfe)?.detach();
+            on_step(2, 2);
+            return Ok((out, nfe.0));
+        }
+        SamplerMethod::Euler | SamplerMethod::Heun => {}
+    }
     for i in 0..cfg.steps {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
         let d = guided_denoise(den, &x, s, cond, &guidance, &mut nfe)?;

@@ -6,6 +6,7 @@
 //! checkpoints and an interrupt flag. Stages know nothing of the store or the CLI.
 
 pub mod autoencoder;
+pub mod consistency;
 pub mod data;
 pub mod fvd;
 pub mod teacher;
@@ -43,6 +44,7 @@ static KINDS: &[&dyn StageKind] = &[
     &data::DataStage,
     &autoencoder::AutoencoderStage,
     &teacher::TeacherStage,
+    &consistency::ConsistencyStage,
     &fvd::FvdStage,
 ];
 

@@ -469,16 +469,17 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         motion_bucket_id: sorted[sorted.len() / 2],
         noise_aug_strength: p.noise_aug_strength,
         sampler: p.sampler.clone(),
+        consistency: None,
     };
     let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
     crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
     drop(unet);
     drop(encoder);
-    samples(ctx, p, &test_set)
+    write_samples(ctx, p.sample_clips, p.steps, &test_set)
 }
 
 /// Frames per second of the upstream data stage's clips.
-fn data_fps(ctx: &StageContext<'_>) -> Result<f64> {
+pub(crate) fn data_fps(ctx: &StageContext<'_>) -> Result<f64> {
     let up = ctx
         .upstream_of_kind("data")
         .ok_or_else(|| Error::Other("no data stage".into()))?;
@@ -490,7 +491,7 @@ fn data_fps(ctx: &StageContext<'_>) -> Result<f64> {
 }
 
 /// Posterior means x scaling factor of every clip: `[t, c, h, w]` each.
-fn encode_all(
+pub(crate) fn encode_all(
     vae: &AutoencoderKLTemporalDecoder,
     set: &ClipSet,
     dev: &candle_core::Device,
@@ -508,10 +509,16 @@ fn encode_all(
         .collect()
 }
 
-/// Preview samples from the exported pipeline: `samples.png` (each real test clip above the
-/// clip generated from its first frame) and `samples.gif` (real | generated, side by side).
-fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Result<()> {
-    let n = p.sample_clips.min(test.len());
+/// Preview samples from the pipeline exported to the stage folder, with its own sampler:
+/// `samples.png` (each real test clip above the clip generated from its first frame) and
+/// `samples.gif` (real | generated, side by side); metrics at step `step`.
+pub(crate) fn write_samples(
+    ctx: &mut StageContext<'_>,
+    sample_clips: usize,
+    step: u64,
+    test: &ClipSet,
+) -> Result<()> {
+    let n = sample_clips.min(test.len());
     if n == 0 {
         return Ok(());
     }
@@ -525,7 +532,7 @@ fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Res
     let seeds: Vec<u64> = (0..n as u64).map(|i| ctx.seed * 1000 + i).collect();
     let mut opts: GenerateOptions = pipe.default_options();
     opts.motion_bucket_id = pipe.settings.motion_bucket_id;
-    let total = p.sampler.steps as u64;
+    let total = pipe.settings.sampler.steps as u64;
     let name = ctx.name.clone();
     let (video, nfe) = {
         let log = &mut *ctx.log;
@@ -534,7 +541,7 @@ fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Res
         })?
     };
     // A guided step evaluates the whole batch twice: NFE per sample = NFE of the batch.
-    ctx.metric("sample_nfe", p.steps, nfe as f64)?;
+    ctx.metric("sample_nfe", step, nfe as f64)?;
     let mut strip = ClipSet::new(t, test.height, test.width);
     let mut gen = ClipSet::new(t, test.height, test.width);
     let mut side = ClipSet::new(t, test.height, test.width * 2);
@@ -562,9 +569,9 @@ fn samples(ctx: &mut StageContext<'_>, p: &TeacherParams, test: &ClipSet) -> Res
             / fl as f64;
         psnr += -10.0 * mse.max(1e-12).log10();
     }
-    ctx.metric("sample_motion", p.steps, motion_gen / n as f64)?;
-    ctx.metric("real_motion", p.steps, motion_real / n as f64)?;
-    ctx.metric("sample_first_frame_psnr", p.steps, psnr / n as f64)?;
+    ctx.metric("sample_motion", step, motion_gen / n as f64)?;
+    ctx.metric("real_motion", step, motion_real / n as f64)?;
+    ctx.metric("sample_first_frame_psnr", step, psnr / n as f64)?;
     let png = ctx.dir.join("samples.png");
     strip
         .filmstrip(strip.len())

@@ -1,0 +1,459 @@
+//! Stage `consistency`: consistency distillation of the teacher into a few-step student (the
+//! AnimateLCM-style baseline, and the distillation part of OSV).
+//!
+//! The student is initialised from the teacher's UNet and used through the consistency
+//! parameterization `f(x, sigma) = c_skip x + c_out D(x, sigma)` (boundary `f(x, sigma_min) =
+//! x`, see [`crate::diffusion::consistency`]). Each step, per sample:
+//!
+//! 1. an index `n` is drawn uniformly from `0..N-m` on an ascending discrete Karras grid of `N`
+//!    sigmas (`sigma_min .. sigma_max`, exponent `rho`); `t_n = sigma_n`, `t_{n+m} =
+//!    sigma_{n+m}`;
+//! 2. `x_{n+m} = x0 + t_{n+m} z` from a clean latent clip `x0` and fresh noise `z`;
+//! 3. the frozen teacher solves the probability-flow ODE from `t_{n+m}` down to `t_n` with `m`
+//!    Euler steps on the grid, with classifier-free guidance rising across frames from
+//!    `min_guidance` to `max_guidance` (the unconditional branch zeroes the image latent and the
+//!    image embedding, as SVD's pipeline does): `x^phi_n`;
+//! 4. the target is the EMA student (decay `ema_decay`) at the solved point, `f_ema(x^phi_n,
+//!    t_n)`, without gradient; the prediction is `f(x_{n+m}, t_{n+m})`;
+//! 5. loss `lambda(t_n) d(pred, target)`: `d` is the pseudo-Huber distance
+//!    `sqrt((x - y)^2 + c^2) - c` averaged over elements (as AnimateLCM's and LCM's training code
+//!    do; `c = 0.001` in the paper) or the mean squared error; `lambda` is iCT's
+//!    `1 / (t_{n+m} - t_n)` (Song & Dhariwal 2023), normalised by its mean over the grid so the
+//!    learning rate keeps its meaning, or uniform.
+//!
+//! The conditioning is the teacher's: the clip's first frame with the model's noise
+//! augmentation, its image embedding from the teacher's (frozen) image encoder, the model's fps
+//! and motion bucket. The exported folder is a pipeline folder like the teacher's, with the
+//! student's UNet and `consistency` scalings in `onestep.json`, sampled by default with the
+//! 1-step consistency sampler. Metrics: `loss`, `grad_norm`, `sigma` (mean `t_{n+m}`) per
+//! step; the preview metrics of the teacher stage at the end.
+
+use super::teacher::{data_fps, encode_all, write_samples};
+use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::diffusion::sampler::guided_denoise_sigmas;
+use crate::diffusion::{
+    karras_sigmas, ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser,
+};
+use crate::error::{Error, IoContext, Result};
+use crate::models::checkpoint::{load_weights, save_component, save_tensors, WEIGHTS_FILE};
+use crate::models::{UNetConfig, UNetSpatioTemporal};
+use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::train::optim::named_vars;
+use crate::train::{ce, clip_batch, device, random_windows, step_rng, AdamW, AdamWConfig};
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistanceKind {
+    /// `sqrt((x - y)^2 + c^2) - c` per element, averaged.
+    Huber,
+    /// Mean squared error.
+    L2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// iCT: `1 / (t_{n+m} - t_n)`, normalised to mean 1 over the grid.
+    Ict,
+    Uniform,
+}
+
+/// Parameters of the `consistency` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsistencyParams {
+    /// Upstream stage whose model folder is the teacher (default: the nearest one).
+    pub teacher: Option<String>,
+    pub steps: u64,
+    pub batch_clips: usize,
+    /// Frames per training clip (0 = the model's frame count).
+    pub frames: usize,
+    pub optimizer: AdamWConfig,
+    /// Decay of the EMA target network (AnimateLCM: 0.95).
+    pub ema_decay: f64,
+    /// Points of the discrete Karras grid (the paper samples from 100).
+    pub grid: usize,
+    /// Teacher ODE steps between the two points, m (paper: 5 best, 1 in its ablation).
+    pub solver_steps: usize,
+    pub sigma_min: f64,
+    pub sigma_max: f64,
+    pub rho: f64,
+    /// Teacher guidance at the first and last frame.
+    pub min_guidance: f64,
+    pub max_guidance: f64,
+    pub distance: DistanceKind,
+    /// Pseudo-Huber c.
+    pub huber_c: f64,
+    pub weighting: Weighting,
+    /// The student's boundary scalings.
+    pub boundary: ConsistencyParam,
+    /// Default sampler of the exported student (and of its previews).
+    pub sampler: SamplerConfig,
+    pub sample_clips: usize,
+    pub checkpoint_every: u64,
+}
+
+impl Default for ConsistencyParams {
+    fn default() -> Self {
+        Self {
+            teacher: None,
+            steps: 1000,
+            batch_clips: 4,
+            frames: 0,
+            optimizer: AdamWConfig {
+                lr: 1e-4,
+                warmup: 50,
+                ..Default::default()
+            },
+            ema_decay: 0.95,
+            grid: 100,
+            solver_steps: 5,
+            sigma_min: 0.002,
+            sigma_max: 700.0,
+            rho: 7.0,
+            min_guidance: 1.0,
+            max_guidance: 3.0,
+            distance: DistanceKind::Huber,
+            huber_c: 0.001,
+            weighting: Weighting::Ict,
+            boundary: ConsistencyParam::default(),
+            sampler: SamplerConfig {
+                method: SamplerMethod::Consistency,
+                steps: 1,
+                min_guidance: 1.0,
+                max_guidance: 1.0,
+                ..Default::default()
+            },
+            sample_clips: 4,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+impl ConsistencyParams {
+    fn check(&self) -> std::result::Result<(), ParamError> {
+        let bad = |path: &str, message: String| ParamError {
+            path: path.into(),
+            message,
+        };
+        if self.grid < 2 {
+            return Err(bad("grid", "needs at least 2 points".into()));
+        }
+        if self.solver_steps == 0 || self.solver_steps >= self.grid {
+            return Err(bad(
+                "solver_steps",
+                format!(
+                    "must be in 1..{} (the grid has {} points)",
+                    self.grid, self.grid
+                ),
+            ));
+        }
+        if !(self.sigma_min > 0.0 && self.sigma_max > self.sigma_min) {
+            return Err(bad("sigma_min", "need 0 < sigma_min < sigma_max".into()));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(bad("ema_decay", "must be in [0, 1)".into()));
+        }
+        if self.batch_clips == 0 {
+            return Err(bad("batch_clips", "must be at least 1".into()));
+        }
+        if self.huber_c <= 0.0 {
+            return Err(bad("huber_c", "must be positive".into()));
+        }
+        self.sampler.validate().map_err(|m| bad("sampler", m))?;
+        Ok(())
+    }
+
+    /// Ascending Karras grid `sigma_min .. sigma_max` of `grid` points.
+    pub fn sigma_grid(&self) -> Vec<f64> {
+        let mut g = karras_sigmas(self.grid, self.sigma_min, self.sigma_max, self.rho);
+        g.pop();
+        g.reverse();
+        g
+    }
+}
+
+pub struct ConsistencyStage;
+
+impl StageKind for ConsistencyStage {
+    fn name(&self) -> &'static str {
+        "consistency"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn seeded(&self) -> bool {
+        true
+    }
+    fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
+        let (p, v) = resolve_typed::<ConsistencyParams>(params)?;
+        p.check()?;
+        Ok(v)
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
+        let p: ConsistencyParams = ctx.params()?;
+        train(ctx, &p)
+    }
+}
+
+/// The model folder of the teacher: the named upstream stage, or the nearest one with a model.
+pub(crate) fn teacher_dir(ctx: &StageContext<'_>, name: Option<&str>) -> Result<PathBuf> {
+    let found = match name {
+        Some(n) => ctx.upstream.iter().find(|u| u.name == n),
+        None => ctx
+            .upstream
+            .iter()
+            .rev()
+            .find(|u| u.dir.join(SETTINGS_FILE).is_file()),
+    };
+    match found {
+        Some(u) if u.dir.join(SETTINGS_FILE).is_file() => Ok(u.dir.clone()),
+        Some(u) => Err(Error::Other(format!(
+            "stage `{}`: stage `{}` ({}) wrote no model folder to distil",
+            ctx.name, u.name, u.kind
+        ))),
+        None => Err(Error::Other(format!(
+            "stage `{}` needs a teacher: put a `teacher` stage before it{}",
+            ctx.name,
+            name.map(|n| format!(" (no stage `{n}` upstream)"))
+                .unwrap_or_default()
+        ))),
+    }
+}
+
+/// Copy a component folder (config + weights) as it is.
+pub(crate) fn copy_component(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).at(to)?;
+    for f in [crate::models::checkpoint::CONFIG_FILE, WEIGHTS_FILE] {
+        let (a, b) = (from.join(f), to.join(f));
+        std::fs::copy(&a, &b).map_err(|e| Error::io(&a, e))?;
+    }
+    Ok(())
+}
+
+/// A UNet with its own variables, initialised from the teacher folder's weights.
+fn unet_from(
+    dir: &Path,
+    cfg: &UNetConfig,
+    dev: &candle_core::Device,
+) -> Result<(VarMap, UNetSpatioTemporal)> {
+    let vm = VarMap::new();
+    let unet = UNetSpatioTemporal::new(VarBuilder::from_varmap(&vm, DType::F32, dev), cfg)
+        .map_err(ce("student UNet"))?;
+    load_weights(&vm, &dir.join("unet").join(WEIGHTS_FILE))?;
+    Ok((vm, unet))
+}
+
+fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
+    let dev = device(ctx.device)?;
+    let tdir = teacher_dir(ctx, p.teacher.as_deref())?;
+    let teacher = VideoPipeline::load(&tdir, &dev)?;
+    if teacher.settings.consistency.is_some() {
+        ctx.note("the teacher folder is itself a consistency student; distilling it anyway");
+    }
+    let (train_set, test_set) = super::autoencoder::upstream_clips(ctx)?;
+    if train_set.is_empty() {
+        return Err(Error::Data("the training clip set is empty".into()));
+    }
+    let frames = if p.frames == 0 {
+        teacher.settings.frames.min(train_set.frames)
+    } else {
+        p.frames.min(train_set.frames)
+    };
+    let unet_cfg: UNetConfig = crate::models::checkpoint::load_config(&tdir.join("unet"))?;
+    let (student_map, student) = unet_from(&tdir, &unet_cfg, &dev)?;
+    let (target_map, target) = unet_from(&tdir, &unet_cfg, &dev)?;
+    let vars = named_vars(&student_map);
+    let target_vars: HashMap<String, Var> = named_vars(&target_map).into_iter().collect();
+    let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
+    let fps = data_fps(ctx).unwrap_or(teacher.settings.fps);
+
+    ctx.note(&format!(
+        "encoding {} training clips with the teacher's VAE",
+        train_set.len()
+    ));
+    let latents = encode_all(&teacher.vae, &train_set, &dev)?;
+
+    let state_dir = ctx.dir.join("train_state");
+    let mut start = 0;
+    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
+        let f = state_dir.join("weights.safetensors");
+        let all = candle_core::safetensors::load(&f, &dev)
+            .map_err(|e| Error::Data(format!("{}: {e}", f.display())))?;
+        for (n, v) in &vars {
+            let get = |k: &str| {
+                all.get(k)
+                    .ok_or_else(|| Error::Data(format!("{}: lacks `{k}`", f.display())))
+            };
+            v.set(get(n)?).map_err(ce("resume"))?;
+            target_vars[n]
+                .set(get(&format!("target.{n}"))?)
+                .map_err(ce("resume"))?;
+        }
+        opt.load(&state_dir.join("optimizer.safetensors"), step)?;
+        start = step;
+        ctx.note(&format!("resuming from step {step}"));
+    }
+
+    let grid = p.sigma_grid();
+    let m = p.solver_steps;
+    let top = grid.len() - m; // n in 0..top
+    let mean_inv_gap = (0..top).map(|n| 1.0 / (grid[n + m] - grid[n])).sum::<f64>() / top as f64;
+    let guidance = SamplerConfig {
+        min_guidance: p.min_guidance,
+        max_guidance: p.max_guidance,
+        ..Default::default()
+    }
+    .guidance(frames);
+    let teacher_den = SvdDenoiser {
+        unet: &teacher.unet,
+    };
+    let student_inner = SvdDenoiser { unet: &student };
+    let student_den = p.boundary.wrap(&student_inner);
+    let target_inner = SvdDenoiser { unet: &target };
+    let target_den = p.boundary.wrap(&target_inner);
+    let (h, w) = (train_set.height, train_set.width);
+    let s = &teacher.settings;
+    let (strength, bucket) = (s.noise_aug_strength, s.motion_bucket_id);
+
+    for step in start..p.steps {
+        ctx.check_interrupt(step)?;
+        let e = ce("consistency step");
+        let mut rng = step_rng(ctx.seed, step);
+        let b = p.batch_clips;
+        let (idx, starts) = random_windows(&mut rng, train_set.len(), train_set.frames, frames, b);
+        let x0 = Tensor::stack(
+            &idx.iter()
+                .zip(&starts)
+                .map(|(&i, &st)| latents[i].narrow(0, st, frames))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(&e)?,
+            0,
+        )
+        .map_err(&e)?;
+        let first = clip_batch(&train_set, &idx, &starts, 1, &dev)
+            .and_then(|x| x.reshape((b, 3, h, w)))
+            .map_err(&e)?;
+        let aug = rng.tensor(&[b, 3, h, w], &dev).map_err(&e)?;
+        let cond = teacher
+            .conditioning(&first, &aug, strength, fps, bucket)
+            .map_err(&e)?;
+        let ns: Vec<usize> = (0..b)
+            .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
+            .collect();
+        let sig = |k: usize| -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = ns.iter().map(|&n| grid[n + k] as f32).collect();
+            Tensor::from_vec(v, b, &dev)
+        };
+        let bcast = |t: &Tensor| t.reshape((b, 1, 1, 1, 1));
+        let s_hi = sig(m).map_err(&e)?;
+        let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
+        let x_hi = (&x0 + z.broadcast_mul(&bcast(&s_hi).map_err(&e)?).map_err(&e)?).map_err(&e)?;
+        // Teacher: m Euler steps down the grid, guided, no gradient.
+        let mut x = x_hi.clone();
+        for k in (0..m).rev() {
+            let (sk, sn) = (sig(k + 1).map_err(&e)?, sig(k).map_err(&e)?);
+            let d = guided_denoise_sigmas(&teacher_den, &x, &sk, &cond, &guidance)
+                .map_err(&e)?
+                .detach();
+            let deriv = (&x - d)
+                .and_then(|v| v.broadcast_div(&bcast(&sk)?))
+                .map_err(&e)?;
+            let dt = (sn - &sk).and_then(|v| bcast(&v)).map_err(&e)?;
+            x = (&x + deriv.broadcast_mul(&dt).map_err(&e)?)
+                .map_err(&e)?
+                .detach();
+        }
+        let s_lo = sig(0).map_err(&e)?;
+        let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
+        let pred = student_den.denoise(&x_hi, &s_hi, &cond).map_err(&e)?;
+        let diff = (pred - target_x).map_err(&e)?;
+        let per_elem = match p.distance {
+            DistanceKind::Huber => ((diff.sqr().map_err(&e)? + p.huber_c * p.huber_c)
+                .and_then(|v| v.sqrt())
+                .map_err(&e)?
+                - p.huber_c)
+                .map_err(&e)?,
+            DistanceKind::L2 => diff.sqr().map_err(&e)?,
+        };
+        let per_sample = per_elem
+            .flatten_from(1)
+            .and_then(|v| v.mean(1))
+            .map_err(&e)?;
+        let lambda: Vec<f32> = ns
+            .iter()
+            .map(|&n| match p.weighting {
+                Weighting::Ict => (1.0 / (grid[n + m] - grid[n]) / mean_inv_gap) as f32,
+                Weighting::Uniform => 1.0,
+            })
+            .collect();
+        let lambda = Tensor::from_vec(lambda, b, &dev).map_err(&e)?;
+        let loss = (per_sample * lambda)
+            .and_then(|v| v.mean_all())
+            .map_err(&e)?;
+        let grads = loss.backward().map_err(&e)?;
+        let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
+        let gnorm = opt.step(&grads, lr).map_err(&e)?;
+        // EMA target.
+        for (n, v) in &vars {
+            let t = &target_vars[n];
+            let upd = ((t.as_tensor() * p.ema_decay)
+                .and_then(|a| a + (v.as_tensor() * (1.0 - p.ema_decay))?))
+            .map_err(&e)?;
+            t.set(&upd.detach()).map_err(&e)?;
+        }
+        let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
+        let mean_sigma = ns.iter().map(|&n| grid[n + m]).sum::<f64>() / b as f64;
+        ctx.metric("loss", step + 1, lv)?;
+        ctx.metric("grad_norm", step + 1, gnorm)?;
+        ctx.metric("sigma", step + 1, mean_sigma)?;
+        ctx.progress(step + 1, p.steps, &format!("loss {lv:.5}"));
+        let done = step + 1 == p.steps;
+        if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
+            std::fs::create_dir_all(&state_dir).at(&state_dir)?;
+            let mut all: HashMap<String, Tensor> = HashMap::new();
+            for (n, v) in &vars {
+                all.insert(n.clone(), v.as_tensor().clone());
+                all.insert(format!("target.{n}"), target_vars[n].as_tensor().clone());
+            }
+            save_tensors(&state_dir.join("weights.safetensors"), &all)?;
+            opt.save(&state_dir.join("optimizer.safetensors"))?;
+            ctx.save_checkpoint(step + 1, &())?;
+        }
+    }
+
+    // Export: the teacher's VAE and image encoder, the student's UNet, consistency settings.
+    save_component(&ctx.dir.join("unet"), &unet_cfg, &student_map)?;
+    for c in ["vae", "image_encoder"] {
+        copy_component(&tdir.join(c), &ctx.dir.join(c))?;
+    }
+    let settings = PipelineSettings {
+        frames,
+        sampler: p.sampler.clone(),
+        consistency: Some(p.boundary.clone()),
+        ..teacher.settings.clone()
+    };
+    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
+    crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
+    drop(teacher);
+    write_samples(ctx, p.sample_clips, p.steps, &test_set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_ascends_from_sigma_min_to_sigma_max() {
+        let p = ConsistencyParams::default();
+        let g = p.sigma_grid();
+        assert_eq!(g.len(), 100);
+        assert!((g[0] - 0.002).abs() < 1e-12 && (g[99] - 700.0).abs() < 1e-9);
+        assert!(g.windows(2).all(|w| w[0] < w[1]));
+    }
+}
