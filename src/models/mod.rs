@@ -3,6 +3,7 @@
 //! and checkpoints in diffusers' folder layout.
 
 pub mod checkpoint;
+pub mod discriminator;
 pub mod image_encoder;
 pub mod layers;
 pub mod resnet;
@@ -11,6 +12,7 @@ pub mod unet;
 pub mod vae;
 
 pub use checkpoint::{load_component, save_component};
+pub use discriminator::{Discriminator, DiscriminatorConfig};
 pub use image_encoder::{ImageEncoder, ImageEncoderConfig};
 pub use unet::{UNetConfig, UNetSpatioTemporal};
 pub use vae::{AutoencoderKLTemporalDecoder, VaeConfig};

@@ -38,6 +38,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::models::checkpoint::{load_weights, save_component, save_tensors, WEIGHTS_FILE};
 use crate::models::{UNetConfig, UNetSpatioTemporal};
 use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::train::losses::{distance, Distance};
 use crate::train::optim::named_vars;
 use crate::train::{ce, clip_batch, device, random_windows, step_rng, AdamW, AdamWConfig};
 use candle_core::{DType, Tensor, Var};
@@ -45,15 +46,6 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DistanceKind {
-    /// `sqrt((x - y)^2 + c^2) - c` per element, averaged.
-    Huber,
-    /// Mean squared error.
-    L2,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -86,7 +78,7 @@ pub struct ConsistencyParams {
     /// Teacher guidance at the first and last frame.
     pub min_guidance: f64,
     pub max_guidance: f64,
-    pub distance: DistanceKind,
+    pub distance: Distance,
     /// Pseudo-Huber c.
     pub huber_c: f64,
     pub weighting: Weighting,
@@ -118,7 +110,7 @@ impl Default for ConsistencyParams {
             rho: 7.0,
             min_guidance: 1.0,
             max_guidance: 3.0,
-            distance: DistanceKind::Huber,
+            distance: Distance::Huber,
             huber_c: 0.001,
             weighting: Weighting::Ict,
             boundary: ConsistencyParam::default(),
@@ -203,6 +195,16 @@ impl StageKind for ConsistencyStage {
 
 /// The model folder of the teacher: the named upstream stage, or the nearest one with a model.
 pub(crate) fn teacher_dir(ctx: &StageContext<'_>, name: Option<&str>) -> Result<PathBuf> {
+    model_dir(ctx, name, "a teacher: put a `teacher` stage before it")
+}
+
+/// The model folder of a named upstream stage, or of the nearest one that wrote one; `needs`
+/// completes "stage X needs ..." in the error.
+pub(crate) fn model_dir(
+    ctx: &StageContext<'_>,
+    name: Option<&str>,
+    needs: &str,
+) -> Result<PathBuf> {
     let found = match name {
         Some(n) => ctx.upstream.iter().find(|u| u.name == n),
         None => ctx
@@ -218,12 +220,73 @@ pub(crate) fn teacher_dir(ctx: &StageContext<'_>, name: Option<&str>) -> Result<
             ctx.name, u.name, u.kind
         ))),
         None => Err(Error::Other(format!(
-            "stage `{}` needs a teacher: put a `teacher` stage before it{}",
+            "stage `{}` needs {needs}{}",
             ctx.name,
             name.map(|n| format!(" (no stage `{n}` upstream)"))
                 .unwrap_or_default()
         ))),
     }
+}
+
+/// `m` guided Euler steps of the teacher's probability-flow ODE from `grid[n + m]` down to
+/// `grid[n]` (one `n` per sample), without gradient.
+pub(crate) fn teacher_solve(
+    teacher: &dyn Denoiser,
+    x_hi: &Tensor,
+    ns: &[usize],
+    grid: &[f64],
+    m: usize,
+    cond: &crate::diffusion::Conditioning,
+    guidance: &[f64],
+) -> candle_core::Result<Tensor> {
+    let b = ns.len();
+    let dev = x_hi.device();
+    let sig = |k: usize| -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = ns.iter().map(|&n| grid[n + k] as f32).collect();
+        Tensor::from_vec(v, (b, 1, 1, 1, 1), dev)
+    };
+    let mut x = x_hi.detach();
+    for k in (0..m).rev() {
+        let (sk, sn) = (sig(k + 1)?, sig(k)?);
+        let d = guided_denoise_sigmas(teacher, &x, &sk.flatten_all()?, cond, guidance)?.detach();
+        let deriv = (&x - d)?.broadcast_div(&sk)?;
+        x = (&x + deriv.broadcast_mul(&(sn - &sk)?)?)?.detach();
+    }
+    Ok(x)
+}
+
+/// One training batch: clean latent windows `[b, t, c, h, w]` and the teacher's conditioning of
+/// their first frames (the model's noise augmentation, fps and motion bucket).
+pub(crate) struct Batch {
+    pub x0: Tensor,
+    pub cond: crate::diffusion::Conditioning,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn make_batch(
+    rng: &mut crate::diffusion::noise::NormalRng,
+    teacher: &VideoPipeline,
+    set: &crate::data::ClipSet,
+    latents: &[Tensor],
+    frames: usize,
+    b: usize,
+    fps: f64,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Batch> {
+    let (idx, starts) = random_windows(rng, set.len(), set.frames, frames, b);
+    let x0 = Tensor::stack(
+        &idx.iter()
+            .zip(&starts)
+            .map(|(&i, &st)| latents[i].narrow(0, st, frames))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        0,
+    )?;
+    let (h, w) = (set.height, set.width);
+    let first = clip_batch(set, &idx, &starts, 1, dev)?.reshape((b, 3, h, w))?;
+    let aug = rng.tensor(&[b, 3, h, w], dev)?;
+    let s = &teacher.settings;
+    let cond = teacher.conditioning(&first, &aug, s.noise_aug_strength, fps, s.motion_bucket_id)?;
+    Ok(Batch { x0, cond })
 }
 
 /// Copy a component folder (config + weights) as it is.
@@ -317,32 +380,16 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     let student_den = p.boundary.wrap(&student_inner);
     let target_inner = SvdDenoiser { unet: &target };
     let target_den = p.boundary.wrap(&target_inner);
-    let (h, w) = (train_set.height, train_set.width);
-    let s = &teacher.settings;
-    let (strength, bucket) = (s.noise_aug_strength, s.motion_bucket_id);
 
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let e = ce("consistency step");
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
-        let (idx, starts) = random_windows(&mut rng, train_set.len(), train_set.frames, frames, b);
-        let x0 = Tensor::stack(
-            &idx.iter()
-                .zip(&starts)
-                .map(|(&i, &st)| latents[i].narrow(0, st, frames))
-                .collect::<candle_core::Result<Vec<_>>>()
-                .map_err(&e)?,
-            0,
+        let Batch { x0, cond } = make_batch(
+            &mut rng, &teacher, &train_set, &latents, frames, b, fps, &dev,
         )
         .map_err(&e)?;
-        let first = clip_batch(&train_set, &idx, &starts, 1, &dev)
-            .and_then(|x| x.reshape((b, 3, h, w)))
-            .map_err(&e)?;
-        let aug = rng.tensor(&[b, 3, h, w], &dev).map_err(&e)?;
-        let cond = teacher
-            .conditioning(&first, &aug, strength, fps, bucket)
-            .map_err(&e)?;
         let ns: Vec<usize> = (0..b)
             .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
             .collect();
@@ -355,36 +402,11 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
         let x_hi = (&x0 + z.broadcast_mul(&bcast(&s_hi).map_err(&e)?).map_err(&e)?).map_err(&e)?;
         // Teacher: m Euler steps down the grid, guided, no gradient.
-        let mut x = x_hi.clone();
-        for k in (0..m).rev() {
-            let (sk, sn) = (sig(k + 1).map_err(&e)?, sig(k).map_err(&e)?);
-            let d = guided_denoise_sigmas(&teacher_den, &x, &sk, &cond, &guidance)
-                .map_err(&e)?
-                .detach();
-            let deriv = (&x - d)
-                .and_then(|v| v.broadcast_div(&bcast(&sk)?))
-                .map_err(&e)?;
-            let dt = (sn - &sk).and_then(|v| bcast(&v)).map_err(&e)?;
-            x = (&x + deriv.broadcast_mul(&dt).map_err(&e)?)
-                .map_err(&e)?
-                .detach();
-        }
+        let x = teacher_solve(&teacher_den, &x_hi, &ns, &grid, m, &cond, &guidance).map_err(&e)?;
         let s_lo = sig(0).map_err(&e)?;
         let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
         let pred = student_den.denoise(&x_hi, &s_hi, &cond).map_err(&e)?;
-        let diff = (pred - target_x).map_err(&e)?;
-        let per_elem = match p.distance {
-            DistanceKind::Huber => ((diff.sqr().map_err(&e)? + p.huber_c * p.huber_c)
-                .and_then(|v| v.sqrt())
-                .map_err(&e)?
-                - p.huber_c)
-                .map_err(&e)?,
-            DistanceKind::L2 => diff.sqr().map_err(&e)?,
-        };
-        let per_sample = per_elem
-            .flatten_from(1)
-            .and_then(|v| v.mean(1))
-            .map_err(&e)?;
+        let per_sample = distance(&pred, &target_x, p.distance, p.huber_c).map_err(&e)?;
         let lambda: Vec<f32> = ns
             .iter()
             .map(|&n| match p.weighting {

@@ -24,11 +24,11 @@ use crate::error::{Error, Result};
 use crate::metrics::frechet::{frechet_distance, Gaussian};
 use crate::metrics::i3d::{InceptionI3d, MIN_FRAMES, NUM_CLASSES};
 use crate::metrics::{assets, preprocess, FVD_FRAMES};
-use crate::pipeline::{VideoPipeline, SETTINGS_FILE};
+use crate::pipeline::VideoPipeline;
 use crate::train::{ce, clip_batch, device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Parameters of the `fvd` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,38 +98,6 @@ impl StageKind for FvdStage {
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
         let p: FvdParams = ctx.params()?;
         run(ctx, &p)
-    }
-}
-
-fn model_dir(ctx: &StageContext<'_>, p: &FvdParams) -> Result<PathBuf> {
-    match p.model.as_deref().filter(|m| *m != STATIC) {
-        Some(name) => {
-            let up = ctx.upstream.iter().find(|u| u.name == name).ok_or_else(|| {
-                Error::Other(format!(
-                    "stage `{}`: model = \"{name}\" is not a stage before it (add it to `after`)",
-                    ctx.name
-                ))
-            })?;
-            if !up.dir.join(SETTINGS_FILE).is_file() {
-                return Err(Error::Other(format!(
-                    "stage `{}`: stage `{name}` ({}) wrote no model folder",
-                    ctx.name, up.kind
-                )));
-            }
-            Ok(up.dir.clone())
-        }
-        None => ctx
-            .upstream
-            .iter()
-            .rev()
-            .find(|u| u.dir.join(SETTINGS_FILE).is_file())
-            .map(|u| u.dir.clone())
-            .ok_or_else(|| {
-                Error::Other(format!(
-                    "stage `{}` needs a model to evaluate: put a `teacher` (or student) stage before it",
-                    ctx.name
-                ))
-            }),
     }
 }
 
@@ -282,7 +250,11 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         None
     } else {
         let dev = device(ctx.device)?;
-        let dir = model_dir(ctx, p)?;
+        let dir = super::consistency::model_dir(
+            ctx,
+            p.model.as_deref(),
+            "a model to evaluate: put a `teacher` (or student) stage before it, or set model = \"static\"",
+        )?;
         let pipe = VideoPipeline::load(&dir, &dev)?;
         if pipe.settings.frames < p.frames {
             return Err(Error::Data(format!(

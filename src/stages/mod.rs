@@ -9,6 +9,7 @@ pub mod autoencoder;
 pub mod consistency;
 pub mod data;
 pub mod fvd;
+pub mod gan;
 pub mod teacher;
 
 use crate::error::{Error, IoContext, Result};
@@ -45,6 +46,7 @@ static KINDS: &[&dyn StageKind] = &[
     &autoencoder::AutoencoderStage,
     &teacher::TeacherStage,
     &consistency::ConsistencyStage,
+    &gan::GanStage,
     &fvd::FvdStage,
 ];
 

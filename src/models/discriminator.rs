@@ -1,0 +1,398 @@
+//! OSV's spatio-temporal video discriminator over latent videos.
+//!
+//! Input path (`input`): `"upsampler"`, the paper's decoder-free path, a trainable sub-pixel
+//! upsampler (Conv2d to `3 r^2` channels, PixelShuffle with `r = upsample_factor`, 4 in the
+//! paper) that turns each frame's latent into an image for the backbone; or `"decoder"`, the
+//! frozen VAE decoder (latents / scaling factor, decoded clip by clip with its temporal layers).
+//!
+//! Backbone: an image network applied to every frame, whose intermediate features at
+//! `feature_layers` feed heads. Here `"conv"`: strided 3x3 convolution stages with SiLU,
+//! randomly initialised from the seed, trainable or frozen (`trainable`; the paper's ablation of
+//! a non-pretrained backbone). A frozen backbone's weights are constants, not variables: no
+//! gradient is computed for them, while gradients still flow through them to the heads and the
+//! upsampler. (Pretrained backbones, EfficientNet-Lite0 and DINOv2, are the next step.)
+//!
+//! Heads, per feature layer (`heads`): *spatial* heads see features as `(b*t, c, h, w)` and run
+//! Conv2d -> ResBlock2d -> Conv2d to one logit per position; *temporal* heads see them as
+//! `(b*h*w, c, t)` and run Conv1d -> ResBlock1d -> Conv1d over time (as convolutions over the
+//! time axis of `[b, c, t, h, w]`, which is the same computation). Every head returns its logits
+//! flattened per sample, `[b, n]`.
+
+use super::layers::{Conv2d, TemporalConv};
+use super::AutoencoderKLTemporalDecoder;
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscInput {
+    Upsampler,
+    Decoder,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKinds {
+    Spatial,
+    Temporal,
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackboneConfig {
+    /// `"conv"`: strided convolution stages (randomly initialised).
+    pub kind: String,
+    /// Output channels of each stage (each halves the resolution).
+    pub channels: Vec<usize>,
+    /// Train the backbone with the heads (true) or keep it frozen (false).
+    pub trainable: bool,
+}
+
+impl Default for BackboneConfig {
+    fn default() -> Self {
+        Self {
+            kind: "conv".into(),
+            channels: vec![32, 64, 96],
+            trainable: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscriminatorConfig {
+    pub input: DiscInput,
+    /// PixelShuffle factor r of the upsampler.
+    pub upsample_factor: usize,
+    pub backbone: BackboneConfig,
+    /// Backbone stages (0-based) whose outputs feed heads.
+    pub feature_layers: Vec<usize>,
+    pub heads: HeadKinds,
+    /// Channels inside the heads.
+    pub head_channels: usize,
+}
+
+impl Default for DiscriminatorConfig {
+    fn default() -> Self {
+        Self {
+            input: DiscInput::Upsampler,
+            upsample_factor: 4,
+            backbone: BackboneConfig::default(),
+            feature_layers: vec![1, 2],
+            heads: HeadKinds::Both,
+            head_channels: 64,
+        }
+    }
+}
+
+impl DiscriminatorConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.backbone.kind != "conv" {
+            return Err(format!(
+                "backbone.kind = \"{}\": only \"conv\" is available so far",
+                self.backbone.kind
+            ));
+        }
+        if self.backbone.channels.is_empty() {
+            return Err("backbone.channels is empty".into());
+        }
+        if self.feature_layers.is_empty() {
+            return Err("feature_layers is empty: no head would see anything".into());
+        }
+        if let Some(l) = self
+            .feature_layers
+            .iter()
+            .find(|&&l| l >= self.backbone.channels.len())
+        {
+            return Err(format!(
+                "feature_layers holds {l} but the backbone has {} stages",
+                self.backbone.channels.len()
+            ));
+        }
+        if self.upsample_factor == 0 {
+            return Err("upsample_factor must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// `torch.nn.PixelShuffle(r)`: `[n, c r^2, h, w]` -> `[n, c, h r, w r]`.
+pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
+    let (n, crr, h, w) = x.dims4()?;
+    let c = crr / (r * r);
+    x.reshape((n, c, r, r, h, w))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((n, c, h * r, w * r))
+}
+
+/// Strided convolution stages with SiLU.
+#[derive(Debug, Clone)]
+pub struct ConvBackbone {
+    stages: Vec<(Conv2d, Conv2d)>,
+}
+
+impl ConvBackbone {
+    pub fn new(vb: VarBuilder, channels: &[usize]) -> Result<Self> {
+        let mut cin = 3;
+        let mut stages = Vec::new();
+        for (i, &c) in channels.iter().enumerate() {
+            let v = vb.pp(format!("stages.{i}"));
+            stages.push((
+                Conv2d::new(v.pp("conv1"), cin, c, 3, 2, 1)?,
+                Conv2d::new(v.pp("conv2"), c, c, 3, 1, 1)?,
+            ));
+            cin = c;
+        }
+        Ok(Self { stages })
+    }
+
+    /// Features after each stage.
+    pub fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(self.stages.len());
+        let mut h = x.clone();
+        for (a, b) in &self.stages {
+            h = b.forward(&a.forward(&h)?.silu()?)?.silu()?;
+            out.push(h.clone());
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SpatialHead {
+    conv_in: Conv2d,
+    res1: Conv2d,
+    res2: Conv2d,
+    conv_out: Conv2d,
+}
+
+impl SpatialHead {
+    fn new(vb: VarBuilder, cin: usize, ch: usize) -> Result<Self> {
+        Ok(Self {
+            conv_in: Conv2d::new(vb.pp("conv_in"), cin, ch, 3, 1, 1)?,
+            res1: Conv2d::new(vb.pp("res.conv1"), ch, ch, 3, 1, 1)?,
+            res2: Conv2d::new(vb.pp("res.conv2"), ch, ch, 3, 1, 1)?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), ch, 1, 1, 1, 0)?,
+        })
+    }
+
+    /// `[b t, c, h, w]` -> `[b, t h w]`
+    fn forward(&self, f: &Tensor, b: usize) -> Result<Tensor> {
+        let h = self.conv_in.forward(f)?.silu()?;
+        let r = self.res2.forward(&self.res1.forward(&h)?.silu()?)?;
+        let h = (h + r)?.silu()?;
+        self.conv_out.forward(&h)?.reshape((b, ()))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TemporalHead {
+    conv_in: TemporalConv,
+    res1: TemporalConv,
+    res2: TemporalConv,
+    conv_out: TemporalConv,
+}
+
+impl TemporalHead {
+    fn new(vb: VarBuilder, cin: usize, ch: usize) -> Result<Self> {
+        Ok(Self {
+            conv_in: TemporalConv::new(vb.pp("conv_in"), cin, ch, 3)?,
+            res1: TemporalConv::new(vb.pp("res.conv1"), ch, ch, 3)?,
+            res2: TemporalConv::new(vb.pp("res.conv2"), ch, ch, 3)?,
+            conv_out: TemporalConv::new(vb.pp("conv_out"), ch, 1, 1)?,
+        })
+    }
+
+    /// `[b t, c, h, w]` -> `[b, t h w]`
+    fn forward(&self, f: &Tensor, b: usize) -> Result<Tensor> {
+        let (bt, c, hh, ww) = f.dims4()?;
+        let t = bt / b;
+        let x = f.reshape((b, t, c, hh, ww))?.permute((0, 2, 1, 3, 4))?;
+        let h = self.conv_in.forward(&x)?.silu()?;
+        let r = self.res2.forward(&self.res1.forward(&h)?.silu()?)?;
+        let h = (h + r)?.silu()?;
+        self.conv_out.forward(&h)?.reshape((b, ()))
+    }
+}
+
+/// The discriminator. Build the backbone from constants (`frozen_backbone`) to freeze it.
+pub struct Discriminator {
+    pub config: DiscriminatorConfig,
+    upsampler: Option<Conv2d>,
+    backbone: ConvBackbone,
+    heads: Vec<(usize, Option<SpatialHead>, Option<TemporalHead>)>,
+}
+
+impl Discriminator {
+    /// `vb` holds the trainable parts (upsampler, heads and a trainable backbone);
+    /// `backbone_vb` the backbone's weights (the same builder when it trains, a builder over
+    /// constant tensors when it is frozen).
+    pub fn new(
+        vb: VarBuilder,
+        backbone_vb: VarBuilder,
+        cfg: &DiscriminatorConfig,
+        latent_channels: usize,
+    ) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::Msg)?;
+        let r = cfg.upsample_factor;
+        let upsampler = match cfg.input {
+            DiscInput::Upsampler => Some(Conv2d::new(
+                vb.pp("upsampler.conv"),
+                latent_channels,
+                3 * r * r,
+                3,
+                1,
+                1,
+            )?),
+            DiscInput::Decoder => None,
+        };
+        let backbone = ConvBackbone::new(backbone_vb.pp("backbone"), &cfg.backbone.channels)?;
+        let mut heads = Vec::new();
+        for &l in &cfg.feature_layers {
+            let c = cfg.backbone.channels[l];
+            let v = vb.pp(format!("heads.{l}"));
+            let s = matches!(cfg.heads, HeadKinds::Spatial | HeadKinds::Both)
+                .then(|| SpatialHead::new(v.pp("spatial"), c, cfg.head_channels))
+                .transpose()?;
+            let t = matches!(cfg.heads, HeadKinds::Temporal | HeadKinds::Both)
+                .then(|| TemporalHead::new(v.pp("temporal"), c, cfg.head_channels))
+                .transpose()?;
+            heads.push((l, s, t));
+        }
+        Ok(Self {
+            config: cfg.clone(),
+            upsampler,
+            backbone,
+            heads,
+        })
+    }
+
+    /// Latents `[b, t, c, h, w]` to backbone images `[b t, 3, H, W]` in roughly [-1, 1].
+    /// `vae` is used (and required) only on the decoder path.
+    pub fn images(&self, z: &Tensor, vae: Option<&AutoencoderKLTemporalDecoder>) -> Result<Tensor> {
+        let (b, t, c, h, w) = z.dims5()?;
+        let flat = z.reshape((b * t, c, h, w))?;
+        match &self.upsampler {
+            Some(up) => pixel_shuffle(&up.forward(&flat)?, self.config.upsample_factor),
+            None => {
+                let vae = vae.ok_or_else(|| {
+                    candle_core::Error::Msg("the decoder input path needs the VAE".into())
+                })?;
+                vae.decode(&(flat / vae.config.scaling_factor)?, t)
+            }
+        }
+    }
+
+    /// Logits of every head, each `[b, n]`.
+    pub fn forward(
+        &self,
+        z: &Tensor,
+        vae: Option<&AutoencoderKLTemporalDecoder>,
+    ) -> Result<Vec<Tensor>> {
+        let b = z.dim(0)?;
+        let x = self.images(z, vae)?;
+        let feats = self.backbone.features(&x)?;
+        let mut out = Vec::new();
+        for (l, s, t) in &self.heads {
+            if let Some(s) = s {
+                out.push(s.forward(&feats[*l], b)?);
+            }
+            if let Some(t) = t {
+                out.push(t.forward(&feats[*l], b)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn pixel_shuffle_matches_torch_layout() {
+        // torch: out[0, c, h*r + i, w*r + j] = in[0, c*r*r + i*r + j, h, w]
+        let r = 2;
+        let x = Tensor::arange(0f32, 2.0 * 4.0 * 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 8, 2, 3))
+            .unwrap();
+        let y = pixel_shuffle(&x, r).unwrap();
+        assert_eq!(y.dims(), &[1, 2, 4, 6]);
+        let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for c in 0..2 {
+            for h in 0..2 {
+                for w in 0..3 {
+                    for i in 0..r {
+                        for j in 0..r {
+                            let src = ((c * 4 + i * 2 + j) * 2 + h) * 3 + w;
+                            let dst = (c * 4 + h * r + i) * 6 + w * r + j;
+                            assert_eq!(yv[dst], xv[src]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_backbone_gets_no_gradient_and_heads_do() {
+        let dev = Device::Cpu;
+        let cfg = DiscriminatorConfig {
+            backbone: BackboneConfig {
+                channels: vec![8, 8],
+                ..Default::default()
+            },
+            feature_layers: vec![0, 1],
+            head_channels: 8,
+            ..Default::default()
+        };
+        // Frozen: backbone weights from a separate map, turned into constants.
+        let bb_map = VarMap::new();
+        ConvBackbone::new(
+            VarBuilder::from_varmap(&bb_map, DType::F32, &dev).pp("backbone"),
+            &cfg.backbone.channels,
+        )
+        .unwrap();
+        let consts: std::collections::HashMap<String, Tensor> = bb_map
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        let frozen = VarBuilder::from_tensors(consts.clone(), DType::F32, &dev);
+        let map = VarMap::new();
+        let d = Discriminator::new(
+            VarBuilder::from_varmap(&map, DType::F32, &dev),
+            frozen,
+            &cfg,
+            4,
+        )
+        .unwrap();
+        let z = Tensor::randn(0f32, 1.0, (2, 3, 4, 4, 4), &dev).unwrap();
+        let logits = d.forward(&z, None).unwrap();
+        assert_eq!(logits.len(), 4, "2 layers x (spatial, temporal)");
+        let loss = logits
+            .iter()
+            .map(|l| l.mean_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let vars = map.data().lock().unwrap();
+        for (name, v) in vars.iter() {
+            let g = grads.get(v.as_tensor());
+            assert!(g.is_some(), "{name} has no gradient");
+        }
+        assert!(vars.keys().any(|k| k.starts_with("upsampler.")));
+        assert!(vars.keys().all(|k| !k.starts_with("backbone.")));
+        for (name, t) in &consts {
+            assert!(grads.get(t).is_none(), "frozen {name} got a gradient");
+        }
+    }
+}

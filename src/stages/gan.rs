@@ -1,0 +1,465 @@
+//! Stage `gan`: adversarial training of a one-step student against OSV's spatio-temporal
+//! discriminator ([`crate::models::discriminator`]), in the paper's two modes.
+//!
+//! - `mode = "lgp"`, latent GAN pretraining (the paper's stage I): `x_tn = x0 + t_n z` for a
+//!   random grid sigma `t_n`; the discriminator's "real" is the clean latent clip `x0`, its
+//!   "fake" the student's `f(x_tn, t_n)`; generator loss `adv_weight * G(D(fake)) + d(x0,
+//!   fake)`.
+//! - `mode = "acd"`, adversarial consistency distillation (stage II): as in the `consistency`
+//!   stage, the frozen teacher solves `m` guided Euler steps from `t_{n+m}` to `t_n`; "real" is
+//!   the EMA target's `f_ema(x^phi_n, t_n)`, "fake" the student's `f(x_{n+m}, t_{n+m})`;
+//!   generator loss `adv_weight * G(D(fake)) + lambda(t_n) d(real, fake)`.
+//!
+//! `G`/`D` are the hinge losses of the paper (`ReLU(1 - D(fake))`; `ReLU(1 - D(real)) + ReLU(1 +
+//! D(fake))`) or the non-saturating ones (`gan_loss`); `d` and `lambda` as in `consistency`.
+//! Each step first updates the discriminator on detached samples, then the generator through
+//! the updated discriminator. The generator starts from an upstream model folder (a
+//! `consistency` student, or the teacher itself), so stages compose in any order: LGP then
+//! ACD (the paper's final recipe), consistency then ACD (its first version), etc. The
+//! exported folder is a consistency-student pipeline folder. Metrics per step: `loss_g`,
+//! `loss_d`, `loss_adv`, `loss_distill`, `d_real`, `d_fake` (mean logits), `grad_norm_g`,
+//! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
+
+use super::consistency::{
+    copy_component, make_batch, model_dir, teacher_dir, teacher_solve, Batch, Weighting,
+};
+use super::teacher::{data_fps, encode_all, write_samples};
+use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser};
+use crate::error::{Error, IoContext, Result};
+use crate::models::checkpoint::{load_weights, save_component, save_tensors, WEIGHTS_FILE};
+use crate::models::discriminator::{BackboneConfig, ConvBackbone, DiscInput};
+use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig, UNetSpatioTemporal};
+use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::train::losses::{d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
+use crate::train::optim::named_vars;
+use crate::train::{ce, device, seeded_varbuilder, step_rng, AdamW, AdamWConfig};
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GanMode {
+    Lgp,
+    Acd,
+}
+
+/// Parameters of the `gan` stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GanParams {
+    pub mode: GanMode,
+    /// Upstream stage whose model folder the generator starts from (default: the nearest).
+    pub generator: Option<String>,
+    /// ACD: upstream stage whose model is the teacher (default: the nearest `teacher` stage).
+    pub teacher: Option<String>,
+    pub steps: u64,
+    pub batch_clips: usize,
+    /// Frames per training clip (0 = the model's frame count).
+    pub frames: usize,
+    pub optimizer_g: AdamWConfig,
+    pub optimizer_d: AdamWConfig,
+    /// Weight of the adversarial term in the generator loss (paper: 0.1).
+    pub adv_weight: f64,
+    pub gan_loss: GanLoss,
+    pub distance: Distance,
+    pub huber_c: f64,
+    /// ACD's lambda(t_n) (LGP's distance term is unweighted).
+    pub weighting: Weighting,
+    /// ACD: decay of the EMA target.
+    pub ema_decay: f64,
+    pub grid: usize,
+    /// ACD: teacher ODE steps m.
+    pub solver_steps: usize,
+    pub sigma_min: f64,
+    pub sigma_max: f64,
+    pub rho: f64,
+    /// ACD: teacher guidance at the first and last frame.
+    pub min_guidance: f64,
+    pub max_guidance: f64,
+    pub discriminator: DiscriminatorConfig,
+    /// Boundary scalings when the generator folder is a teacher (a student keeps its own).
+    pub boundary: ConsistencyParam,
+    pub sampler: SamplerConfig,
+    pub sample_clips: usize,
+    pub checkpoint_every: u64,
+}
+
+impl Default for GanParams {
+    fn default() -> Self {
+        let c = super::consistency::ConsistencyParams::default();
+        Self {
+            mode: GanMode::Acd,
+            generator: None,
+            teacher: None,
+            steps: 500,
+            batch_clips: 4,
+            frames: 0,
+            optimizer_g: AdamWConfig {
+                lr: 5e-5,
+                warmup: 50,
+                ..Default::default()
+            },
+            optimizer_d: AdamWConfig {
+                lr: 2e-4,
+                warmup: 50,
+                beta1: 0.0,
+                beta2: 0.99,
+                ..Default::default()
+            },
+            adv_weight: 0.1,
+            gan_loss: GanLoss::Hinge,
+            distance: c.distance,
+            huber_c: c.huber_c,
+            weighting: c.weighting,
+            ema_decay: c.ema_decay,
+            grid: c.grid,
+            solver_steps: c.solver_steps,
+            sigma_min: c.sigma_min,
+            sigma_max: c.sigma_max,
+            rho: c.rho,
+            min_guidance: c.min_guidance,
+            max_guidance: c.max_guidance,
+            discriminator: DiscriminatorConfig::default(),
+            boundary: ConsistencyParam::default(),
+            sampler: SamplerConfig {
+                method: SamplerMethod::Consistency,
+                steps: 1,
+                min_guidance: 1.0,
+                max_guidance: 1.0,
+                ..Default::default()
+            },
+            sample_clips: 4,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+impl GanParams {
+    fn grid_params(&self) -> super::consistency::ConsistencyParams {
+        super::consistency::ConsistencyParams {
+            grid: self.grid,
+            solver_steps: self.solver_steps,
+            sigma_min: self.sigma_min,
+            sigma_max: self.sigma_max,
+            rho: self.rho,
+            ..Default::default()
+        }
+    }
+
+    fn check(&self) -> std::result::Result<(), ParamError> {
+        let bad = |path: &str, message: String| ParamError {
+            path: path.into(),
+            message,
+        };
+        if self.grid < 2 {
+            return Err(bad("grid", "needs at least 2 points".into()));
+        }
+        if self.mode == GanMode::Acd && (self.solver_steps == 0 || self.solver_steps >= self.grid) {
+            return Err(bad("solver_steps", format!("must be in 1..{}", self.grid)));
+        }
+        if self.batch_clips == 0 {
+            return Err(bad("batch_clips", "must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return Err(bad("ema_decay", "must be in [0, 1)".into()));
+        }
+        self.discriminator
+            .validate()
+            .map_err(|m| bad("discriminator", m))?;
+        self.sampler.validate().map_err(|m| bad("sampler", m))?;
+        Ok(())
+    }
+}
+
+pub struct GanStage;
+
+impl StageKind for GanStage {
+    fn name(&self) -> &'static str {
+        "gan"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn seeded(&self) -> bool {
+        true
+    }
+    fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
+        let (p, v) = resolve_typed::<GanParams>(params)?;
+        p.check()?;
+        Ok(v)
+    }
+    fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
+        let p: GanParams = ctx.params()?;
+        train(ctx, &p)
+    }
+}
+
+/// The discriminator with its trainable variables in `map`; a frozen backbone is built from
+/// constants drawn from the seed.
+fn build_discriminator(
+    cfg: &DiscriminatorConfig,
+    latent_channels: usize,
+    seed: u64,
+    dev: &candle_core::Device,
+) -> Result<(VarMap, Discriminator)> {
+    let map = VarMap::new();
+    let vb = seeded_varbuilder(&map, seed, dev);
+    let d = if cfg.backbone.trainable {
+        Discriminator::new(vb.clone(), vb, cfg, latent_channels)
+    } else {
+        let bb = VarMap::new();
+        let BackboneConfig { channels, .. } = &cfg.backbone;
+        ConvBackbone::new(
+            seeded_varbuilder(&bb, seed.wrapping_add(17), dev).pp("backbone"),
+            channels,
+        )
+        .map_err(ce("discriminator backbone"))?;
+        let consts: HashMap<String, Tensor> = bb
+            .data()
+            .lock()
+            .map_err(|_| Error::Other("discriminator backbone: poisoned lock".into()))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        Discriminator::new(
+            vb,
+            VarBuilder::from_tensors(consts, DType::F32, dev),
+            cfg,
+            latent_channels,
+        )
+    }
+    .map_err(ce("discriminator"))?;
+    Ok((map, d))
+}
+
+fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
+    let dev = device(ctx.device)?;
+    let gdir = model_dir(
+        ctx,
+        p.generator.as_deref(),
+        "a model to start the generator from (a `teacher` or `consistency` stage before it)",
+    )?;
+    let gen_pipe = VideoPipeline::load(&gdir, &dev)?;
+    let boundary = gen_pipe
+        .settings
+        .consistency
+        .clone()
+        .unwrap_or_else(|| p.boundary.clone());
+    let teacher = match p.mode {
+        GanMode::Acd => {
+            let tdir = match &p.teacher {
+                Some(_) => teacher_dir(ctx, p.teacher.as_deref())?,
+                None => ctx
+                    .upstream_of_kind("teacher")
+                    .map(|u| u.dir.clone())
+                    .ok_or_else(|| {
+                        Error::Other(format!(
+                            "stage `{}` (mode = \"acd\") needs a `teacher` stage before it",
+                            ctx.name
+                        ))
+                    })?,
+            };
+            Some(VideoPipeline::load(&tdir, &dev)?)
+        }
+        GanMode::Lgp => None,
+    };
+    let (train_set, test_set) = super::autoencoder::upstream_clips(ctx)?;
+    if train_set.is_empty() {
+        return Err(Error::Data("the training clip set is empty".into()));
+    }
+    let frames = if p.frames == 0 {
+        gen_pipe.settings.frames.min(train_set.frames)
+    } else {
+        p.frames.min(train_set.frames)
+    };
+    let unet_cfg: UNetConfig = crate::models::checkpoint::load_config(&gdir.join("unet"))?;
+    let load_unet = || -> Result<(VarMap, UNetSpatioTemporal)> {
+        let vm = VarMap::new();
+        let u = UNetSpatioTemporal::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &unet_cfg)
+            .map_err(ce("generator UNet"))?;
+        load_weights(&vm, &gdir.join("unet").join(WEIGHTS_FILE))?;
+        Ok((vm, u))
+    };
+    let (g_map, g_unet) = load_unet()?;
+    let (t_map, t_unet) = load_unet()?;
+    let g_vars = named_vars(&g_map);
+    let t_vars: HashMap<String, Var> = named_vars(&t_map).into_iter().collect();
+    let lc = gen_pipe.vae.config.latent_channels;
+    let (d_map, disc) = build_discriminator(&p.discriminator, lc, ctx.seed, &dev)?;
+    let d_vars = named_vars(&d_map);
+    let mut opt_g = AdamW::new(g_vars.clone(), p.optimizer_g.clone()).map_err(ce("optimizer"))?;
+    let mut opt_d = AdamW::new(d_vars.clone(), p.optimizer_d.clone()).map_err(ce("optimizer"))?;
+    let fps = data_fps(ctx).unwrap_or(gen_pipe.settings.fps);
+    ctx.note(&format!("encoding {} training clips", train_set.len()));
+    let latents = encode_all(&gen_pipe.vae, &train_set, &dev)?;
+
+    let state_dir = ctx.dir.join("train_state");
+    let mut start = 0;
+    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
+        let f = state_dir.join("weights.safetensors");
+        let all = candle_core::safetensors::load(&f, &dev)
+            .map_err(|e| Error::Data(format!("{}: {e}", f.display())))?;
+        let get = |k: &str| {
+            all.get(k)
+                .ok_or_else(|| Error::Data(format!("{}: lacks `{k}`", f.display())))
+        };
+        for (n, v) in &g_vars {
+            v.set(get(&format!("g.{n}"))?).map_err(ce("resume"))?;
+            t_vars[n]
+                .set(get(&format!("target.{n}"))?)
+                .map_err(ce("resume"))?;
+        }
+        for (n, v) in &d_vars {
+            v.set(get(&format!("d.{n}"))?).map_err(ce("resume"))?;
+        }
+        opt_g.load(&state_dir.join("optimizer_g.safetensors"), step)?;
+        opt_d.load(&state_dir.join("optimizer_d.safetensors"), step)?;
+        start = step;
+        ctx.note(&format!("resuming from step {step}"));
+    }
+
+    let grid = p.grid_params().sigma_grid();
+    let m = if p.mode == GanMode::Acd {
+        p.solver_steps
+    } else {
+        0
+    };
+    let top = grid.len() - m;
+    let mean_inv_gap = if m > 0 {
+        (0..top).map(|n| 1.0 / (grid[n + m] - grid[n])).sum::<f64>() / top as f64
+    } else {
+        1.0
+    };
+    let guidance = SamplerConfig {
+        min_guidance: p.min_guidance,
+        max_guidance: p.max_guidance,
+        ..Default::default()
+    }
+    .guidance(frames);
+    let g_inner = SvdDenoiser { unet: &g_unet };
+    let g_den = boundary.wrap(&g_inner);
+    let t_inner = SvdDenoiser { unet: &t_unet };
+    let t_den = boundary.wrap(&t_inner);
+    let teacher_den = teacher.as_ref().map(|t| SvdDenoiser { unet: &t.unet });
+    let vae = (p.discriminator.input == DiscInput::Decoder).then_some(&gen_pipe.vae);
+
+    for step in start..p.steps {
+        ctx.check_interrupt(step)?;
+        let t0 = std::time::Instant::now();
+        let e = ce("gan step");
+        let mut rng = step_rng(ctx.seed, step);
+        let b = p.batch_clips;
+        let Batch { x0, cond } = make_batch(
+            &mut rng, &gen_pipe, &train_set, &latents, frames, b, fps, &dev,
+        )
+        .map_err(&e)?;
+        let ns: Vec<usize> = (0..b)
+            .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
+            .collect();
+        let sig = |k: usize| -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = ns.iter().map(|&n| grid[n + k] as f32).collect();
+            Tensor::from_vec(v, b, &dev)
+        };
+        let s_hi = sig(m).map_err(&e)?;
+        let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
+        let x_hi = (&x0
+            + z.broadcast_mul(&s_hi.reshape((b, 1, 1, 1, 1)).map_err(&e)?)
+                .map_err(&e)?)
+        .map_err(&e)?;
+        let (real, lambda) = match &teacher_den {
+            Some(tden) => {
+                let x_lo =
+                    teacher_solve(tden, &x_hi, &ns, &grid, m, &cond, &guidance).map_err(&e)?;
+                let real = t_den
+                    .denoise(&x_lo, &sig(0).map_err(&e)?, &cond)
+                    .map_err(&e)?
+                    .detach();
+                let lam: Vec<f32> = ns
+                    .iter()
+                    .map(|&n| match p.weighting {
+                        Weighting::Ict => (1.0 / (grid[n + m] - grid[n]) / mean_inv_gap) as f32,
+                        Weighting::Uniform => 1.0,
+                    })
+                    .collect();
+                (real, Tensor::from_vec(lam, b, &dev).map_err(&e)?)
+            }
+            None => (x0.clone(), Tensor::ones(b, DType::F32, &dev).map_err(&e)?),
+        };
+        let fake = g_den.denoise(&x_hi, &s_hi, &cond).map_err(&e)?;
+
+        // Discriminator step on detached samples.
+        let lr_real = disc.forward(&real, vae).map_err(&e)?;
+        let lr_fake = disc.forward(&fake.detach(), vae).map_err(&e)?;
+        let loss_d = d_loss(&lr_real, &lr_fake, p.gan_loss).map_err(&e)?;
+        let grads_d = loss_d.backward().map_err(&e)?;
+        let lr = crate::train::warmup_lr(p.optimizer_d.lr, step, p.optimizer_d.warmup);
+        let gnorm_d = opt_d.step(&grads_d, lr).map_err(&e)?;
+
+        // Generator step through the updated discriminator.
+        let lf = disc.forward(&fake, vae).map_err(&e)?;
+        let adv = g_loss(&lf, p.gan_loss).map_err(&e)?;
+        let dist = (distance(&fake, &real, p.distance, p.huber_c).map_err(&e)? * &lambda)
+            .and_then(|v| v.mean_all())
+            .map_err(&e)?;
+        let loss_g = ((&adv * p.adv_weight).map_err(&e)? + &dist).map_err(&e)?;
+        let grads_g = loss_g.backward().map_err(&e)?;
+        let lr = crate::train::warmup_lr(p.optimizer_g.lr, step, p.optimizer_g.warmup);
+        let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
+        if p.mode == GanMode::Acd {
+            for (n, v) in &g_vars {
+                let t = &t_vars[n];
+                let upd = ((t.as_tensor() * p.ema_decay)
+                    .and_then(|a| a + (v.as_tensor() * (1.0 - p.ema_decay))?))
+                .map_err(&e)?;
+                t.set(&upd.detach()).map_err(&e)?;
+            }
+        }
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
+        let lg = scalar(&loss_g)?;
+        ctx.metric("loss_g", step + 1, lg)?;
+        ctx.metric("loss_d", step + 1, scalar(&loss_d)?)?;
+        ctx.metric("loss_adv", step + 1, scalar(&adv)?)?;
+        ctx.metric("loss_distill", step + 1, scalar(&dist)?)?;
+        ctx.metric("d_real", step + 1, mean_logit(&lr_real).map_err(&e)?)?;
+        ctx.metric("d_fake", step + 1, mean_logit(&lr_fake).map_err(&e)?)?;
+        ctx.metric("grad_norm_g", step + 1, gnorm_g)?;
+        ctx.metric("grad_norm_d", step + 1, gnorm_d)?;
+        ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
+        ctx.progress(step + 1, p.steps, &format!("loss_g {lg:.4}"));
+        let done = step + 1 == p.steps;
+        if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
+            std::fs::create_dir_all(&state_dir).at(&state_dir)?;
+            let mut all: HashMap<String, Tensor> = HashMap::new();
+            for (n, v) in &g_vars {
+                all.insert(format!("g.{n}"), v.as_tensor().clone());
+                all.insert(format!("target.{n}"), t_vars[n].as_tensor().clone());
+            }
+            for (n, v) in &d_vars {
+                all.insert(format!("d.{n}"), v.as_tensor().clone());
+            }
+            save_tensors(&state_dir.join("weights.safetensors"), &all)?;
+            opt_g.save(&state_dir.join("optimizer_g.safetensors"))?;
+            opt_d.save(&state_dir.join("optimizer_d.safetensors"))?;
+            ctx.save_checkpoint(step + 1, &())?;
+        }
+    }
+
+    save_component(&ctx.dir.join("unet"), &unet_cfg, &g_map)?;
+    for c in ["vae", "image_encoder"] {
+        copy_component(&gdir.join(c), &ctx.dir.join(c))?;
+    }
+    let settings = PipelineSettings {
+        frames,
+        sampler: p.sampler.clone(),
+        consistency: Some(boundary),
+        ..gen_pipe.settings.clone()
+    };
+    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
+    crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
+    drop(gen_pipe);
+    drop(teacher);
+    write_samples(ctx, p.sample_clips, p.steps, &test_set)
+}
