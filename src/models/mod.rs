@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod discriminator;
+pub mod efficientnet;
 pub mod image_encoder;
 pub mod layers;
 pub mod resnet;

@@ -28,7 +28,8 @@ use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
 use crate::models::checkpoint::{load_weights, save_component, save_tensors, WEIGHTS_FILE};
-use crate::models::discriminator::{BackboneConfig, ConvBackbone, DiscInput};
+use crate::models::discriminator::{Backbone, ConvBackbone, DiscInput};
+use crate::models::efficientnet::EfficientNetLite0;
 use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig, UNetSpatioTemporal};
 use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
 use crate::train::losses::{d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
@@ -198,40 +199,46 @@ impl StageKind for GanStage {
 }
 
 /// The discriminator with its trainable variables in `map`; a frozen backbone is built from
-/// constants drawn from the seed.
+/// constants (drawn from the seed, or the pretrained EfficientNet-Lite0 from `assets`).
 fn build_discriminator(
     cfg: &DiscriminatorConfig,
     latent_channels: usize,
     seed: u64,
+    assets: &std::path::Path,
     dev: &candle_core::Device,
 ) -> Result<(VarMap, Discriminator)> {
     let map = VarMap::new();
     let vb = seeded_varbuilder(&map, seed, dev);
-    let d = if cfg.backbone.trainable {
-        Discriminator::new(vb.clone(), vb, cfg, latent_channels)
-    } else {
-        let bb = VarMap::new();
-        let BackboneConfig { channels, .. } = &cfg.backbone;
-        ConvBackbone::new(
-            seeded_varbuilder(&bb, seed.wrapping_add(17), dev).pp("backbone"),
-            channels,
-        )
-        .map_err(ce("discriminator backbone"))?;
-        let consts: HashMap<String, Tensor> = bb
-            .data()
-            .lock()
-            .map_err(|_| Error::Other("discriminator backbone: poisoned lock".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-            .collect();
-        Discriminator::new(
-            vb,
-            VarBuilder::from_tensors(consts, DType::F32, dev),
-            cfg,
-            latent_channels,
-        )
-    }
-    .map_err(ce("discriminator"))?;
+    let backbone = match cfg.backbone.kind.as_str() {
+        "efficientnet_lite0" => {
+            Backbone::EfficientNet(Box::new(EfficientNetLite0::fetch(assets, dev)?))
+        }
+        _ if cfg.backbone.trainable => Backbone::Conv(
+            ConvBackbone::new(vb.pp("backbone"), &cfg.backbone.channels)
+                .map_err(ce("discriminator backbone"))?,
+        ),
+        _ => {
+            let bb = VarMap::new();
+            ConvBackbone::new(
+                seeded_varbuilder(&bb, seed.wrapping_add(17), dev).pp("backbone"),
+                &cfg.backbone.channels,
+            )
+            .map_err(ce("discriminator backbone"))?;
+            let consts: HashMap<String, Tensor> = bb
+                .data()
+                .lock()
+                .map_err(|_| Error::Other("discriminator backbone: poisoned lock".into()))?
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect();
+            let frozen = VarBuilder::from_tensors(consts, DType::F32, dev);
+            Backbone::Conv(
+                ConvBackbone::new(frozen.pp("backbone"), &cfg.backbone.channels)
+                    .map_err(ce("discriminator backbone"))?,
+            )
+        }
+    };
+    let d = Discriminator::new(vb, backbone, cfg, latent_channels).map_err(ce("discriminator"))?;
     Ok((map, d))
 }
 
@@ -288,7 +295,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let g_vars = named_vars(&g_map);
     let t_vars: HashMap<String, Var> = named_vars(&t_map).into_iter().collect();
     let lc = gen_pipe.vae.config.latent_channels;
-    let (d_map, disc) = build_discriminator(&p.discriminator, lc, ctx.seed, &dev)?;
+    let (d_map, disc) = build_discriminator(&p.discriminator, lc, ctx.seed, &ctx.assets, &dev)?;
     let d_vars = named_vars(&d_map);
     let mut opt_g = AdamW::new(g_vars.clone(), p.optimizer_g.clone()).map_err(ce("optimizer"))?;
     let mut opt_d = AdamW::new(d_vars.clone(), p.optimizer_d.clone()).map_err(ce("optimizer"))?;
