@@ -349,6 +349,41 @@ mod tests {
     use candle_nn::VarMap;
 
     #[test]
+    fn decoder_path_needs_the_vae_and_upsampler_path_does_not() {
+        let dev = Device::Cpu;
+        for input in [DiscInput::Decoder, DiscInput::Upsampler] {
+            let cfg = DiscriminatorConfig {
+                input,
+                backbone: BackboneConfig {
+                    channels: vec![8],
+                    trainable: true,
+                    ..Default::default()
+                },
+                feature_layers: vec![0],
+                head_channels: 8,
+                ..Default::default()
+            };
+            let map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let bb = Backbone::Conv(ConvBackbone::new(vb.pp("backbone"), &[8]).unwrap());
+            let d = Discriminator::new(vb, bb, &cfg, 4).unwrap();
+            let z = Tensor::zeros((1, 2, 4, 4, 4), DType::F32, &dev).unwrap();
+            let r = d.forward(&z, None);
+            match input {
+                DiscInput::Decoder => assert!(r.unwrap_err().to_string().contains("needs the VAE")),
+                DiscInput::Upsampler => assert!(r.is_ok()),
+            }
+            let has_upsampler = map
+                .data()
+                .lock()
+                .unwrap()
+                .keys()
+                .any(|k| k.starts_with("upsampler"));
+            assert_eq!(has_upsampler, input == DiscInput::Upsampler);
+        }
+    }
+
+    #[test]
     fn pixel_shuffle_matches_torch_layout() {
         // torch: out[0, c, h*r + i, w*r + j] = in[0, c*r*r + i*r + j, h, w]
         let r = 2;
@@ -414,7 +449,9 @@ mod tests {
         )
         .unwrap();
         let z = Tensor::randn(0f32, 1.0, (2, 3, 4, 4, 4), &dev).unwrap();
+        // The upsampler path runs without any VAE: it cannot call the decoder.
         let logits = d.forward(&z, None).unwrap();
+        assert_eq!(d.images(&z, None).unwrap().dims(), &[6, 3, 16, 16]);
         assert_eq!(logits.len(), 4, "2 layers x (spatial, temporal)");
         let loss = logits
             .iter()
