@@ -35,9 +35,10 @@ use crate::diffusion::{
     karras_sigmas, ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser,
 };
 use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{load_weights, save_component, save_tensors, WEIGHTS_FILE};
+use crate::models::checkpoint::{load_weights, save_tensors, WEIGHTS_FILE};
 use crate::models::{UNetConfig, UNetSpatioTemporal};
 use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{distance, Distance};
 use crate::train::optim::named_vars;
 use crate::train::{ce, clip_batch, device, random_windows, step_rng, AdamW, AdamWConfig};
@@ -84,6 +85,8 @@ pub struct ConsistencyParams {
     pub weighting: Weighting,
     /// The student's boundary scalings.
     pub boundary: ConsistencyParam,
+    /// Full fine-tuning (rank 0) or LoRA adapters.
+    pub lora: LoraConfig,
     /// Default sampler of the exported student (and of its previews).
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
@@ -114,6 +117,7 @@ impl Default for ConsistencyParams {
             huber_c: 0.001,
             weighting: Weighting::Ict,
             boundary: ConsistencyParam::default(),
+            lora: LoraConfig::default(),
             sampler: SamplerConfig {
                 method: SamplerMethod::Consistency,
                 steps: 1,
@@ -299,6 +303,22 @@ pub(crate) fn copy_component(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `target <- decay target + (1 - decay) student`, by name.
+pub(crate) fn ema_update(
+    target: &HashMap<String, Var>,
+    student: &HashMap<String, Tensor>,
+    decay: f64,
+) -> candle_core::Result<()> {
+    for (n, t) in target {
+        let s = student
+            .get(n)
+            .ok_or_else(|| candle_core::Error::Msg(format!("EMA: student lacks `{n}`")))?;
+        let upd = ((t.as_tensor() * decay)? + (s * (1.0 - decay))?)?;
+        t.set(&upd.detach())?;
+    }
+    Ok(())
+}
+
 /// A UNet with its own variables, initialised from the teacher folder's weights.
 fn unet_from(
     dir: &Path,
@@ -329,9 +349,15 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         p.frames.min(train_set.frames)
     };
     let unet_cfg: UNetConfig = crate::models::checkpoint::load_config(&tdir.join("unet"))?;
-    let (student_map, student) = unet_from(&tdir, &unet_cfg, &dev)?;
+    let student = Student::new(
+        &tdir.join("unet").join(WEIGHTS_FILE),
+        &unet_cfg,
+        &p.lora,
+        ctx.seed,
+        &dev,
+    )?;
     let (target_map, target) = unet_from(&tdir, &unet_cfg, &dev)?;
-    let vars = named_vars(&student_map);
+    let vars = student.vars();
     let target_vars: HashMap<String, Var> = named_vars(&target_map).into_iter().collect();
     let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
     let fps = data_fps(ctx).unwrap_or(teacher.settings.fps);
@@ -348,15 +374,15 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let f = state_dir.join("weights.safetensors");
         let all = candle_core::safetensors::load(&f, &dev)
             .map_err(|e| Error::Data(format!("{}: {e}", f.display())))?;
+        let get = |k: &str| {
+            all.get(k)
+                .ok_or_else(|| Error::Data(format!("{}: lacks `{k}`", f.display())))
+        };
         for (n, v) in &vars {
-            let get = |k: &str| {
-                all.get(k)
-                    .ok_or_else(|| Error::Data(format!("{}: lacks `{k}`", f.display())))
-            };
             v.set(get(n)?).map_err(ce("resume"))?;
-            target_vars[n]
-                .set(get(&format!("target.{n}"))?)
-                .map_err(ce("resume"))?;
+        }
+        for (n, t) in &target_vars {
+            t.set(get(&format!("target.{n}"))?).map_err(ce("resume"))?;
         }
         opt.load(&state_dir.join("optimizer.safetensors"), step)?;
         start = step;
@@ -376,8 +402,6 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     let teacher_den = SvdDenoiser {
         unet: &teacher.unet,
     };
-    let student_inner = SvdDenoiser { unet: &student };
-    let student_den = p.boundary.wrap(&student_inner);
     let target_inner = SvdDenoiser { unet: &target };
     let target_den = p.boundary.wrap(&target_inner);
 
@@ -405,7 +429,13 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let x = teacher_solve(&teacher_den, &x_hi, &ns, &grid, m, &cond, &guidance).map_err(&e)?;
         let s_lo = sig(0).map_err(&e)?;
         let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
-        let pred = student_den.denoise(&x_hi, &s_hi, &cond).map_err(&e)?;
+        let unet = student.unet()?;
+        let student_inner = SvdDenoiser { unet: &unet };
+        let pred = p
+            .boundary
+            .wrap(&student_inner)
+            .denoise(&x_hi, &s_hi, &cond)
+            .map_err(&e)?;
         let per_sample = distance(&pred, &target_x, p.distance, p.huber_c).map_err(&e)?;
         let lambda: Vec<f32> = ns
             .iter()
@@ -421,14 +451,8 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let grads = loss.backward().map_err(&e)?;
         let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
-        // EMA target.
-        for (n, v) in &vars {
-            let t = &target_vars[n];
-            let upd = ((t.as_tensor() * p.ema_decay)
-                .and_then(|a| a + (v.as_tensor() * (1.0 - p.ema_decay))?))
-            .map_err(&e)?;
-            t.set(&upd.detach()).map_err(&e)?;
-        }
+        // EMA target of the (merged) student weights.
+        ema_update(&target_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
         let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
         let mean_sigma = ns.iter().map(|&n| grid[n + m]).sum::<f64>() / b as f64;
         ctx.metric("loss", step + 1, lv)?;
@@ -441,7 +465,9 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
             let mut all: HashMap<String, Tensor> = HashMap::new();
             for (n, v) in &vars {
                 all.insert(n.clone(), v.as_tensor().clone());
-                all.insert(format!("target.{n}"), target_vars[n].as_tensor().clone());
+            }
+            for (n, t) in &target_vars {
+                all.insert(format!("target.{n}"), t.as_tensor().clone());
             }
             save_tensors(&state_dir.join("weights.safetensors"), &all)?;
             opt.save(&state_dir.join("optimizer.safetensors"))?;
@@ -450,7 +476,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     }
 
     // Export: the teacher's VAE and image encoder, the student's UNet, consistency settings.
-    save_component(&ctx.dir.join("unet"), &unet_cfg, &student_map)?;
+    student.export(&ctx.dir.join("unet"), &unet_cfg)?;
     for c in ["vae", "image_encoder"] {
         copy_component(&tdir.join(c), &ctx.dir.join(c))?;
     }

@@ -21,17 +21,18 @@
 //! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
 
 use super::consistency::{
-    copy_component, make_batch, model_dir, teacher_dir, teacher_solve, Batch, Weighting,
+    copy_component, ema_update, make_batch, model_dir, teacher_dir, teacher_solve, Batch, Weighting,
 };
 use super::teacher::{data_fps, encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{load_weights, save_component, save_tensors, WEIGHTS_FILE};
+use crate::models::checkpoint::{load_weights, save_tensors, WEIGHTS_FILE};
 use crate::models::discriminator::{Backbone, ConvBackbone, DiscInput};
 use crate::models::efficientnet::EfficientNetLite0;
 use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig, UNetSpatioTemporal};
 use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
 use crate::train::optim::named_vars;
 use crate::train::{ce, device, seeded_varbuilder, step_rng, AdamW, AdamWConfig};
@@ -83,6 +84,8 @@ pub struct GanParams {
     pub discriminator: DiscriminatorConfig,
     /// Boundary scalings when the generator folder is a teacher (a student keeps its own).
     pub boundary: ConsistencyParam,
+    /// Full fine-tuning (rank 0) or LoRA adapters (plus `train_also` layers).
+    pub lora: LoraConfig,
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
     pub checkpoint_every: u64,
@@ -125,6 +128,7 @@ impl Default for GanParams {
             max_guidance: c.max_guidance,
             discriminator: DiscriminatorConfig::default(),
             boundary: ConsistencyParam::default(),
+            lora: LoraConfig::default(),
             sampler: SamplerConfig {
                 method: SamplerMethod::Consistency,
                 steps: 1,
@@ -290,9 +294,15 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         load_weights(&vm, &gdir.join("unet").join(WEIGHTS_FILE))?;
         Ok((vm, u))
     };
-    let (g_map, g_unet) = load_unet()?;
+    let student = Student::new(
+        &gdir.join("unet").join(WEIGHTS_FILE),
+        &unet_cfg,
+        &p.lora,
+        ctx.seed,
+        &dev,
+    )?;
     let (t_map, t_unet) = load_unet()?;
-    let g_vars = named_vars(&g_map);
+    let g_vars = student.vars();
     let t_vars: HashMap<String, Var> = named_vars(&t_map).into_iter().collect();
     let lc = gen_pipe.vae.config.latent_channels;
     let (d_map, disc) = build_discriminator(&p.discriminator, lc, ctx.seed, &ctx.assets, &dev)?;
@@ -315,9 +325,9 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         };
         for (n, v) in &g_vars {
             v.set(get(&format!("g.{n}"))?).map_err(ce("resume"))?;
-            t_vars[n]
-                .set(get(&format!("target.{n}"))?)
-                .map_err(ce("resume"))?;
+        }
+        for (n, t) in &t_vars {
+            t.set(get(&format!("target.{n}"))?).map_err(ce("resume"))?;
         }
         for (n, v) in &d_vars {
             v.set(get(&format!("d.{n}"))?).map_err(ce("resume"))?;
@@ -346,8 +356,6 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         ..Default::default()
     }
     .guidance(frames);
-    let g_inner = SvdDenoiser { unet: &g_unet };
-    let g_den = boundary.wrap(&g_inner);
     let t_inner = SvdDenoiser { unet: &t_unet };
     let t_den = boundary.wrap(&t_inner);
     let teacher_den = teacher.as_ref().map(|t| SvdDenoiser { unet: &t.unet });
@@ -395,7 +403,12 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             }
             None => (x0.clone(), Tensor::ones(b, DType::F32, &dev).map_err(&e)?),
         };
-        let fake = g_den.denoise(&x_hi, &s_hi, &cond).map_err(&e)?;
+        let g_unet = student.unet()?;
+        let g_inner = SvdDenoiser { unet: &g_unet };
+        let fake = boundary
+            .wrap(&g_inner)
+            .denoise(&x_hi, &s_hi, &cond)
+            .map_err(&e)?;
 
         // Discriminator step on detached samples.
         let lr_real = disc.forward(&real, vae).map_err(&e)?;
@@ -416,13 +429,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let lr = crate::train::warmup_lr(p.optimizer_g.lr, step, p.optimizer_g.warmup);
         let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
         if p.mode == GanMode::Acd {
-            for (n, v) in &g_vars {
-                let t = &t_vars[n];
-                let upd = ((t.as_tensor() * p.ema_decay)
-                    .and_then(|a| a + (v.as_tensor() * (1.0 - p.ema_decay))?))
-                .map_err(&e)?;
-                t.set(&upd.detach()).map_err(&e)?;
-            }
+            ema_update(&t_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
         }
         let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
         let lg = scalar(&loss_g)?;
@@ -442,7 +449,9 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             let mut all: HashMap<String, Tensor> = HashMap::new();
             for (n, v) in &g_vars {
                 all.insert(format!("g.{n}"), v.as_tensor().clone());
-                all.insert(format!("target.{n}"), t_vars[n].as_tensor().clone());
+            }
+            for (n, t) in &t_vars {
+                all.insert(format!("target.{n}"), t.as_tensor().clone());
             }
             for (n, v) in &d_vars {
                 all.insert(format!("d.{n}"), v.as_tensor().clone());
@@ -454,7 +463,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         }
     }
 
-    save_component(&ctx.dir.join("unet"), &unet_cfg, &g_map)?;
+    student.export(&ctx.dir.join("unet"), &unet_cfg)?;
     for c in ["vae", "image_encoder"] {
         copy_component(&gdir.join(c), &ctx.dir.join(c))?;
     }
