@@ -1187,6 +1187,40 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
         ),
         1
     );
+    // Both GAN stages log every loss per step; ACD its R1 term.
+    for key in [
+        "loss_g",
+        "loss_d",
+        "loss_adv",
+        "loss_distill",
+        "d_real",
+        "d_fake",
+    ] {
+        let n = count(
+            &store,
+            &format!("SELECT COUNT(*) FROM metrics WHERE key = '{key}'"),
+        );
+        assert_eq!(n, 4, "{key}: 2 steps x 2 stages");
+    }
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'r1'"),
+        2
+    );
+    // `sampler.method = "time_travel"` alone: the student defaults (no CFG), so 2 NFE.
+    let acd = plan.runs[0]
+        .stages
+        .iter()
+        .find(|s| s.name == "acd")
+        .unwrap();
+    let sql = format!(
+        "SELECT COUNT(*) FROM metrics WHERE stage_hash = '{}' AND key = 'sample_nfe' AND value = 2",
+        acd.hash
+    );
+    assert_eq!(
+        count(&store, &sql),
+        1,
+        "TTS without guidance is 2 evaluations"
+    );
     let dir = onestep::plan::cache_dir(a.path(), &student.hash);
     let settings: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("onestep.json")).unwrap()).unwrap();

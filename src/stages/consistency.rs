@@ -87,7 +87,9 @@ pub struct ConsistencyParams {
     pub boundary: ConsistencyParam,
     /// Full fine-tuning (rank 0) or LoRA adapters.
     pub lora: LoraConfig,
-    /// Default sampler of the exported student (and of its previews).
+    /// Default sampler of the exported student (and of its previews). Keys left out take the
+    /// student defaults (1-step consistency, no guidance), not the teacher's.
+    #[serde(deserialize_with = "student_sampler")]
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
     pub checkpoint_every: u64,
@@ -118,17 +120,45 @@ impl Default for ConsistencyParams {
             weighting: Weighting::Ict,
             boundary: ConsistencyParam::default(),
             lora: LoraConfig::default(),
-            sampler: SamplerConfig {
-                method: SamplerMethod::Consistency,
-                steps: 1,
-                min_guidance: 1.0,
-                max_guidance: 1.0,
-                ..Default::default()
-            },
+            sampler: student_sampler_default(),
             sample_clips: 4,
             checkpoint_every: 100,
         }
     }
+}
+
+/// The student samplers' defaults: 1-step consistency sampling without guidance.
+pub fn student_sampler_default() -> SamplerConfig {
+    SamplerConfig {
+        method: SamplerMethod::Consistency,
+        steps: 1,
+        min_guidance: 1.0,
+        max_guidance: 1.0,
+        ..Default::default()
+    }
+}
+
+/// Deserialize a (possibly partial) sampler table over [`student_sampler_default`], so that
+/// `sampler.method = "time_travel"` alone does not inherit the teacher's 25 steps and CFG.
+pub fn student_sampler<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<SamplerConfig, D::Error> {
+    use serde::de::Error as _;
+    let given = toml::Value::deserialize(d)?;
+    let mut base = toml::Value::try_from(student_sampler_default()).map_err(D::Error::custom)?;
+    match (&mut base, given) {
+        (toml::Value::Table(b), toml::Value::Table(g)) => {
+            for (k, v) in g {
+                b.insert(k, v);
+            }
+        }
+        (_, other) => {
+            return Err(D::Error::custom(format!(
+                "sampler must be a table, got {other}"
+            )))
+        }
+    }
+    base.try_into().map_err(D::Error::custom)
 }
 
 impl ConsistencyParams {

@@ -25,7 +25,7 @@ use super::consistency::{
 };
 use super::teacher::{data_fps, encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
-use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser};
+use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
 use crate::models::checkpoint::{load_weights, save_tensors, WEIGHTS_FILE};
 use crate::models::discriminator::{Backbone, ConvBackbone, DiscInput};
@@ -91,6 +91,8 @@ pub struct GanParams {
     pub boundary: ConsistencyParam,
     /// Full fine-tuning (rank 0) or LoRA adapters (plus `train_also` layers).
     pub lora: LoraConfig,
+    /// As in `consistency`: missing keys take the student defaults.
+    #[serde(deserialize_with = "super::consistency::student_sampler")]
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
     pub checkpoint_every: u64,
@@ -136,13 +138,7 @@ impl Default for GanParams {
             discriminator: DiscriminatorConfig::default(),
             boundary: ConsistencyParam::default(),
             lora: LoraConfig::default(),
-            sampler: SamplerConfig {
-                method: SamplerMethod::Consistency,
-                steps: 1,
-                min_guidance: 1.0,
-                max_guidance: 1.0,
-                ..Default::default()
-            },
+            sampler: super::consistency::student_sampler_default(),
             sample_clips: 4,
             checkpoint_every: 100,
         }
