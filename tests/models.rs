@@ -352,7 +352,7 @@ fn gradients_match_finite_differences() {
         let orig = var.as_tensor().copy().unwrap();
         let flat = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let h = 1e-2f32.max(flat[0].abs() * 1e-2);
-        let mut at = |delta: f32| {
+        let at = |delta: f32| {
             let mut v = flat.clone();
             v[0] += delta;
             var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
