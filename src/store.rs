@@ -213,11 +213,23 @@ impl Store {
         self.conn
             .busy_timeout(Duration::from_secs(60))
             .map_err(|e| self.e(e))?;
-        self.conn
-            .execute_batch(
+        // Switching a brand-new database file to WAL while another process does the same can
+        // return SQLITE_BUSY without consulting the busy handler: retry it for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.conn.execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-            )
-            .map_err(|e| self.e(e))?;
+            ) {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if f.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(self.e(e)),
+            }
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
