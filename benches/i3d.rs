@@ -9,18 +9,9 @@
 
 use onestep::metrics::frechet::{frechet_distance, Gaussian};
 use onestep::metrics::i3d::Act;
-use std::time::Instant;
 
-fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+mod common;
+use common::best_of;
 
 fn main() {
     let reps: usize = std::env::var("ONESTEP_BENCH_REPS")

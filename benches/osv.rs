@@ -24,22 +24,13 @@ use onestep::models::{
     UNetSpatioTemporal, VaeConfig,
 };
 use onestep::train::losses::{d_loss, g_loss, GanLoss};
-use std::time::Instant;
 
 const B: usize = 4;
 const T: usize = 8;
 const HW: usize = 8;
 
-fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+mod common;
+use common::best_of;
 
 fn assets() -> std::path::PathBuf {
     std::env::var_os("ONESTEP_ASSETS")

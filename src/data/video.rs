@@ -69,22 +69,13 @@ pub fn ffmpeg_version(ffmpeg: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Decoded frames of one video: `frames * size * size * 3` bytes.
-pub struct Decoded {
-    pub frames: usize,
-    pub data: Vec<u8>,
-}
-
-/// Decode a video at `fps`, centre-cropped to a square and resized to `size` (area filter).
-pub fn decode(ffmpeg: &Path, file: &Path, fps: f64, size: usize) -> Result<Decoded> {
-    let filter =
-        format!("fps={fps},crop='min(iw,ih)':'min(iw,ih)',scale={size}:{size}:flags=area,setsar=1");
+/// Run `ffmpeg -i file <output args>` and return its standard output; a failure is an error
+/// naming the file with the last lines ffmpeg printed.
+pub fn run_decoder(ffmpeg: &Path, file: &Path, output: &[&str]) -> Result<Vec<u8>> {
     let out = Command::new(ffmpeg)
         .args(["-nostdin", "-v", "error", "-i"])
         .arg(file)
-        .args([
-            "-an", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
-        ])
+        .args(output)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
@@ -103,15 +94,35 @@ pub fn decode(ffmpeg: &Path, file: &Path, fps: f64, size: usize) -> Result<Decod
             tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )));
     }
+    Ok(out.stdout)
+}
+
+/// Decoded frames of one video: `frames * size * size * 3` bytes.
+pub struct Decoded {
+    pub frames: usize,
+    pub data: Vec<u8>,
+}
+
+/// Decode a video at `fps`, centre-cropped to a square and resized to `size` (area filter).
+pub fn decode(ffmpeg: &Path, file: &Path, fps: f64, size: usize) -> Result<Decoded> {
+    let filter =
+        format!("fps={fps},crop='min(iw,ih)':'min(iw,ih)',scale={size}:{size}:flags=area,setsar=1");
+    let stdout = run_decoder(
+        ffmpeg,
+        file,
+        &[
+            "-an", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+        ],
+    )?;
     let frame = size * size * 3;
-    if out.stdout.is_empty() {
+    if stdout.is_empty() {
         return Err(Error::Data(format!(
             "{}: no video frames decoded",
             file.display()
         )));
     }
-    let frames = out.stdout.len() / frame;
-    let mut data = out.stdout;
+    let frames = stdout.len() / frame;
+    let mut data = stdout;
     data.truncate(frames * frame);
     Ok(Decoded { frames, data })
 }

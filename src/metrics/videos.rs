@@ -5,7 +5,6 @@
 use crate::data::video::VIDEO_EXTENSIONS;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// Decoded RGB frames.
 #[derive(Debug, Clone)]
@@ -163,28 +162,12 @@ fn read_png_folder(dir: &Path) -> Result<Frames> {
 /// Decode every frame of a video file at its own size, through a PPM pipe (each frame carries
 /// its size, so no probing is needed).
 pub fn decode_native(ffmpeg: &Path, file: &Path) -> Result<Frames> {
-    let out = Command::new(ffmpeg)
-        .args(["-nostdin", "-v", "error", "-i"])
-        .arg(file)
-        .args(["-an", "-f", "image2pipe", "-vcodec", "ppm", "pipe:1"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| {
-            Error::Data(format!(
-                "{}: cannot run ffmpeg {}: {e}",
-                file.display(),
-                ffmpeg.display()
-            ))
-        })?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::Data(format!(
-            "{}: ffmpeg could not decode it: {}",
-            file.display(),
-            err.lines().last().unwrap_or("")
-        )));
-    }
-    parse_ppm_stream(&out.stdout).map_err(|e| Error::Data(format!("{}: {e}", file.display())))
+    let stdout = crate::data::video::run_decoder(
+        ffmpeg,
+        file,
+        &["-an", "-f", "image2pipe", "-vcodec", "ppm", "pipe:1"],
+    )?;
+    parse_ppm_stream(&stdout).map_err(|e| Error::Data(format!("{}: {e}", file.display())))
 }
 
 /// Parse concatenated binary PPM (P6, maxval 255) images of one size.

@@ -262,27 +262,90 @@ pub(crate) fn model_dir(
     }
 }
 
+/// The ascending sigma grid with the pair spacing `m` that both distillation stages draw from:
+/// per sample an index `n` in `0..len - m`, the pair `(grid[n], grid[n + m])`.
+pub(crate) struct PairGrid {
+    pub sigmas: Vec<f64>,
+    pub m: usize,
+    /// Mean of `1 / (grid[n + m] - grid[n])`, iCT's weighting normaliser (1 when `m = 0`).
+    mean_inv_gap: f64,
+}
+
+impl PairGrid {
+    pub fn new(sigmas: Vec<f64>, m: usize) -> Self {
+        let top = sigmas.len() - m;
+        let mean_inv_gap = if m == 0 {
+            1.0
+        } else {
+            (0..top)
+                .map(|n| 1.0 / (sigmas[n + m] - sigmas[n]))
+                .sum::<f64>()
+                / top as f64
+        };
+        Self {
+            sigmas,
+            m,
+            mean_inv_gap,
+        }
+    }
+
+    /// One index per sample, uniform over `0..len - m`.
+    pub fn draw(&self, rng: &mut crate::diffusion::noise::NormalRng, b: usize) -> Vec<usize> {
+        let top = self.sigmas.len() - self.m;
+        (0..b)
+            .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
+            .collect()
+    }
+
+    /// `grid[n + k]` per sample, `[b]`.
+    pub fn at(
+        &self,
+        ns: &[usize],
+        k: usize,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let v: Vec<f32> = ns.iter().map(|&n| self.sigmas[n + k] as f32).collect();
+        Tensor::from_vec(v, ns.len(), dev)
+    }
+
+    /// `lambda(t_n)` per sample, `[b]`.
+    pub fn lambda(
+        &self,
+        ns: &[usize],
+        weighting: Weighting,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let m = self.m;
+        let v: Vec<f32> = ns
+            .iter()
+            .map(|&n| match weighting {
+                Weighting::Ict => {
+                    (1.0 / (self.sigmas[n + m] - self.sigmas[n]) / self.mean_inv_gap) as f32
+                }
+                Weighting::Uniform => 1.0,
+            })
+            .collect();
+        Tensor::from_vec(v, ns.len(), dev)
+    }
+}
+
 /// `m` guided Euler steps of the teacher's probability-flow ODE from `grid[n + m]` down to
 /// `grid[n]` (one `n` per sample), without gradient.
 pub(crate) fn teacher_solve(
     teacher: &dyn Denoiser,
     x_hi: &Tensor,
     ns: &[usize],
-    grid: &[f64],
-    m: usize,
+    grid: &PairGrid,
     cond: &crate::diffusion::Conditioning,
     guidance: &[f64],
 ) -> candle_core::Result<Tensor> {
     let b = ns.len();
     let dev = x_hi.device();
-    let sig = |k: usize| -> candle_core::Result<Tensor> {
-        let v: Vec<f32> = ns.iter().map(|&n| grid[n + k] as f32).collect();
-        Tensor::from_vec(v, (b, 1, 1, 1, 1), dev)
-    };
     let mut x = x_hi.detach();
-    for k in (0..m).rev() {
-        let (sk, sn) = (sig(k + 1)?, sig(k)?);
-        let d = guided_denoise_sigmas(teacher, &x, &sk.flatten_all()?, cond, guidance)?.detach();
+    for k in (0..grid.m).rev() {
+        let (sk, sn) = (grid.at(ns, k + 1, dev)?, grid.at(ns, k, dev)?);
+        let d = guided_denoise_sigmas(teacher, &x, &sk, cond, guidance)?.detach();
+        let (sk, sn) = (sk.reshape((b, 1, 1, 1, 1))?, sn.reshape((b, 1, 1, 1, 1))?);
         let deriv = (&x - d)?.broadcast_div(&sk)?;
         x = (&x + deriv.broadcast_mul(&(sn - &sk)?)?)?.detach();
     }
@@ -350,7 +413,7 @@ pub(crate) fn ema_update(
 }
 
 /// A UNet with its own variables, initialised from the teacher folder's weights.
-fn unet_from(
+pub(crate) fn unet_from(
     dir: &Path,
     cfg: &UNetConfig,
     dev: &candle_core::Device,
@@ -419,10 +482,8 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         ctx.note(&format!("resuming from step {step}"));
     }
 
-    let grid = p.sigma_grid();
-    let m = p.solver_steps;
-    let top = grid.len() - m; // n in 0..top
-    let mean_inv_gap = (0..top).map(|n| 1.0 / (grid[n + m] - grid[n])).sum::<f64>() / top as f64;
+    let grid = PairGrid::new(p.sigma_grid(), p.solver_steps);
+    let m = grid.m;
     let guidance = SamplerConfig {
         min_guidance: p.min_guidance,
         max_guidance: p.max_guidance,
@@ -444,20 +505,14 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
             &mut rng, &teacher, &train_set, &latents, frames, b, fps, &dev,
         )
         .map_err(&e)?;
-        let ns: Vec<usize> = (0..b)
-            .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
-            .collect();
-        let sig = |k: usize| -> candle_core::Result<Tensor> {
-            let v: Vec<f32> = ns.iter().map(|&n| grid[n + k] as f32).collect();
-            Tensor::from_vec(v, b, &dev)
-        };
+        let ns = grid.draw(&mut rng, b);
         let bcast = |t: &Tensor| t.reshape((b, 1, 1, 1, 1));
-        let s_hi = sig(m).map_err(&e)?;
+        let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
         let x_hi = (&x0 + z.broadcast_mul(&bcast(&s_hi).map_err(&e)?).map_err(&e)?).map_err(&e)?;
         // Teacher: m Euler steps down the grid, guided, no gradient.
-        let x = teacher_solve(&teacher_den, &x_hi, &ns, &grid, m, &cond, &guidance).map_err(&e)?;
-        let s_lo = sig(0).map_err(&e)?;
+        let x = teacher_solve(&teacher_den, &x_hi, &ns, &grid, &cond, &guidance).map_err(&e)?;
+        let s_lo = grid.at(&ns, 0, &dev).map_err(&e)?;
         let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
         let unet = student.unet()?;
         let student_inner = SvdDenoiser { unet: &unet };
@@ -467,14 +522,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
         let per_sample = distance(&pred, &target_x, p.distance, p.huber_c).map_err(&e)?;
-        let lambda: Vec<f32> = ns
-            .iter()
-            .map(|&n| match p.weighting {
-                Weighting::Ict => (1.0 / (grid[n + m] - grid[n]) / mean_inv_gap) as f32,
-                Weighting::Uniform => 1.0,
-            })
-            .collect();
-        let lambda = Tensor::from_vec(lambda, b, &dev).map_err(&e)?;
+        let lambda = grid.lambda(&ns, p.weighting, &dev).map_err(&e)?;
         let loss = (per_sample * lambda)
             .and_then(|v| v.mean_all())
             .map_err(&e)?;
@@ -484,7 +532,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         // EMA target of the (merged) student weights.
         ema_update(&target_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
         let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
-        let mean_sigma = ns.iter().map(|&n| grid[n + m]).sum::<f64>() / b as f64;
+        let mean_sigma = ns.iter().map(|&n| grid.sigmas[n + m]).sum::<f64>() / b as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
         ctx.metric("sigma", step + 1, mean_sigma)?;

@@ -21,19 +21,20 @@
 //! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
 
 use super::consistency::{
-    copy_component, ema_update, make_batch, model_dir, teacher_dir, teacher_solve, Batch, Weighting,
+    copy_component, ema_update, make_batch, model_dir, teacher_dir, teacher_solve, unet_from,
+    Batch, PairGrid, Weighting,
 };
 use super::teacher::{data_fps, encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{load_weights, save_tensors, WEIGHTS_FILE};
+use crate::models::checkpoint::{save_tensors, WEIGHTS_FILE};
 use crate::models::discriminator::{Backbone, ConvBackbone, DiscInput};
 use crate::models::efficientnet::EfficientNetLite0;
-use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig, UNetSpatioTemporal};
+use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig};
 use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
 use crate::train::lora::{LoraConfig, Student};
-use crate::train::losses::{d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
+use crate::train::losses::{approx_r1, d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
 use crate::train::optim::named_vars;
 use crate::train::{ce, device, seeded_varbuilder, step_rng, AdamW, AdamWConfig};
 use candle_core::{DType, Tensor, Var};
@@ -188,19 +189,6 @@ impl GanParams {
     }
 }
 
-/// Mean squared difference of two sets of head logits, averaged over heads.
-fn approx_r1(a: &[Tensor], b: &[Tensor]) -> candle_core::Result<Tensor> {
-    let mut total: Option<Tensor> = None;
-    for (x, y) in a.iter().zip(b) {
-        let v = (x - y)?.sqr()?.mean_all()?;
-        total = Some(match total {
-            None => v,
-            Some(t) => (t + v)?,
-        });
-    }
-    total.ok_or_else(|| candle_core::Error::Msg("no discriminator heads".into()))? / a.len() as f64
-}
-
 pub struct GanStage;
 
 impl StageKind for GanStage {
@@ -309,13 +297,6 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         p.frames.min(train_set.frames)
     };
     let unet_cfg: UNetConfig = crate::models::checkpoint::load_config(&gdir.join("unet"))?;
-    let load_unet = || -> Result<(VarMap, UNetSpatioTemporal)> {
-        let vm = VarMap::new();
-        let u = UNetSpatioTemporal::new(VarBuilder::from_varmap(&vm, DType::F32, &dev), &unet_cfg)
-            .map_err(ce("generator UNet"))?;
-        load_weights(&vm, &gdir.join("unet").join(WEIGHTS_FILE))?;
-        Ok((vm, u))
-    };
     let student = Student::new(
         &gdir.join("unet").join(WEIGHTS_FILE),
         &unet_cfg,
@@ -323,7 +304,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         ctx.seed,
         &dev,
     )?;
-    let (t_map, t_unet) = load_unet()?;
+    let (t_map, t_unet) = unet_from(&gdir, &unet_cfg, &dev)?;
     let g_vars = student.vars();
     let t_vars: HashMap<String, Var> = named_vars(&t_map).into_iter().collect();
     let lc = gen_pipe.vae.config.latent_channels;
@@ -360,18 +341,12 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         ctx.note(&format!("resuming from step {step}"));
     }
 
-    let grid = p.grid_params().sigma_grid();
     let m = if p.mode == GanMode::Acd {
         p.solver_steps
     } else {
         0
     };
-    let top = grid.len() - m;
-    let mean_inv_gap = if m > 0 {
-        (0..top).map(|n| 1.0 / (grid[n + m] - grid[n])).sum::<f64>() / top as f64
-    } else {
-        1.0
-    };
+    let grid = PairGrid::new(p.grid_params().sigma_grid(), m);
     let guidance = SamplerConfig {
         min_guidance: p.min_guidance,
         max_guidance: p.max_guidance,
@@ -393,14 +368,8 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             &mut rng, &gen_pipe, &train_set, &latents, frames, b, fps, &dev,
         )
         .map_err(&e)?;
-        let ns: Vec<usize> = (0..b)
-            .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
-            .collect();
-        let sig = |k: usize| -> candle_core::Result<Tensor> {
-            let v: Vec<f32> = ns.iter().map(|&n| grid[n + k] as f32).collect();
-            Tensor::from_vec(v, b, &dev)
-        };
-        let s_hi = sig(m).map_err(&e)?;
+        let ns = grid.draw(&mut rng, b);
+        let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
         let x_hi = (&x0
             + z.broadcast_mul(&s_hi.reshape((b, 1, 1, 1, 1)).map_err(&e)?)
@@ -408,20 +377,12 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         .map_err(&e)?;
         let (real, lambda) = match &teacher_den {
             Some(tden) => {
-                let x_lo =
-                    teacher_solve(tden, &x_hi, &ns, &grid, m, &cond, &guidance).map_err(&e)?;
+                let x_lo = teacher_solve(tden, &x_hi, &ns, &grid, &cond, &guidance).map_err(&e)?;
                 let real = t_den
-                    .denoise(&x_lo, &sig(0).map_err(&e)?, &cond)
+                    .denoise(&x_lo, &grid.at(&ns, 0, &dev).map_err(&e)?, &cond)
                     .map_err(&e)?
                     .detach();
-                let lam: Vec<f32> = ns
-                    .iter()
-                    .map(|&n| match p.weighting {
-                        Weighting::Ict => (1.0 / (grid[n + m] - grid[n]) / mean_inv_gap) as f32,
-                        Weighting::Uniform => 1.0,
-                    })
-                    .collect();
-                (real, Tensor::from_vec(lam, b, &dev).map_err(&e)?)
+                (real, grid.lambda(&ns, p.weighting, &dev).map_err(&e)?)
             }
             None => (x0.clone(), Tensor::ones(b, DType::F32, &dev).map_err(&e)?),
         };

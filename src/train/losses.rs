@@ -79,6 +79,17 @@ pub fn g_loss(fake: &[Tensor], kind: GanLoss) -> Result<Tensor> {
     }
 }
 
+/// The approximated R1 penalty: mean squared difference between the logits of real samples
+/// and of slightly perturbed real samples, averaged over heads.
+pub fn approx_r1(real: &[Tensor], perturbed: &[Tensor]) -> Result<Tensor> {
+    let diffs = real
+        .iter()
+        .zip(perturbed)
+        .map(|(a, b)| a - b)
+        .collect::<Result<Vec<_>>>()?;
+    mean_over_heads(&diffs, |d| d.sqr())
+}
+
 /// Mean logit over all heads (a training diagnostic).
 pub fn mean_logit(heads: &[Tensor]) -> Result<f64> {
     Ok(mean_over_heads(heads, |h| Ok(h.clone()))?.to_scalar::<f32>()? as f64)
