@@ -15,6 +15,7 @@ pub mod models;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod report;
 pub mod runner;
 pub mod spec;
 pub mod stages;

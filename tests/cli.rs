@@ -1032,19 +1032,64 @@ fn fvd_stage_logs_a_labelled_distance_and_caches_real_logits() {
     );
     let d = value("fvd_fast");
     assert!(d.is_finite() && d > 0.0, "fvd_fast = {d}");
-    assert_eq!(value("fvd/clips"), 8.0);
-    assert_eq!(value("fvd/frames"), 10.0);
-    assert_eq!(value("fvd/resolution"), 16.0);
-    assert_eq!(value("fvd/comparable"), 0.0);
-    assert_eq!(value("fvd_real_halves/clips"), 4.0);
-    assert!(value("fvd_real_halves") > 0.0);
-    // The real logits were cached in the assets folder for the next method.
+    // Every key of a quick check carries `_fast` in its first segment.
+    assert_eq!(value("fvd_fast/clips"), 8.0);
+    assert_eq!(value("fvd_fast/frames"), 10.0);
+    assert_eq!(value("fvd_fast/resolution"), 16.0);
+    assert_eq!(value("fvd_fast/comparable"), 0.0);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key LIKE 'fvd/%' OR key LIKE 'motion_fd/%'"
+        ),
+        0
+    );
+    // Bootstrap intervals beside the values.
+    assert!(value("fvd_fast/low") <= value("fvd_fast/high"));
+    assert!(value("fvd_fast/high") > 0.0);
+    // The motion distance and first-frame fidelity.
+    assert!(value("motion_fd_fast").is_finite());
+    assert!(value("motion_fd_fast/low") <= value("motion_fd_fast/high"));
+    let psnr = value("first_frame_psnr_fast");
+    assert!(psnr > 0.0 && psnr < 120.0, "{psnr}");
+    let ssim = value("first_frame_ssim_fast");
+    assert!((-1.0..=1.0).contains(&ssim), "{ssim}");
+    // The reference rows: floor at N/2, static at N, and the paired difference to static.
+    assert_eq!(value("fvd_floor_fast/clips"), 4.0);
+    assert!(value("fvd_floor_fast") > 0.0);
+    assert!(value("fvd_static_fast") > 0.0);
+    assert!(value("motion_fd_static_fast") > 0.0);
+    let diff = value("fvd_vs_static_fast");
+    assert!((diff - (d - value("fvd_static_fast"))).abs() < 1e-6 * d.max(1.0));
+    assert!([0.0, 1.0].contains(&value("beats_static_fast")));
+    // The real and static logits were cached in the assets folder for the next method.
     let cached: Vec<_> = std::fs::read_dir(assets().join("fvd"))
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("real-"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("i3d-"))
         .collect();
-    assert!(!cached.is_empty());
+    assert!(cached.len() >= 2);
+    // The report shows the method with its reference rows and says it is a quick check.
+    let o = onestep(results, &["report", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r = String::from_utf8_lossy(&o.stdout).to_string();
+    for want in [
+        "floor: real vs real (N/2 = 4 each)",
+        "static: first frame repeated",
+        "teacher (`fvd`)",
+        "Quick check",
+        "Below the protocol",
+    ] {
+        assert!(r.contains(want), "report lacks {want:?}:\n{r}");
+    }
+    // A report of an experiment that has no runs is a clear error.
+    let o = onestep(results, &["report", "no-such-experiment"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("no runs of experiment `no-such-experiment`"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

@@ -390,3 +390,95 @@ fn gradients_match_finite_differences() {
         check(&uvars, name, &uloss);
     }
 }
+
+#[test]
+fn dinov2_matches_transformers_with_interpolated_positions() {
+    // tools/fixtures/dinov2_reference.py: a random Dinov2Model (pretrained grid 4x4) on 20x28
+    // inputs, whose 5x7 grid needs bicubic position interpolation.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dinov2");
+    let net = onestep::models::dinov2::Dinov2::load(&dir, &Device::Cpu).unwrap();
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let (states, last) = net.forward(&r["pixel_values"]).unwrap();
+    assert_eq!(states.len(), 4);
+    for (i, s) in states.iter().enumerate() {
+        let d = max_abs(s, &r[&format!("hidden_states.{i}")]);
+        assert!(d < 1e-4, "hidden state {i}: max abs diff {d}");
+    }
+    let d = max_abs(&last, &r["last_hidden_state"]);
+    assert!(d < 1e-4, "last hidden state: max abs diff {d}");
+    // Features: the patch tokens of every layer as [n, d, 5, 7] maps.
+    let f = net.features(&r["pixel_values"]).unwrap();
+    assert_eq!(f.len(), 3);
+    assert_eq!(f[0].dims(), &[2, 32, 5, 7]);
+    // A wrong folder is a clear error naming the file.
+    let err = onestep::models::dinov2::Dinov2::load(&fixtures(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn dinov2_discriminator_trains_its_heads_and_upsampler_through_the_frozen_vit() {
+    use onestep::models::discriminator::{
+        Backbone, BackboneConfig, Discriminator, DiscriminatorConfig,
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dinov2");
+    let dev = Device::Cpu;
+    let cfg = DiscriminatorConfig {
+        backbone: BackboneConfig {
+            kind: "dinov2".into(),
+            path: dir.display().to_string(),
+            image_size: 16,
+            ..Default::default()
+        },
+        feature_layers: vec![0, 2],
+        head_channels: 8,
+        ..Default::default()
+    };
+    cfg.validate().unwrap();
+    let map = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&map, candle_core::DType::F32, &dev);
+    let vit = onestep::models::dinov2::Dinov2::load(&dir, &dev).unwrap();
+    let d = Discriminator::new(vb, Backbone::Dinov2(Box::new(vit), 16), &cfg, 4).unwrap();
+    // Latents [b, t, c, h, w]: 2x2 latents -> 8x8 images (r = 4) -> resized to 16 -> 4x4 patches.
+    let z = Tensor::randn(0f32, 1.0, (1, 3, 4, 2, 2), &dev).unwrap();
+    let logits = d.forward(&z, None).unwrap();
+    assert_eq!(logits.len(), 4, "spatial and temporal heads on two layers");
+    let loss = logits
+        .iter()
+        .map(|l| l.sum_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = map.data().lock().unwrap();
+    assert!(
+        vars.keys().all(|k| !k.contains("encoder.layer")),
+        "the ViT is not trainable"
+    );
+    for (k, v) in vars.iter() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {k}"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if k.starts_with("upsampler") {
+            assert!(n > 0.0, "the upsampler learns through the frozen ViT: {k}");
+        }
+    }
+    // Validation names the missing folder.
+    let bad = DiscriminatorConfig {
+        backbone: BackboneConfig {
+            kind: "dinov2".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(bad.validate().unwrap_err().contains("backbone.path"));
+}

@@ -5,6 +5,7 @@ mod export;
 mod generate;
 mod metrics;
 mod plan;
+mod report;
 mod run;
 mod runs;
 mod show;
@@ -89,6 +90,9 @@ pub enum Command {
     Show(show::Args),
     /// Export store tables as CSV or Parquet.
     Export(export::Args),
+    /// Evaluation tables of an experiment: FVD, motion FD and first-frame fidelity with
+    /// intervals, the floor and static rows, and paired comparisons of its methods.
+    Report(report::Args),
     /// Generate a video from an image with a trained model folder.
     Generate(generate::Args),
     /// Fetch, list and preview video data.
@@ -110,6 +114,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Runs(a) => runs::execute(&cli.global, a),
         Command::Show(a) => show::execute(&cli.global, a),
         Command::Export(a) => export::execute(&cli.global, a),
+        Command::Report(a) => report::execute(&cli.global, a),
         Command::Data(c) => data::execute(&cli.global, c),
         Command::Generate(a) => generate::execute(&cli.global, a),
         Command::Assets(c) => metrics::assets_execute(&cli.global, c),

@@ -10,8 +10,12 @@
 //! clip length is recorded beside every FVD value.
 
 pub mod assets;
+pub mod bootstrap;
+pub mod degrade;
+pub mod fidelity;
 pub mod frechet;
 pub mod i3d;
+pub mod motion;
 pub mod pickle;
 pub mod videos;
 

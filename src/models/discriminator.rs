@@ -9,7 +9,10 @@
 //! `feature_layers` feed heads. `"efficientnet_lite0"`: the frozen ImageNet EfficientNet-Lite0
 //! ([`super::efficientnet`]; layers are its 16 blocks; images in [-1, 1] are mapped to its
 //! `(x - 127) / 128` input convention), the pretrained backbone obtainable here (the paper uses
-//! DINOv2). `"conv"`: strided 3x3 convolution stages with SiLU, randomly initialised from the
+//! DINOv2). `"dinov2"`: the paper's backbone, a frozen DINOv2 ViT ([`super::dinov2`]) from a
+//! Hugging Face model folder the user brings (`path`); images are resized bilinearly to
+//! `image_size` (224 by default, as DINOv2 was trained) and ImageNet-normalised, layers are its
+//! transformer layers and their patch tokens are the feature maps. `"conv"`: strided 3x3 convolution stages with SiLU, randomly initialised from the
 //! seed, trainable or frozen (`trainable`; the ablation of a non-pretrained backbone). A frozen
 //! backbone's weights are constants, not variables: no gradient is computed for them, while
 //! gradients still flow through them to the heads and the upsampler.
@@ -44,9 +47,13 @@ pub enum HeadKinds {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackboneConfig {
-    /// `"conv"` (strided convolution stages, randomly initialised) or `"efficientnet_lite0"`
-    /// (pretrained, frozen).
+    /// `"conv"` (strided convolution stages, randomly initialised), `"efficientnet_lite0"`
+    /// (pretrained, frozen) or `"dinov2"` (pretrained, frozen, from `path`).
     pub kind: String,
+    /// `dinov2`: the model folder (`config.json` + `model.safetensors`, Hugging Face layout).
+    pub path: String,
+    /// `dinov2`: images are resized to `image_size x image_size` (a multiple of the patch size).
+    pub image_size: usize,
     /// `conv`: output channels of each stage (each halves the resolution).
     pub channels: Vec<usize>,
     /// Train the backbone with the heads (true) or keep it frozen (false).
@@ -57,6 +64,8 @@ impl Default for BackboneConfig {
     fn default() -> Self {
         Self {
             kind: "conv".into(),
+            path: String::new(),
+            image_size: 224,
             channels: vec![32, 64, 96],
             trainable: false,
         }
@@ -91,12 +100,28 @@ impl Default for DiscriminatorConfig {
 }
 
 impl DiscriminatorConfig {
-    /// Channels of each backbone layer.
-    pub fn layer_channels(&self) -> Vec<usize> {
-        match self.backbone.kind.as_str() {
+    /// Channels of each backbone layer (`dinov2` reads them from the model's `config.json`).
+    pub fn layer_channels(&self) -> std::result::Result<Vec<usize>, String> {
+        Ok(match self.backbone.kind.as_str() {
             "efficientnet_lite0" => super::efficientnet::block_channels(),
+            "dinov2" => {
+                let c = self.dinov2_config()?;
+                vec![c.hidden_size; c.num_hidden_layers]
+            }
             _ => self.backbone.channels.clone(),
+        })
+    }
+
+    fn dinov2_config(&self) -> std::result::Result<super::dinov2::Dinov2Config, String> {
+        if self.backbone.path.trim().is_empty() {
+            return Err(
+                "backbone.kind = \"dinov2\" needs backbone.path, a DINOv2 model folder \
+                 (config.json + model.safetensors in the Hugging Face layout)"
+                    .into(),
+            );
         }
+        super::dinov2::Dinov2Config::load(std::path::Path::new(&self.backbone.path))
+            .map_err(|e| format!("backbone.path: {e}"))
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
@@ -114,16 +139,29 @@ impl DiscriminatorConfig {
                     );
                 }
             }
+            "dinov2" => {
+                if self.backbone.trainable {
+                    return Err("backbone.trainable = true: the pretrained DINOv2 is frozen".into());
+                }
+                let c = self.dinov2_config()?;
+                let s = self.backbone.image_size;
+                if s < c.patch_size || s % c.patch_size != 0 {
+                    return Err(format!(
+                        "backbone.image_size = {s}: must be a positive multiple of the patch size {}",
+                        c.patch_size
+                    ));
+                }
+            }
             k => {
                 return Err(format!(
-                    "backbone.kind = \"{k}\": expected \"conv\" or \"efficientnet_lite0\""
-                ))
+                "backbone.kind = \"{k}\": expected \"conv\", \"efficientnet_lite0\" or \"dinov2\""
+            ))
             }
         }
         if self.feature_layers.is_empty() {
             return Err("feature_layers is empty: no head would see anything".into());
         }
-        let n = self.layer_channels().len();
+        let n = self.layer_channels()?.len();
         if let Some(l) = self.feature_layers.iter().find(|&&l| l >= n) {
             return Err(format!(
                 "feature_layers holds {l} but the backbone has {n} layers"
@@ -239,6 +277,8 @@ impl TemporalHead {
 pub enum Backbone {
     Conv(ConvBackbone),
     EfficientNet(Box<super::efficientnet::EfficientNetLite0>),
+    /// DINOv2 and the square size images are resized to.
+    Dinov2(Box<super::dinov2::Dinov2>, usize),
 }
 
 impl Backbone {
@@ -249,6 +289,7 @@ impl Backbone {
             Backbone::EfficientNet(e) => {
                 Ok(e.features(&((x * (127.5 / 128.0))? + 0.5 / 128.0)?)?.0)
             }
+            Backbone::Dinov2(d, size) => d.features(&super::dinov2::resize_square(x, *size)?),
         }
     }
 }
@@ -283,7 +324,7 @@ impl Discriminator {
             )?),
             DiscInput::Decoder => None,
         };
-        let chans = cfg.layer_channels();
+        let chans = cfg.layer_channels().map_err(candle_core::Error::Msg)?;
         let mut heads = Vec::new();
         for &l in &cfg.feature_layers {
             let c = chans[l];

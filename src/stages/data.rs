@@ -42,7 +42,8 @@ pub struct DataParams {
     pub fps: f64,
     /// Frames between the starts of consecutive clips cut from a video.
     pub stride: usize,
-    /// Fraction at the end of each real video that is held out as its test span.
+    /// Fraction at the end of each real video that is held out as its test span; 1 makes all
+    /// of the footage test clips (an evaluation-only set, no training clips).
     pub test_fraction: f64,
     /// Keep at most this many train / test clips, evenly spaced (0 = keep all).
     pub max_train: usize,
@@ -107,8 +108,11 @@ impl DataParams {
         if self.stride == 0 {
             return bad("stride", "must be at least 1");
         }
-        if !(self.test_fraction > 0.0 && self.test_fraction < 1.0) {
-            return bad("test_fraction", "must be strictly between 0 and 1");
+        if !(self.test_fraction > 0.0 && self.test_fraction <= 1.0) {
+            return bad(
+                "test_fraction",
+                "must be in (0, 1] (1 makes every clip a test clip: an evaluation-only set)",
+            );
         }
         if self.chunk == 0 {
             return bad("chunk", "must be at least 1");

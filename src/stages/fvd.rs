@@ -1,29 +1,48 @@
-//! Stage `fvd`: Fréchet video distance of a model's image-to-video generations against the
-//! real test clips, with the Kinetics-400 I3D (see [`crate::metrics`]).
+//! Stage `fvd`: the image-to-video evaluation protocol (`docs/evaluation.md`): FVD with the
+//! Kinetics-400 I3D, a motion-sensitive distance and first-frame fidelity, each with a
+//! bootstrap interval, beside the reference rows every table needs.
 //!
 //! For each of the first `clips` real test clips, the model (the pipeline folder of an
 //! upstream `teacher` or student stage) generates a clip from that clip's own first frame with
-//! the seed `run seed * 1_000_003 + clip index`; the first `frames` frames of the real and the
-//! generated clips go through I3D (resized to 224x224, [-1, 1]), and the distance between
-//! Gaussians fitted to their 400 logits is logged. The real clips' logits are cached in the
-//! assets folder under a hash of their pixels and the preprocessing, so every method evaluated
-//! on the same test set reuses them.
+//! the seed `run seed * 1_000_003 + clip index`, so every method evaluated on the same test set
+//! sees the same conditioning frames, N and seeds. The first `frames` frames of the real and
+//! generated clips go through I3D (resized to 224x224, [-1, 1]); FVD is the Fréchet distance
+//! between Gaussians fitted to their 400 logits. I3D logits are cached in the assets folder
+//! under a hash of the clips' pixels and the preprocessing, so every method evaluated on the
+//! same test set reuses those of the real clips and of the static baseline.
 //!
-//! Metrics (all at step 0): `fvd` (or `fvd_fast` when `fast = true`, so that quick checks never
-//! land in a column of comparable values), `fvd/clips`, `fvd/frames`, `fvd/resolution` (the
-//! clips' own height before resizing), `fvd/nfe` (network evaluations per generated clip),
-//! `fvd/comparable` (1 only for 16 frames and not fast), and `fvd_real_halves` with
-//! `fvd_real_halves/clips`: the distance between the first and second half of the real clips,
-//! the floor of what any model can reach at that N.
+//! Metrics (all at step 0; an interval is `NAME/low` and `NAME/high`, the 95 % bootstrap
+//! interval over `bootstrap` resamples of the clips, see [`crate::metrics::bootstrap`]):
+//! - `fvd` with its interval, `fvd/clips` (N), `fvd/frames`, `fvd/resolution` (the clips' own
+//!   height before resizing), `fvd/nfe` (network evaluations per generated clip),
+//!   `fvd/comparable` (1 only for 16 frames and not fast) and `fvd/resamples`;
+//! - `motion_fd` with its interval: the Fréchet distance of frame-difference features across
+//!   lags and scales ([`crate::metrics::motion`]), which sees temporal order and speed;
+//!   `motion_mean` and `motion_mean_real`, the mean lag-1 luma difference of the generated and
+//!   real clips;
+//! - `first_frame_psnr` and `first_frame_ssim` with intervals: generated frame 0 against the
+//!   conditioning frame;
+//! - reference rows (`references = true`): `fvd_floor` / `motion_fd_floor` (first half of the
+//!   real clips against the second half, N/2 each: the floor any model can reach),
+//!   `fvd_static` / `motion_fd_static` (each clip's first frame repeated, the trivial
+//!   image-to-video baseline, same N), and the paired differences `fvd_vs_static` /
+//!   `motion_fd_vs_static` (method minus static on the same clips, negative is better) with
+//!   `beats_static`: 1 when the FVD difference's interval lies below 0, else 0 (the report
+//!   flags the others).
+//!
+//! `fast = true` adds `_fast` to the first segment of every key (`fvd_fast`, `motion_fd_fast`,
+//! `fvd_fast/low`, ...), so quick checks never land in a column of comparable values.
+//! Per-clip features go to `features.safetensors` (the report's paired comparisons between
+//! methods read them) and the generated clips to `generated.safetensors`.
 
 use super::autoencoder::upstream_clips;
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::diffusion::SamplerConfig;
 use crate::error::{Error, Result};
-use crate::metrics::frechet::{frechet_distance, Gaussian};
-use crate::metrics::i3d::{InceptionI3d, MIN_FRAMES, NUM_CLASSES};
-use crate::metrics::{assets, preprocess, FVD_FRAMES};
+use crate::metrics::bootstrap::{self, Interval, DEFAULT_RESAMPLES};
+use crate::metrics::i3d::{InceptionI3d, MIN_FRAMES};
+use crate::metrics::{assets, fidelity, motion, preprocess, FVD_FRAMES};
 use crate::pipeline::VideoPipeline;
 use crate::train::{ce, clip_batch, device};
 use serde::{Deserialize, Serialize};
@@ -49,6 +68,10 @@ pub struct FvdParams {
     pub batch: usize,
     /// A quick check (few clips): logged as `fvd_fast`, never as `fvd`.
     pub fast: bool,
+    /// Bootstrap resamples of every interval (0 = point values only).
+    pub bootstrap: usize,
+    /// Also compute the reference rows: the real-vs-real floor and the static baseline.
+    pub references: bool,
 }
 
 impl Default for FvdParams {
@@ -60,6 +83,8 @@ impl Default for FvdParams {
             sampler: None,
             batch: 8,
             fast: false,
+            bootstrap: DEFAULT_RESAMPLES,
+            references: true,
         }
     }
 }
@@ -71,7 +96,7 @@ impl StageKind for FvdStage {
         "fvd"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn seeded(&self) -> bool {
         true
@@ -121,7 +146,7 @@ pub fn clip_set_logits(
 }
 
 /// Cache key of real-set logits: the pixels, the clip count and length, and the network.
-fn real_key(set: &ClipSet, n: usize, frames: usize) -> String {
+fn logits_key(set: &ClipSet, n: usize, frames: usize) -> String {
     let mut h = Sha256::new();
     h.update(b"i3d-kinetics-400 logits; resize 224 bilinear half-pixel; [-1,1]; v1\n");
     h.update(format!("{n} {frames} {} {}\n", set.height, set.width).as_bytes());
@@ -132,31 +157,46 @@ fn real_key(set: &ClipSet, n: usize, frames: usize) -> String {
     hex::encode(h.finalize())
 }
 
-fn save_logits(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
-    let data: Vec<u8> = rows
+/// Write named `[rows, cols]` f32 matrices (one row per clip) as safetensors.
+pub fn save_rows(path: &Path, sets: &[(&str, &[Vec<f32>])]) -> Result<()> {
+    let datas: Vec<(String, Vec<usize>, Vec<u8>)> = sets
         .iter()
-        .flatten()
-        .flat_map(|v| v.to_le_bytes())
+        .map(|(name, rows)| {
+            let cols = rows.first().map_or(0, |r| r.len());
+            let data: Vec<u8> = rows
+                .iter()
+                .flatten()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (name.to_string(), vec![rows.len(), cols], data)
+        })
         .collect();
-    let view = safetensors::tensor::TensorView::new(
-        safetensors::Dtype::F32,
-        vec![rows.len(), NUM_CLASSES],
-        &data,
-    )
-    .map_err(|e| Error::Other(e.to_string()))?;
-    let bytes = safetensors::serialize([("logits", view)], &None)
-        .map_err(|e| Error::Other(e.to_string()))?;
+    let views = datas
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Other(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, &None).map_err(|e| Error::Other(e.to_string()))?;
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
     crate::util::atomic_write(path, &bytes)
 }
 
-fn load_logits(path: &Path, n: usize) -> Option<Vec<Vec<f32>>> {
+/// Read the matrix `name` written by [`save_rows`]; `None` if the file or tensor is missing
+/// or has another number of rows than `n` (when given).
+pub fn load_rows(path: &Path, name: &str, n: Option<usize>) -> Option<Vec<Vec<f32>>> {
     let bytes = std::fs::read(path).ok()?;
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
-    let t = st.tensor("logits").ok()?;
-    if t.shape() != [n, NUM_CLASSES] {
+    let t = st.tensor(name).ok()?;
+    let (rows, cols) = match t.shape() {
+        [r, c] => (*r, *c),
+        _ => return None,
+    };
+    if n.is_some_and(|n| n != rows) || t.dtype() != safetensors::Dtype::F32 {
         return None;
     }
     let v: Vec<f32> = t
@@ -164,7 +204,12 @@ fn load_logits(path: &Path, n: usize) -> Option<Vec<Vec<f32>>> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    Some(v.chunks_exact(NUM_CLASSES).map(|c| c.to_vec()).collect())
+    Some(
+        v.chunks_exact(cols.max(1))
+            .take(rows)
+            .map(|c| c.to_vec())
+            .collect(),
+    )
 }
 
 /// `model = "static"`: each clip is its first frame repeated.
@@ -218,6 +263,67 @@ fn generate(
     Ok((gen, nfe))
 }
 
+/// Seed of every bootstrap: fixed, so that the same sets always give the same interval.
+const BOOTSTRAP_SEED: u64 = 0x5eed;
+
+/// I3D logits of a clip set, from the assets cache when the same pixels were scored before.
+fn cached_logits(
+    ctx: &mut StageContext<'_>,
+    net: &InceptionI3d,
+    set: &ClipSet,
+    n: usize,
+    frames: usize,
+    what: &str,
+) -> Result<Vec<Vec<f32>>> {
+    let key = logits_key(set, n, frames);
+    let cache = ctx
+        .assets
+        .join("fvd")
+        .join(format!("i3d-{key}.safetensors"));
+    if let Some(l) = load_rows(&cache, "logits", Some(n)) {
+        ctx.note(&format!(
+            "I3D logits of the {what} from the cache ({n} clips)"
+        ));
+        return Ok(l);
+    }
+    let name = ctx.name.clone();
+    let log = &mut *ctx.log;
+    let l = clip_set_logits(net, set, n, frames, |i| {
+        log.progress(i as u64, n as u64, &format!("{name}: I3D on the {what}"))
+    })?;
+    save_rows(&cache, &[("logits", &l)])?;
+    Ok(l)
+}
+
+/// Motion features of the first `frames` frames of the first `n` clips.
+fn motion_rows(set: &ClipSet, n: usize, frames: usize) -> Vec<Vec<f32>> {
+    let fl = set.height * set.width * 3;
+    (0..n)
+        .map(|i| {
+            motion::motion_features(&set.clip(i)[..frames * fl], frames, set.height, set.width)
+        })
+        .collect()
+}
+
+/// A metric key, with `_fast` added to its first segment for quick checks.
+fn key(fast: bool, base: &str) -> String {
+    match (fast, base.split_once('/')) {
+        (false, _) => base.to_string(),
+        (true, Some((a, b))) => format!("{a}_fast/{b}"),
+        (true, None) => format!("{base}_fast"),
+    }
+}
+
+/// Log `name` and, when it has one, its interval as `name/low` and `name/high`.
+fn log_interval(ctx: &mut StageContext<'_>, fast: bool, name: &str, iv: Interval) -> Result<()> {
+    ctx.metric(&key(fast, name), 0, iv.value)?;
+    if iv.has_interval() {
+        ctx.metric(&key(fast, &format!("{name}/low")), 0, iv.low)?;
+        ctx.metric(&key(fast, &format!("{name}/high")), 0, iv.high)?;
+    }
+    Ok(())
+}
+
 fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     let (_, test) = upstream_clips(ctx)?;
     let n = if p.clips == 0 {
@@ -262,75 +368,167 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
                 ctx.name, pipe.settings.frames, p.frames
             )));
         }
-        Some((pipe, dev))
+        let label = ctx
+            .upstream
+            .iter()
+            .find(|u| u.dir == dir)
+            .map_or_else(|| dir.display().to_string(), |u| u.name.clone());
+        Some((pipe, dev, label))
     };
     let net = assets::load_i3d(&ctx.assets)?;
+    let (f, fast, b) = (p.frames, p.fast, p.bootstrap);
+    let (h, w) = (test.height, test.width);
+    let fl = h * w * 3;
 
-    // Real logits, cached by content.
-    let key = real_key(&test, n, p.frames);
-    let cache = ctx
-        .assets
-        .join("fvd")
-        .join(format!("real-{key}.safetensors"));
-    let real = match load_logits(&cache, n) {
-        Some(l) => {
-            ctx.note(&format!("real-set I3D logits from the cache ({n} clips)"));
-            l
-        }
-        None => {
-            let name = ctx.name.clone();
-            let log = &mut *ctx.log;
-            let l = clip_set_logits(&net, &test, n, p.frames, |i| {
-                log.progress(i as u64, n as u64, &format!("{name}: I3D on real clips"))
-            })?;
-            save_logits(&cache, &l)?;
-            l
-        }
-    };
+    let real_logits = cached_logits(ctx, &net, &test, n, f, "real test clips")?;
+    let real_motion = motion_rows(&test, n, f);
+    let still = static_clips(&test, n);
 
     // Generations from each real clip's first frame.
     let (gen, nfe) = match &pipe {
-        Some((pipe, dev)) => generate(ctx, p, pipe, dev, &test, n)?,
-        None => (static_clips(&test, n), 0),
+        Some((pipe, dev, _)) => generate(ctx, p, pipe, dev, &test, n)?,
+        None => (still.clone(), 0),
     };
     gen.save(&ctx.dir.join("generated.safetensors"))?;
-    let name = ctx.name.clone();
-    let fake = {
-        let log = &mut *ctx.log;
-        clip_set_logits(&net, &gen, n, p.frames, |i| {
-            log.progress(
-                i as u64,
-                n as u64,
-                &format!("{name}: I3D on generated clips"),
-            )
-        })?
+    let gen_logits = cached_logits(ctx, &net, &gen, n, f, "generated clips")?;
+    let gen_motion = motion_rows(&gen, n, f);
+    let psnr: Vec<f64> = (0..n)
+        .map(|i| fidelity::psnr(&test.clip(i)[..fl], &gen.clip(i)[..fl]))
+        .collect();
+    let with_ssim = h > 10 && w > 10;
+    let ssim: Vec<f64> = if with_ssim {
+        (0..n)
+            .map(|i| fidelity::ssim(&test.clip(i)[..fl], &gen.clip(i)[..fl], h, w))
+            .collect()
+    } else {
+        ctx.note("frames under 11x11 pixels: no SSIM (its window is 11 pixels)");
+        Vec::new()
     };
-    save_logits(&ctx.dir.join("logits_generated.safetensors"), &fake)?;
-    save_logits(&ctx.dir.join("logits_real.safetensors"), &real)?;
 
-    let rg = Gaussian::fit(&real, "real test clips")?;
-    let fg = Gaussian::fit(&fake, "generated clips")?;
-    let d = frechet_distance(&rg, &fg)?;
-    let key = if p.fast { "fvd_fast" } else { "fvd" };
-    ctx.metric(key, 0, d)?;
-    ctx.metric("fvd/clips", 0, n as f64)?;
-    ctx.metric("fvd/frames", 0, p.frames as f64)?;
-    ctx.metric("fvd/resolution", 0, test.height as f64)?;
-    ctx.metric("fvd/nfe", 0, nfe as f64)?;
-    let comparable = !p.fast && p.frames == FVD_FRAMES;
-    ctx.metric("fvd/comparable", 0, if comparable { 1.0 } else { 0.0 })?;
-    let half = n / 2;
-    if half >= 2 {
-        let a = Gaussian::fit(&real[..half], "first half of the real clips")?;
-        let b = Gaussian::fit(&real[half..2 * half], "second half of the real clips")?;
-        ctx.metric("fvd_real_halves", 0, frechet_distance(&a, &b)?)?;
-        ctx.metric("fvd_real_halves/clips", 0, half as f64)?;
-    }
     ctx.note(&format!(
-        "{key} {d:.2} on {n} clips of {} frames ({}x{} resized to 224; {nfe} NFE per clip){}",
-        p.frames,
-        test.width,
-        test.height,
+        "bootstrap intervals ({b} resamples of the {n} clips)"
+    ));
+    let fvd = bootstrap::paired_distance(&real_logits, &gen_logits, b, BOOTSTRAP_SEED)?;
+    log_interval(ctx, fast, "fvd", fvd)?;
+    ctx.metric(&key(fast, "fvd/clips"), 0, n as f64)?;
+    ctx.metric(&key(fast, "fvd/frames"), 0, f as f64)?;
+    ctx.metric(&key(fast, "fvd/resolution"), 0, h as f64)?;
+    ctx.metric(&key(fast, "fvd/nfe"), 0, nfe as f64)?;
+    ctx.metric(&key(fast, "fvd/resamples"), 0, b as f64)?;
+    let comparable = !fast && f == FVD_FRAMES;
+    ctx.metric(
+        &key(fast, "fvd/comparable"),
+        0,
+        if comparable { 1.0 } else { 0.0 },
+    )?;
+    let mfd = bootstrap::paired_distance(&real_motion, &gen_motion, b, BOOTSTRAP_SEED)?;
+    log_interval(ctx, fast, "motion_fd", mfd)?;
+    let mean_of = |rows: &[Vec<f32>]| {
+        rows.iter().map(|r| motion::mean_motion(r)).sum::<f64>() / rows.len() as f64
+    };
+    ctx.metric(&key(fast, "motion_mean"), 0, mean_of(&gen_motion))?;
+    ctx.metric(&key(fast, "motion_mean_real"), 0, mean_of(&real_motion))?;
+    let ps = bootstrap::mean(&psnr, b, BOOTSTRAP_SEED)?;
+    log_interval(ctx, fast, "first_frame_psnr", ps)?;
+    if with_ssim {
+        let ss = bootstrap::mean(&ssim, b, BOOTSTRAP_SEED)?;
+        log_interval(ctx, fast, "first_frame_ssim", ss)?;
+    }
+
+    let first_frame: Vec<Vec<f32>> = (0..n)
+        .map(|i| vec![psnr[i] as f32, ssim.get(i).map_or(f32::NAN, |v| *v as f32)])
+        .collect();
+    let mut saved: Vec<(&str, Vec<Vec<f32>>)> = vec![
+        ("real_logits", real_logits.clone()),
+        ("real_motion", real_motion.clone()),
+        ("gen_logits", gen_logits.clone()),
+        ("gen_motion", gen_motion.clone()),
+        ("first_frame_psnr_ssim", first_frame),
+    ];
+
+    let mut summary = format!("{} {:.2}", key(fast, "fvd"), fvd.value);
+    if p.references {
+        let half = n / 2;
+        if half >= 2 {
+            let (a, z) = (&real_logits[..half], &real_logits[half..2 * half]);
+            let floor = bootstrap::unpaired_distance(a, z, b, BOOTSTRAP_SEED)?;
+            log_interval(ctx, fast, "fvd_floor", floor)?;
+            ctx.metric(&key(fast, "fvd_floor/clips"), 0, half as f64)?;
+            let (a, z) = (&real_motion[..half], &real_motion[half..2 * half]);
+            let mfloor = bootstrap::unpaired_distance(a, z, b, BOOTSTRAP_SEED)?;
+            log_interval(ctx, fast, "motion_fd_floor", mfloor)?;
+            summary += &format!(", floor {:.2} (N/2 = {half})", floor.value);
+        }
+        let (st_logits, st_motion) = if is_static {
+            (gen_logits.clone(), gen_motion.clone())
+        } else {
+            (
+                cached_logits(ctx, &net, &still, n, f, "static baseline clips")?,
+                motion_rows(&still, n, f),
+            )
+        };
+        let fs = bootstrap::paired_distance(&real_logits, &st_logits, b, BOOTSTRAP_SEED)?;
+        log_interval(ctx, fast, "fvd_static", fs)?;
+        let ms = bootstrap::paired_distance(&real_motion, &st_motion, b, BOOTSTRAP_SEED)?;
+        log_interval(ctx, fast, "motion_fd_static", ms)?;
+        summary += &format!(", static {:.2}", fs.value);
+        if !is_static {
+            let d = bootstrap::paired_difference(
+                &real_logits,
+                &gen_logits,
+                &st_logits,
+                b,
+                BOOTSTRAP_SEED,
+            )?;
+            log_interval(ctx, fast, "fvd_vs_static", d)?;
+            let beats = d.has_interval() && d.high < 0.0;
+            ctx.metric(&key(fast, "beats_static"), 0, if beats { 1.0 } else { 0.0 })?;
+            let dm = bootstrap::paired_difference(
+                &real_motion,
+                &gen_motion,
+                &st_motion,
+                b,
+                BOOTSTRAP_SEED,
+            )?;
+            log_interval(ctx, fast, "motion_fd_vs_static", dm)?;
+            if !beats {
+                ctx.note(&format!(
+                    "this model does not beat the static baseline in FVD at N = {n}: \
+                     difference {}",
+                    d.display(2)
+                ));
+            }
+        }
+        saved.push(("static_logits", st_logits));
+        saved.push(("static_motion", st_motion));
+    }
+    let record = Evaluation {
+        model: pipe
+            .as_ref()
+            .map_or_else(|| STATIC.to_string(), |(_, _, l)| l.clone()),
+        sampler: pipe.as_ref().map(|(pipe, _, _)| {
+            p.sampler
+                .clone()
+                .unwrap_or_else(|| pipe.default_options().sampler)
+        }),
+        nfe,
+        clips: n,
+        frames: f,
+        height: h,
+        width: w,
+        resamples: b,
+        fast,
+    };
+    crate::util::atomic_write(
+        &ctx.dir.join(EVALUATION_FILE),
+        &serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?,
+    )?;
+    let views: Vec<(&str, &[Vec<f32>])> = saved.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    save_rows(&ctx.dir.join(FEATURES_FILE), &views)?;
+    ctx.note(&format!(
+        "{summary} on {n} clips of {f} frames ({w}x{h} resized to 224; {nfe} NFE per clip); \
+         motion_fd {:.3}{}",
+        mfd.value,
         if comparable {
             ""
         } else {
@@ -338,4 +536,24 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         }
     ));
     Ok(())
+}
+
+/// Per-clip features of an `fvd` stage, in its folder.
+pub const FEATURES_FILE: &str = "features.safetensors";
+
+/// What an `fvd` stage evaluated, in its folder (`evaluation.json`), for the report.
+pub const EVALUATION_FILE: &str = "evaluation.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// The evaluated model stage, or "static".
+    pub model: String,
+    pub sampler: Option<SamplerConfig>,
+    pub nfe: usize,
+    pub clips: usize,
+    pub frames: usize,
+    pub height: usize,
+    pub width: usize,
+    pub resamples: usize,
+    pub fast: bool,
 }

@@ -224,6 +224,13 @@ fn build_discriminator(
     let map = VarMap::new();
     let vb = seeded_varbuilder(&map, seed, dev);
     let backbone = match cfg.backbone.kind.as_str() {
+        "dinov2" => Backbone::Dinov2(
+            Box::new(crate::models::dinov2::Dinov2::load(
+                std::path::Path::new(&cfg.backbone.path),
+                dev,
+            )?),
+            cfg.backbone.image_size,
+        ),
         "efficientnet_lite0" => {
             Backbone::EfficientNet(Box::new(EfficientNetLite0::fetch(assets, dev)?))
         }

@@ -1,0 +1,316 @@
+//! Evaluation reports: the `fvd` stages of an experiment's runs as paper-style tables
+//! (`onestep report`), under the protocol of `docs/evaluation.md`.
+//!
+//! Per run (the newest run of each variant and seed), the evaluated methods are grouped by
+//! what makes numbers comparable (N, clip length, resolution, quick or full check). Each group
+//! is one table: the reference rows first (the real-vs-real floor at N/2 and the static
+//! baseline, from the stages' `fvd_floor` / `fvd_static` metrics), then one row per method with
+//! FVD, the motion distance, first-frame fidelity, all with 95 % bootstrap intervals, and the
+//! paired FVD difference against static; a method whose difference interval does not lie below
+//! zero is flagged. Below the table, every pair of methods is compared by a paired bootstrap on
+//! their per-clip features (same conditioning frames, same real clips), and the report says
+//! when two methods are not distinguishable at that N.
+
+use crate::error::{Error, Result};
+use crate::metrics::bootstrap::{self, Interval, DEFAULT_RESAMPLES};
+use crate::plan::cache_dir;
+use crate::stages::fvd::{load_rows, Evaluation, EVALUATION_FILE, FEATURES_FILE, STATIC};
+use crate::store::{RunRow, Store};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Smallest N the protocol calls comparable.
+pub const MIN_CLIPS: usize = 512;
+
+/// One evaluated method of a run.
+#[derive(Debug, Clone)]
+pub struct MethodRow {
+    /// The `fvd` stage.
+    pub stage: String,
+    pub eval: Evaluation,
+    pub metrics: HashMap<String, f64>,
+    pub dir: PathBuf,
+}
+
+impl MethodRow {
+    fn key(&self, base: &str) -> String {
+        if !self.eval.fast {
+            return base.to_string();
+        }
+        match base.split_once('/') {
+            Some((a, b)) => format!("{a}_fast/{b}"),
+            None => format!("{base}_fast"),
+        }
+    }
+
+    fn get(&self, base: &str) -> Option<f64> {
+        self.metrics.get(&self.key(base)).copied()
+    }
+
+    /// A metric with its interval, when logged.
+    pub fn interval(&self, base: &str) -> Option<Interval> {
+        let value = self.get(base)?;
+        Some(
+            match (
+                self.get(&format!("{base}/low")),
+                self.get(&format!("{base}/high")),
+            ) {
+                (Some(low), Some(high)) => Interval { value, low, high },
+                _ => Interval::point(value),
+            },
+        )
+    }
+
+    fn is_static(&self) -> bool {
+        self.eval.model == STATIC
+    }
+}
+
+/// The evaluated methods of one run.
+pub fn run_methods(store: &Store, results: &Path, run: &RunRow) -> Result<Vec<MethodRow>> {
+    let metrics = store.final_metrics(run.id)?;
+    let mut rows = Vec::new();
+    for st in store.stages_of(run.id)? {
+        if st.kind != "fvd" || st.status != "finished" {
+            continue;
+        }
+        let dir = cache_dir(results, &st.hash);
+        let path = dir.join(EVALUATION_FILE);
+        let eval: Evaluation = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?,
+            // Stages of an older onestep (before the evaluation protocol): nothing to report.
+            Err(_) => continue,
+        };
+        let m = metrics
+            .iter()
+            .filter(|(s, ..)| *s == st.name)
+            .map(|(_, k, _, v)| (k.clone(), *v))
+            .collect();
+        rows.push(MethodRow {
+            stage: st.name,
+            eval,
+            metrics: m,
+            dir,
+        });
+    }
+    Ok(rows)
+}
+
+fn cell(i: Option<Interval>, decimals: usize) -> String {
+    i.map_or_else(|| "-".into(), |i| i.display(decimals))
+}
+
+fn sampler_label(e: &Evaluation) -> String {
+    match &e.sampler {
+        None => "-".into(),
+        Some(s) => {
+            let m = serde_json::to_value(s.method)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_else(|| format!("{:?}", s.method));
+            format!("{m} ({} NFE)", e.nfe)
+        }
+    }
+}
+
+/// The paired comparison of two methods evaluated on the same clips: (FVD difference, motion FD
+/// difference), `a` minus `b`. `None` when their real clips differ.
+pub fn compare(
+    a: &MethodRow,
+    b: &MethodRow,
+    resamples: usize,
+) -> Result<Option<(Interval, Interval)>> {
+    let load = |r: &MethodRow, name: &str| {
+        load_rows(&r.dir.join(FEATURES_FILE), name, Some(r.eval.clips)).ok_or_else(|| {
+            Error::Data(format!(
+                "stage `{}`: {} has no `{name}` (re-run the stage with this onestep)",
+                r.stage,
+                r.dir.join(FEATURES_FILE).display()
+            ))
+        })
+    };
+    let (ra, rb) = (load(a, "real_logits")?, load(b, "real_logits")?);
+    if ra != rb {
+        return Ok(None);
+    }
+    let (ga, gb) = (load(a, "gen_logits")?, load(b, "gen_logits")?);
+    let fvd = bootstrap::paired_difference(&ra, &ga, &gb, resamples, 1)?;
+    let ma = load(a, "real_motion")?;
+    let (gma, gmb) = (load(a, "gen_motion")?, load(b, "gen_motion")?);
+    let motion = bootstrap::paired_difference(&ma, &gma, &gmb, resamples, 1)?;
+    Ok(Some((fvd, motion)))
+}
+
+fn verdict(d: &Interval, a: &str, b: &str) -> String {
+    if !d.has_interval() {
+        "-".into()
+    } else if d.high < 0.0 {
+        format!("{a} better")
+    } else if d.low > 0.0 {
+        format!("{b} better")
+    } else {
+        "not distinguishable".into()
+    }
+}
+
+/// Markdown tables of one run's evaluations.
+pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
+    let mut groups: BTreeMap<(bool, usize, usize, usize, usize), Vec<&MethodRow>> = BTreeMap::new();
+    for r in rows {
+        let e = &r.eval;
+        groups
+            .entry((e.fast, e.clips, e.frames, e.height, e.width))
+            .or_default()
+            .push(r);
+    }
+    let mut out = String::new();
+    for ((fast, n, frames, h, w), group) in groups {
+        let resamples_logged = group[0].eval.resamples;
+        out += &format!(
+            "N = {n} clips of {frames} frames at {w}x{h} (resized to 224 for I3D); intervals are \
+             95 % bootstrap intervals over {resamples_logged} resamples of the clips.{}{}\n\n",
+            if fast {
+                " **Quick check (`fast`): not comparable with full evaluations.**"
+            } else {
+                ""
+            },
+            if n < MIN_CLIPS || frames != 16 {
+                format!(
+                    " **Below the protocol ({MIN_CLIPS}+ clips of 16 frames): these FVDs are not \
+                     comparable with published ones.**"
+                )
+            } else {
+                String::new()
+            }
+        );
+        out += "| row | sampler | FVD | motion FD | motion | first-frame PSNR | first-frame SSIM | FVD minus static | note |\n";
+        out += "|---|---|---|---|---|---|---|---|---|\n";
+        let refs = group
+            .iter()
+            .find(|r| r.get("fvd_floor").is_some() || r.get("fvd_static").is_some());
+        if let Some(r) = refs {
+            let real_motion = r.get("motion_mean_real");
+            if let Some(fl) = r.interval("fvd_floor") {
+                out += &format!(
+                    "| floor: real vs real (N/2 = {} each) | - | {} | {} | {} | - | - | - | the best any method can reach at this N |\n",
+                    r.get("fvd_floor/clips").map_or(n / 2, |v| v as usize),
+                    fl.display(1),
+                    cell(r.interval("motion_fd_floor"), 3),
+                    real_motion.map_or("-".into(), |v| format!("{v:.4}")),
+                );
+            }
+            if !group.iter().any(|g| g.is_static()) {
+                if let Some(st) = r.interval("fvd_static") {
+                    out += &format!(
+                        "| static: first frame repeated | - | {} | {} | 0 | - | - | - | the trivial image-to-video baseline |\n",
+                        st.display(1),
+                        cell(r.interval("motion_fd_static"), 3),
+                    );
+                }
+            }
+        }
+        for r in &group {
+            let note = if r.is_static() {
+                "the trivial image-to-video baseline".to_string()
+            } else {
+                match r.interval("fvd_vs_static") {
+                    Some(d) if d.has_interval() && d.high < 0.0 => String::new(),
+                    Some(d) if d.has_interval() && d.low > 0.0 => "**worse than static**".into(),
+                    Some(d) if d.has_interval() => "**not distinguishable from static**".into(),
+                    _ => String::new(),
+                }
+            };
+            let label = if r.is_static() {
+                "static: first frame repeated".to_string()
+            } else {
+                format!("{} (`{}`)", r.eval.model, r.stage)
+            };
+            out += &format!(
+                "| {label} | {} | {} | {} | {} | {} | {} | {} | {note} |\n",
+                sampler_label(&r.eval),
+                cell(r.interval("fvd"), 1),
+                cell(r.interval("motion_fd"), 3),
+                r.get("motion_mean")
+                    .map_or("-".into(), |v| format!("{v:.4}")),
+                cell(r.interval("first_frame_psnr"), 2),
+                cell(r.interval("first_frame_ssim"), 3),
+                cell(r.interval("fvd_vs_static"), 1),
+            );
+        }
+        let methods: Vec<&&MethodRow> = group.iter().filter(|r| !r.is_static()).collect();
+        if methods.len() >= 2 && resamples > 0 {
+            out += &format!(
+                "\nPaired differences (A minus B on the same {n} conditioning frames; {resamples} \
+                 resamples; negative favours A):\n\n| A | B | FVD difference | verdict | motion FD difference | verdict |\n|---|---|---|---|---|---|\n"
+            );
+            for (i, a) in methods.iter().enumerate() {
+                for b in &methods[i + 1..] {
+                    match compare(a, b, resamples)? {
+                        Some((f, m)) => {
+                            out += &format!(
+                                "| {} | {} | {} | {} | {} | {} |\n",
+                                a.eval.model,
+                                b.eval.model,
+                                f.display(1),
+                                verdict(&f, &a.eval.model, &b.eval.model),
+                                m.display(3),
+                                verdict(&m, &a.eval.model, &b.eval.model),
+                            )
+                        }
+                        None => {
+                            out += &format!(
+                                "| {} | {} | - | different real clips | - | - |\n",
+                                a.eval.model, b.eval.model
+                            )
+                        }
+                    }
+                }
+            }
+        }
+        out += "\n";
+    }
+    Ok(out)
+}
+
+/// The report of an experiment: the newest run of each variant and seed.
+pub fn experiment_report(
+    store: &Store,
+    results: &Path,
+    experiment: &str,
+    resamples: Option<usize>,
+) -> Result<String> {
+    let runs = store.runs(Some(experiment), None, &[])?;
+    if runs.is_empty() {
+        return Err(Error::Data(format!(
+            "no runs of experiment `{experiment}` in {}",
+            store.path().display()
+        )));
+    }
+    let mut newest: BTreeMap<(String, i64), RunRow> = BTreeMap::new();
+    for r in runs {
+        newest.insert((r.variant.clone(), r.seed), r);
+    }
+    let mut out = format!("# {experiment}: evaluation\n\n");
+    let mut any = false;
+    for ((variant, seed), run) in &newest {
+        let rows = run_methods(store, results, run)?;
+        if rows.is_empty() {
+            continue;
+        }
+        any = true;
+        out += &format!(
+            "## variant `{variant}`, seed {seed} (run {}, {})\n\n",
+            run.id, run.status
+        );
+        let b = resamples
+            .unwrap_or_else(|| rows.first().map_or(DEFAULT_RESAMPLES, |r| r.eval.resamples));
+        out += &run_report(&rows, b)?;
+    }
+    if !any {
+        return Err(Error::Data(format!(
+            "experiment `{experiment}` has no finished `fvd` stages to report"
+        )));
+    }
+    Ok(out)
+}
