@@ -61,6 +61,16 @@ impl MethodRow {
         )
     }
 
+    /// `model (`stage`)`: unique within a run even when one model is evaluated with several
+    /// samplers.
+    pub fn label(&self) -> String {
+        if self.is_static() {
+            "static: first frame repeated".into()
+        } else {
+            format!("{} (`{}`)", self.eval.model, self.stage)
+        }
+    }
+
     fn is_static(&self) -> bool {
         self.eval.model == STATIC
     }
@@ -221,11 +231,7 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
                     _ => String::new(),
                 }
             };
-            let label = if r.is_static() {
-                "static: first frame repeated".to_string()
-            } else {
-                format!("{} (`{}`)", r.eval.model, r.stage)
-            };
+            let label = r.label();
             out += &format!(
                 "| {label} | {} | {} | {} | {} | {} | {} | {} | {note} |\n",
                 sampler_label(&r.eval),
@@ -246,23 +252,19 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
             );
             for (i, a) in methods.iter().enumerate() {
                 for b in &methods[i + 1..] {
+                    let (la, lb) = (a.label(), b.label());
                     match compare(a, b, resamples)? {
                         Some((f, m)) => {
                             out += &format!(
-                                "| {} | {} | {} | {} | {} | {} |\n",
-                                a.eval.model,
-                                b.eval.model,
+                                "| {la} | {lb} | {} | {} | {} | {} |\n",
                                 f.display(1),
-                                verdict(&f, &a.eval.model, &b.eval.model),
+                                verdict(&f, "A", "B"),
                                 m.display(3),
-                                verdict(&m, &a.eval.model, &b.eval.model),
+                                verdict(&m, "A", "B"),
                             )
                         }
                         None => {
-                            out += &format!(
-                                "| {} | {} | - | different real clips | - | - |\n",
-                                a.eval.model, b.eval.model
-                            )
+                            out += &format!("| {la} | {lb} | - | different real clips | - | - |\n")
                         }
                     }
                 }

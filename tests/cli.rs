@@ -1232,7 +1232,8 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
         ),
         1
     );
-    // Both GAN stages log every loss per step; ACD its R1 term.
+    // The three GAN stages (LGP, ACD, the SF-V baseline) log every loss per step; ACD its R1
+    // term.
     for key in [
         "loss_g",
         "loss_d",
@@ -1245,7 +1246,7 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
             &store,
             &format!("SELECT COUNT(*) FROM metrics WHERE key = '{key}'"),
         );
-        assert_eq!(n, 4, "{key}: 2 steps x 2 stages");
+        assert_eq!(n, 6, "{key}: 2 steps x 3 stages");
     }
     assert_eq!(
         count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'r1'"),

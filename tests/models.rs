@@ -482,3 +482,89 @@ fn dinov2_discriminator_trains_its_heads_and_upsampler_through_the_frozen_vit() 
     };
     assert!(bad.validate().unwrap_err().contains("backbone.path"));
 }
+
+#[test]
+fn sfv_discriminator_reads_the_frozen_teacher_unet_encoder_with_conditioning() {
+    use onestep::diffusion::Conditioning;
+    use onestep::models::discriminator::{
+        Backbone, BackboneConfig, DiscInput, Discriminator, DiscriminatorConfig,
+    };
+    let dev = Device::Cpu;
+    let ucfg = UNetConfig::tiny();
+    // The teacher's weights as constants: a frozen copy.
+    let vm = candle_nn::VarMap::new();
+    UNetSpatioTemporal::new(
+        candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &dev),
+        &ucfg,
+    )
+    .unwrap();
+    let consts: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let unet = UNetSpatioTemporal::new(
+        candle_nn::VarBuilder::from_tensors(consts, candle_core::DType::F32, &dev),
+        &ucfg,
+    )
+    .unwrap();
+    let layers = ucfg.encoder_channels().len();
+    let cfg = DiscriminatorConfig {
+        input: DiscInput::Latent,
+        backbone: BackboneConfig {
+            kind: "teacher_unet".into(),
+            noise_sigma: 0.5,
+            ..Default::default()
+        },
+        feature_layers: (0..layers).collect(),
+        head_channels: 8,
+        ..Default::default()
+    };
+    cfg.validate().unwrap();
+    let map = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&map, candle_core::DType::F32, &dev);
+    let lc = ucfg.out_channels;
+    let d = Discriminator::new(vb, Backbone::TeacherUnet(Box::new(unet), 0.5), &cfg, lc).unwrap();
+    let (b, t) = (2, 3);
+    let z = Tensor::randn(0f32, 1.0, (b, t, lc, 8, 8), &dev).unwrap();
+    let noise = Tensor::randn(0f32, 1.0, (b, t, lc, 8, 8), &dev).unwrap();
+    let cond = Conditioning {
+        image_latents: Tensor::randn(0f32, 1.0, (b, 1, lc, 8, 8), &dev).unwrap(),
+        // UNetConfig::tiny()'s cross-attention width.
+        image_embeds: Tensor::randn(0f32, 1.0, (b, 1, 64), &dev).unwrap(),
+        added_time_ids: Tensor::new(&[[6f32, 127.0, 0.02], [6.0, 127.0, 0.02]], &dev).unwrap(),
+    };
+    // Without the conditioning it cannot run, and says why.
+    let err = d.forward(&z, None).unwrap_err().to_string();
+    assert!(err.contains("conditioning"), "{err}");
+    let logits = d.forward_cond(&z, None, Some((&cond, &noise))).unwrap();
+    assert_eq!(logits.len(), 2 * layers);
+    for l in &logits {
+        assert_eq!(l.dim(0).unwrap(), b);
+    }
+    let loss = logits
+        .iter()
+        .map(|l| l.sum_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = map.data().lock().unwrap();
+    assert!(!vars.is_empty());
+    assert!(
+        vars.keys().all(|k| k.starts_with("heads.")),
+        "only heads train: {:?}",
+        vars.keys()
+    );
+    for (k, v) in vars.iter() {
+        assert!(grads.get(v.as_tensor()).is_some(), "no gradient for {k}");
+    }
+    // The latent input needs the teacher backbone, and the teacher backbone the latent input.
+    let mut bad = cfg.clone();
+    bad.input = DiscInput::Upsampler;
+    assert!(bad.validate().unwrap_err().contains("input = \"latent\""));
+    let mut bad = cfg;
+    bad.backbone.kind = "conv".into();
+    assert!(bad.validate().unwrap_err().contains("teacher_unet"));
+}

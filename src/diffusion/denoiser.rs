@@ -56,13 +56,43 @@ pub struct SvdDenoiser<'a> {
     pub unet: &'a UNetSpatioTemporal,
 }
 
-impl Denoiser for SvdDenoiser<'_> {
-    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+impl SvdDenoiser<'_> {
+    /// The UNet's input for `x` at `sigma`: `c_in x` with the first-frame latent concatenated
+    /// along channels; returned with the scalings `(c_skip, c_out, c_noise)`.
+    fn unet_input(
+        x: &Tensor,
+        sigma: &Tensor,
+        cond: &Conditioning,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let (_, t, _, _, _) = x.dims5()?;
         let (c_skip, c_out, c_in, c_noise) = scaling_tensors(sigma)?;
         let (bi, _, ci, hi, wi) = cond.image_latents.dims5()?;
         let image = cond.image_latents.broadcast_as((bi, t, ci, hi, wi))?;
         let model_in = Tensor::cat(&[&x.broadcast_mul(&c_in)?, &image], 2)?;
+        Ok((model_in, c_skip, c_out, c_noise))
+    }
+
+    /// The UNet encoder's features of `x` at `sigma` (see
+    /// [`UNetSpatioTemporal::encoder_features`]): the SF-V-style discriminator backbone.
+    pub fn encoder_features(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        cond: &Conditioning,
+    ) -> Result<Vec<Tensor>> {
+        let (model_in, _, _, c_noise) = Self::unet_input(x, sigma, cond)?;
+        self.unet.encoder_features(
+            &model_in,
+            &c_noise,
+            &cond.image_embeds,
+            &cond.added_time_ids,
+        )
+    }
+}
+
+impl Denoiser for SvdDenoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let (model_in, c_skip, c_out, c_noise) = Self::unet_input(x, sigma, cond)?;
         let out = self.unet.forward(
             &model_in,
             &c_noise,

@@ -3,7 +3,12 @@
 //! Input path (`input`): `"upsampler"`, the paper's decoder-free path, a trainable sub-pixel
 //! upsampler (Conv2d to `3 r^2` channels, PixelShuffle with `r = upsample_factor`, 4 in the
 //! paper) that turns each frame's latent into an image for the backbone; or `"decoder"`, the
-//! frozen VAE decoder (latents / scaling factor, decoded clip by clip with its temporal layers).
+//! frozen VAE decoder (latents / scaling factor, decoded clip by clip with its temporal layers);
+//! or `"latent"`, the SF-V-style baseline (Zhang et al. 2024): no images at all, the latents
+//! are noised to `backbone.noise_sigma` and fed with the batch's conditioning to the frozen
+//! teacher UNet's encoder (backbone `"teacher_unet"`, layers: every down block, then the mid
+//! block; see [`crate::models::UNetSpatioTemporal::encoder_features`]). SF-V draws the noise
+//! level per step; a fixed level is our simplification.
 //!
 //! Backbone: an image network applied to every frame, whose intermediate features at
 //! `feature_layers` feed heads. `"efficientnet_lite0"`: the frozen ImageNet EfficientNet-Lite0
@@ -25,6 +30,7 @@
 
 use super::layers::{Conv2d, TemporalConv};
 use super::AutoencoderKLTemporalDecoder;
+use crate::diffusion::{Conditioning, SvdDenoiser};
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -34,6 +40,7 @@ use serde::{Deserialize, Serialize};
 pub enum DiscInput {
     Upsampler,
     Decoder,
+    Latent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +61,9 @@ pub struct BackboneConfig {
     pub path: String,
     /// `dinov2`: images are resized to `image_size x image_size` (a multiple of the patch size).
     pub image_size: usize,
+    /// `teacher_unet`: the noise level (EDM sigma) real and generated latents are noised to
+    /// before the UNet encoder sees them.
+    pub noise_sigma: f64,
     /// `conv`: output channels of each stage (each halves the resolution).
     pub channels: Vec<usize>,
     /// Train the backbone with the heads (true) or keep it frozen (false).
@@ -66,6 +76,7 @@ impl Default for BackboneConfig {
             kind: "conv".into(),
             path: String::new(),
             image_size: 224,
+            noise_sigma: 1.0,
             channels: vec![32, 64, 96],
             trainable: false,
         }
@@ -100,16 +111,18 @@ impl Default for DiscriminatorConfig {
 }
 
 impl DiscriminatorConfig {
-    /// Channels of each backbone layer (`dinov2` reads them from the model's `config.json`).
-    pub fn layer_channels(&self) -> std::result::Result<Vec<usize>, String> {
-        Ok(match self.backbone.kind.as_str() {
+    /// Channels of each backbone layer (`dinov2` reads them from the model's `config.json`;
+    /// `teacher_unet`'s depend on the teacher and are known only when it is loaded: `None`).
+    pub fn layer_channels(&self) -> std::result::Result<Option<Vec<usize>>, String> {
+        Ok(Some(match self.backbone.kind.as_str() {
+            "teacher_unet" => return Ok(None),
             "efficientnet_lite0" => super::efficientnet::block_channels(),
             "dinov2" => {
                 let c = self.dinov2_config()?;
                 vec![c.hidden_size; c.num_hidden_layers]
             }
             _ => self.backbone.channels.clone(),
-        })
+        }))
     }
 
     fn dinov2_config(&self) -> std::result::Result<super::dinov2::Dinov2Config, String> {
@@ -152,25 +165,47 @@ impl DiscriminatorConfig {
                     ));
                 }
             }
+            "teacher_unet" => {
+                if self.backbone.trainable {
+                    return Err("backbone.trainable = true: the teacher's UNet encoder is frozen".into());
+                }
+                if self.input != DiscInput::Latent {
+                    return Err(
+                        "backbone.kind = \"teacher_unet\" sees latents: set input = \"latent\"".into(),
+                    );
+                }
+                if !(self.backbone.noise_sigma >= 0.0 && self.backbone.noise_sigma.is_finite()) {
+                    return Err("backbone.noise_sigma must be a finite sigma >= 0".into());
+                }
+            }
             k => {
                 return Err(format!(
-                "backbone.kind = \"{k}\": expected \"conv\", \"efficientnet_lite0\" or \"dinov2\""
-            ))
+                    "backbone.kind = \"{k}\": expected \"conv\", \"efficientnet_lite0\", \"dinov2\" or \"teacher_unet\""
+                ))
             }
         }
         if self.feature_layers.is_empty() {
             return Err("feature_layers is empty: no head would see anything".into());
         }
-        let n = self.layer_channels()?.len();
-        if let Some(l) = self.feature_layers.iter().find(|&&l| l >= n) {
-            return Err(format!(
-                "feature_layers holds {l} but the backbone has {n} layers"
-            ));
+        if self.input == DiscInput::Latent && self.backbone.kind != "teacher_unet" {
+            return Err("input = \"latent\" needs backbone.kind = \"teacher_unet\"".into());
+        }
+        if let Some(chans) = self.layer_channels()? {
+            check_layers(&self.feature_layers, chans.len())?;
         }
         if self.upsample_factor == 0 {
             return Err("upsample_factor must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+fn check_layers(layers: &[usize], n: usize) -> std::result::Result<(), String> {
+    match layers.iter().find(|&&l| l >= n) {
+        Some(l) => Err(format!(
+            "feature_layers holds {l} but the backbone has {n} layers"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -279,6 +314,8 @@ pub enum Backbone {
     EfficientNet(Box<super::efficientnet::EfficientNetLite0>),
     /// DINOv2 and the square size images are resized to.
     Dinov2(Box<super::dinov2::Dinov2>, usize),
+    /// The frozen teacher UNet's encoder on noised latents (SF-V) and the noise level.
+    TeacherUnet(Box<super::UNetSpatioTemporal>, f64),
 }
 
 impl Backbone {
@@ -290,6 +327,9 @@ impl Backbone {
                 Ok(e.features(&((x * (127.5 / 128.0))? + 0.5 / 128.0)?)?.0)
             }
             Backbone::Dinov2(d, size) => d.features(&super::dinov2::resize_square(x, *size)?),
+            Backbone::TeacherUnet(..) => Err(candle_core::Error::Msg(
+                "the teacher_unet backbone sees latents with their conditioning, not images".into(),
+            )),
         }
     }
 }
@@ -322,9 +362,22 @@ impl Discriminator {
                 1,
                 1,
             )?),
-            DiscInput::Decoder => None,
+            DiscInput::Decoder | DiscInput::Latent => None,
         };
-        let chans = cfg.layer_channels().map_err(candle_core::Error::Msg)?;
+        let chans = match (
+            &backbone,
+            cfg.layer_channels().map_err(candle_core::Error::Msg)?,
+        ) {
+            (Backbone::TeacherUnet(u, _), _) => u.config.encoder_channels(),
+            (_, Some(c)) => c,
+            (_, None) => {
+                return Err(candle_core::Error::Msg(
+                    "backbone.kind = \"teacher_unet\" needs the teacher's UNet as its backbone"
+                        .into(),
+                ))
+            }
+        };
+        check_layers(&cfg.feature_layers, chans.len()).map_err(candle_core::Error::Msg)?;
         let mut heads = Vec::new();
         for &l in &cfg.feature_layers {
             let c = chans[l];
@@ -367,9 +420,32 @@ impl Discriminator {
         z: &Tensor,
         vae: Option<&AutoencoderKLTemporalDecoder>,
     ) -> Result<Vec<Tensor>> {
+        self.forward_cond(z, vae, None)
+    }
+
+    /// [`Self::forward`] with the batch's conditioning and a unit-variance noise sample shaped
+    /// like `z`, which the `"latent"` input (the teacher UNet backbone) needs: the latents are
+    /// noised to `z + noise_sigma * noise` and encoded with the conditioning.
+    pub fn forward_cond(
+        &self,
+        z: &Tensor,
+        vae: Option<&AutoencoderKLTemporalDecoder>,
+        cond: Option<(&Conditioning, &Tensor)>,
+    ) -> Result<Vec<Tensor>> {
         let b = z.dim(0)?;
-        let x = self.images(z, vae)?;
-        let feats = self.backbone.features(&x)?;
+        let feats = match &self.backbone {
+            Backbone::TeacherUnet(unet, sigma) => {
+                let (cond, noise) = cond.ok_or_else(|| {
+                    candle_core::Error::Msg(
+                        "the teacher_unet backbone needs the batch's conditioning".into(),
+                    )
+                })?;
+                let x = (z + (noise * *sigma)?)?;
+                let s = Tensor::full(sigma.max(1e-3) as f32, b, z.device())?;
+                SvdDenoiser { unet }.encoder_features(&x, &s, cond)?
+            }
+            _ => self.backbone.features(&self.images(z, vae)?)?,
+        };
         let mut out = Vec::new();
         for (l, s, t) in &self.heads {
             if let Some(s) = s {

@@ -111,6 +111,14 @@ impl UNetConfig {
         }
     }
 
+    /// Channels of [`UNetSpatioTemporal::encoder_features`]: every down block's, then the mid
+    /// block's.
+    pub fn encoder_channels(&self) -> Vec<usize> {
+        let mut c = self.block_out_channels.clone();
+        c.extend(self.block_out_channels.last().copied());
+        c
+    }
+
     /// Checks the shape rules diffusers enforces (and a few it leaves to a crash).
     pub fn validate(&self) -> std::result::Result<(), String> {
         let n = self.block_out_channels.len();
@@ -332,20 +340,15 @@ impl UNetSpatioTemporal {
         })
     }
 
-    /// The model call of diffusers' `UNetSpatioTemporalConditionModel.forward`.
-    /// # Shapes
-    /// - `sample`: `[b, t, in_channels, h, w]`
-    /// - `timestep`: `[b]` (SVD passes `c_noise = 0.25 ln sigma`)
-    /// - `encoder_hidden_states`: `[b, m, cross_attention_dim]` (the image embedding, m = 1)
-    /// - `added_time_ids`: `[b, 3]` (fps - 1, motion bucket id, noise augmentation strength)
-    /// - returns `[b, t, out_channels, h, w]`
-    pub fn forward(
+    /// The encoder half (embeddings, down blocks, mid block) shared by [`Self::forward`] and
+    /// [`Self::encoder_features`].
+    fn encode(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
         added_time_ids: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<Encoded> {
         let (b, t, c, h, w) = sample.dims5()?;
         let ch0 = self.config.block_out_channels[0];
         let emb = self.time_embedding.forward(&timestep_embedding(
@@ -369,6 +372,7 @@ impl UNetSpatioTemporal {
 
         let mut x = self.conv_in.forward(&sample.reshape((b * t, c, h, w))?)?;
         let mut skips = vec![x.clone()];
+        let mut blocks = Vec::with_capacity(self.down_blocks.len() + 1);
         for block in &self.down_blocks {
             for (l, resnet) in block.resnets.iter().enumerate() {
                 x = resnet.forward(&x, Some(&emb), t)?;
@@ -381,12 +385,60 @@ impl UNetSpatioTemporal {
                 x = down.forward(&x)?;
                 skips.push(x.clone());
             }
+            blocks.push(x.clone());
         }
         x = self.mid_resnets[0].forward(&x, Some(&emb), t)?;
         for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
             x = attn.forward(&x, &context, t)?;
             x = resnet.forward(&x, Some(&emb), t)?;
         }
+        blocks.push(x.clone());
+        Ok(Encoded {
+            x,
+            skips,
+            emb,
+            context,
+            blocks,
+        })
+    }
+
+    /// The encoder's features, the backbone of an SF-V-style discriminator: the output of every
+    /// down block (after its downsampler) and of the mid block, each `[b t, c, h', w']`, with
+    /// channels [`UNetConfig::encoder_channels`]. Arguments as [`Self::forward`].
+    pub fn encoder_features(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        Ok(self
+            .encode(sample, timestep, encoder_hidden_states, added_time_ids)?
+            .blocks)
+    }
+
+    /// The model call of diffusers' `UNetSpatioTemporalConditionModel.forward`.
+    /// # Shapes
+    /// - `sample`: `[b, t, in_channels, h, w]`
+    /// - `timestep`: `[b]` (SVD passes `c_noise = 0.25 ln sigma`)
+    /// - `encoder_hidden_states`: `[b, m, cross_attention_dim]` (the image embedding, m = 1)
+    /// - `added_time_ids`: `[b, 3]` (fps - 1, motion bucket id, noise augmentation strength)
+    /// - returns `[b, t, out_channels, h, w]`
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, ..) = sample.dims5()?;
+        let Encoded {
+            mut x,
+            mut skips,
+            emb,
+            context,
+            ..
+        } = self.encode(sample, timestep, encoder_hidden_states, added_time_ids)?;
         for block in &self.up_blocks {
             for (l, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips
@@ -412,4 +464,14 @@ impl UNetSpatioTemporal {
         let (_, co, ho, wo) = x.dims4()?;
         x.reshape((b, t, co, ho, wo))
     }
+}
+
+/// What the encoder half leaves for the decoder half.
+struct Encoded {
+    x: Tensor,
+    skips: Vec<Tensor>,
+    emb: Tensor,
+    context: Tensor,
+    /// The output of every down block and of the mid block.
+    blocks: Vec<Tensor>,
 }

@@ -490,9 +490,16 @@ fn finish(
     }
     let train = subset(&train, &evenly(train.len(), p.max_train));
     let test = subset(&test, &evenly(test.len(), p.max_test));
-    if train.is_empty() {
+    let eval_only = p.test_fraction >= 1.0;
+    if train.is_empty() && !eval_only {
         return Err(Error::Data(format!(
             "no training clips: the videos are shorter than {} frames at {} fps before their test span",
+            p.frames, p.fps
+        )));
+    }
+    if eval_only && test.is_empty() {
+        return Err(Error::Data(format!(
+            "no clips: the videos are shorter than {} frames at {} fps",
             p.frames, p.fps
         )));
     }
@@ -510,8 +517,12 @@ fn finish(
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?;
     crate::util::atomic_write(&ctx.dir.join("manifest.json"), &json)?;
 
-    let mut strip = train.filmstrip(4);
-    if !test.is_empty() {
+    let mut strip = if train.is_empty() {
+        test.filmstrip(4)
+    } else {
+        train.filmstrip(4)
+    };
+    if !test.is_empty() && !train.is_empty() {
         let t = test.filmstrip(4);
         let mut both = image::RgbImage::new(strip.width(), strip.height() + t.height());
         image::imageops::overlay(&mut both, &strip, 0, 0);

@@ -219,11 +219,22 @@ fn build_discriminator(
     latent_channels: usize,
     seed: u64,
     assets: &std::path::Path,
+    teacher: &std::path::Path,
     dev: &candle_core::Device,
 ) -> Result<(VarMap, Discriminator)> {
     let map = VarMap::new();
     let vb = seeded_varbuilder(&map, seed, dev);
     let backbone = match cfg.backbone.kind.as_str() {
+        "teacher_unet" => {
+            let ucfg: UNetConfig = crate::models::checkpoint::load_config(&teacher.join("unet"))?;
+            let (m, _) = unet_from(teacher, &ucfg, dev)?;
+            let unet = crate::models::UNetSpatioTemporal::new(
+                VarBuilder::from_tensors(constants(&m)?, DType::F32, dev),
+                &ucfg,
+            )
+            .map_err(ce("discriminator backbone (teacher UNet)"))?;
+            Backbone::TeacherUnet(Box::new(unet), cfg.backbone.noise_sigma)
+        }
         "dinov2" => Backbone::Dinov2(
             Box::new(crate::models::dinov2::Dinov2::load(
                 std::path::Path::new(&cfg.backbone.path),
@@ -245,14 +256,7 @@ fn build_discriminator(
                 &cfg.backbone.channels,
             )
             .map_err(ce("discriminator backbone"))?;
-            let consts: HashMap<String, Tensor> = bb
-                .data()
-                .lock()
-                .map_err(|_| Error::Other("discriminator backbone: poisoned lock".into()))?
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-                .collect();
-            let frozen = VarBuilder::from_tensors(consts, DType::F32, dev);
+            let frozen = VarBuilder::from_tensors(constants(&bb)?, DType::F32, dev);
             Backbone::Conv(
                 ConvBackbone::new(frozen.pp("backbone"), &cfg.backbone.channels)
                     .map_err(ce("discriminator backbone"))?,
@@ -261,6 +265,17 @@ fn build_discriminator(
     };
     let d = Discriminator::new(vb, backbone, cfg, latent_channels).map_err(ce("discriminator"))?;
     Ok((map, d))
+}
+
+/// The weights of `map` as constants (a frozen copy: no gradient is computed for them).
+fn constants(map: &VarMap) -> Result<HashMap<String, Tensor>> {
+    Ok(map
+        .data()
+        .lock()
+        .map_err(|_| Error::Other("discriminator backbone: poisoned lock".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect())
 }
 
 fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
@@ -315,7 +330,21 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let g_vars = student.vars();
     let t_vars: HashMap<String, Var> = named_vars(&t_map).into_iter().collect();
     let lc = gen_pipe.vae.config.latent_channels;
-    let (d_map, disc) = build_discriminator(&p.discriminator, lc, ctx.seed, &ctx.assets, &dev)?;
+    // The SF-V backbone is the teacher's UNet: the `teacher` stage's (given, or the nearest
+    // upstream one), else the generator's starting weights.
+    let backbone_dir = match (&p.teacher, ctx.upstream_of_kind("teacher")) {
+        (Some(_), _) => teacher_dir(ctx, p.teacher.as_deref())?,
+        (None, Some(u)) => u.dir.clone(),
+        (None, None) => gdir.clone(),
+    };
+    let (d_map, disc) = build_discriminator(
+        &p.discriminator,
+        lc,
+        ctx.seed,
+        &ctx.assets,
+        &backbone_dir,
+        &dev,
+    )?;
     let d_vars = named_vars(&d_map);
     let mut opt_g = AdamW::new(g_vars.clone(), p.optimizer_g.clone()).map_err(ce("optimizer"))?;
     let mut opt_d = AdamW::new(d_vars.clone(), p.optimizer_d.clone()).map_err(ce("optimizer"))?;
@@ -400,14 +429,20 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
 
+        // The latent input (SF-V) noises real and fake with one shared sample.
+        let d_noise = match p.discriminator.input {
+            DiscInput::Latent => Some(rng.tensor(x0.dims(), &dev).map_err(&e)?),
+            _ => None,
+        };
+        let dc = d_noise.as_ref().map(|n| (&cond, n));
         // Discriminator step on detached samples.
-        let lr_real = disc.forward(&real, vae).map_err(&e)?;
-        let lr_fake = disc.forward(&fake.detach(), vae).map_err(&e)?;
+        let lr_real = disc.forward_cond(&real, vae, dc).map_err(&e)?;
+        let lr_fake = disc.forward_cond(&fake.detach(), vae, dc).map_err(&e)?;
         let mut loss_d = d_loss(&lr_real, &lr_fake, p.gan_loss).map_err(&e)?;
         if p.r1_weight > 0.0 {
             let eps = rng.tensor(real.dims(), &dev).map_err(&e)?;
             let perturbed = (&real + (eps * p.r1_sigma).map_err(&e)?).map_err(&e)?;
-            let lp = disc.forward(&perturbed, vae).map_err(&e)?;
+            let lp = disc.forward_cond(&perturbed, vae, dc).map_err(&e)?;
             let r1 = approx_r1(&lr_real, &lp).map_err(&e)?;
             ctx.metric("r1", step + 1, r1.to_scalar::<f32>().map_err(&e)? as f64)?;
             loss_d = (loss_d + (r1 * p.r1_weight).map_err(&e)?).map_err(&e)?;
@@ -417,7 +452,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let gnorm_d = opt_d.step(&grads_d, lr).map_err(&e)?;
 
         // Generator step through the updated discriminator.
-        let lf = disc.forward(&fake, vae).map_err(&e)?;
+        let lf = disc.forward_cond(&fake, vae, dc).map_err(&e)?;
         let adv = g_loss(&lf, p.gan_loss).map_err(&e)?;
         let dist = (distance(&fake, &real, p.distance, p.huber_c).map_err(&e)? * &lambda)
             .and_then(|v| v.mean_all())
