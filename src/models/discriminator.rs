@@ -489,6 +489,7 @@ mod tests {
             match input {
                 DiscInput::Decoder => assert!(r.unwrap_err().to_string().contains("needs the VAE")),
                 DiscInput::Upsampler => assert!(r.is_ok()),
+                DiscInput::Latent => unreachable!("not in this test"),
             }
             let has_upsampler = map
                 .data()
