@@ -75,7 +75,7 @@ pub fn motion_features(clip: &[u8], t: usize, h: usize, w: usize) -> Vec<f32> {
 /// Mean absolute luma difference between consecutive frames (lag 1, full resolution), the
 /// plain "how much does it move" number shown beside `motion_fd`.
 pub fn mean_motion(features: &[f32]) -> f64 {
-    (features[0] as f64).exp() - EPS
+    ((features[0] as f64).exp() - EPS).max(0.0)
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@
 //! - `first_frame_psnr` and `first_frame_ssim` with intervals: generated frame 0 against the
 //!   conditioning frame;
 //! - reference rows (`references = true`): `fvd_floor` / `motion_fd_floor` (first half of the
-//!   real clips against the second half, N/2 each: the floor any model can reach),
+//!   real clips against the second half, N/2 each: how far two real sets of different scenes
+//!   are at that size; not a lower bound for a paired evaluation, where a method that keeps the
+//!   conditioning scenes can go below it),
 //!   `fvd_static` / `motion_fd_static` (each clip's first frame repeated, the trivial
 //!   image-to-video baseline, same N), and the paired differences `fvd_vs_static` /
 //!   `motion_fd_vs_static` (method minus static on the same clips, negative is better) with
