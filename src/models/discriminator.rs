@@ -58,16 +58,29 @@ pub struct BackboneConfig {
     /// (pretrained, frozen) or `"dinov2"` (pretrained, frozen, from `path`).
     pub kind: String,
     /// `dinov2`: the model folder (`config.json` + `model.safetensors`, Hugging Face layout).
+    /// (Keys added after the first release are left out of the resolved spec while at their
+    /// defaults, so existing stages keep their identity and cache.)
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub path: String,
     /// `dinov2`: images are resized to `image_size x image_size` (a multiple of the patch size).
+    #[serde(skip_serializing_if = "is_default_image_size")]
     pub image_size: usize,
     /// `teacher_unet`: the noise level (EDM sigma) real and generated latents are noised to
     /// before the UNet encoder sees them.
+    #[serde(skip_serializing_if = "is_default_noise_sigma")]
     pub noise_sigma: f64,
     /// `conv`: output channels of each stage (each halves the resolution).
     pub channels: Vec<usize>,
     /// Train the backbone with the heads (true) or keep it frozen (false).
     pub trainable: bool,
+}
+
+fn is_default_image_size(v: &usize) -> bool {
+    *v == 224
+}
+
+fn is_default_noise_sigma(v: &f64) -> bool {
+    *v == 1.0
 }
 
 impl Default for BackboneConfig {
