@@ -203,7 +203,7 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
             let real_motion = r.get("motion_mean_real");
             if let Some(fl) = r.interval("fvd_floor") {
                 out += &format!(
-                    "| floor: real vs real (N/2 = {} each) | - | {} | {} | {} | - | - | - | two real sets of different scenes; paired evaluation can go below it |\n",
+                    "| floor: real vs real (N/2 = {} each) | - | {} | {} | {} | - | - | - | two disjoint halves of the real clips; a scale, not a lower bound |\n",
                     r.get("fvd_floor/clips").map_or(n / 2, |v| v as usize),
                     fl.display(1),
                     cell(r.interval("motion_fd_floor"), 3),
