@@ -14,7 +14,7 @@
 use crate::error::{Error, Result};
 use crate::metrics::bootstrap::{self, Interval, DEFAULT_RESAMPLES};
 use crate::plan::cache_dir;
-use crate::stages::fvd::{load_rows, Evaluation, EVALUATION_FILE, FEATURES_FILE, STATIC};
+use crate::stages::fvd::{key, load_rows, Evaluation, EVALUATION_FILE, FEATURES_FILE, STATIC};
 use crate::store::{RunRow, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -33,18 +33,8 @@ pub struct MethodRow {
 }
 
 impl MethodRow {
-    fn key(&self, base: &str) -> String {
-        if !self.eval.fast {
-            return base.to_string();
-        }
-        match base.split_once('/') {
-            Some((a, b)) => format!("{a}_fast/{b}"),
-            None => format!("{base}_fast"),
-        }
-    }
-
     fn get(&self, base: &str) -> Option<f64> {
-        self.metrics.get(&self.key(base)).copied()
+        self.metrics.get(&key(self.eval.fast, base)).copied()
     }
 
     /// A metric with its interval, when logged.

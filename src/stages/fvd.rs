@@ -308,7 +308,7 @@ fn motion_rows(set: &ClipSet, n: usize, frames: usize) -> Vec<Vec<f32>> {
 }
 
 /// A metric key, with `_fast` added to its first segment for quick checks.
-fn key(fast: bool, base: &str) -> String {
+pub fn key(fast: bool, base: &str) -> String {
     match (fast, base.split_once('/')) {
         (false, _) => base.to_string(),
         (true, Some((a, b))) => format!("{a}_fast/{b}"),
@@ -392,7 +392,21 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         None => (still.clone(), 0),
     };
     gen.save(&ctx.dir.join("generated.safetensors"))?;
-    let gen_logits = cached_logits(ctx, &net, &gen, n, f, "generated clips")?;
+    // A model's generations are scored once and kept in this stage's features file; only the
+    // real and static sets, shared by every method, go to the assets cache.
+    let gen_logits = if is_static {
+        cached_logits(ctx, &net, &gen, n, f, "static baseline clips")?
+    } else {
+        let name = ctx.name.clone();
+        let log = &mut *ctx.log;
+        clip_set_logits(&net, &gen, n, f, |i| {
+            log.progress(
+                i as u64,
+                n as u64,
+                &format!("{name}: I3D on the generated clips"),
+            )
+        })?
+    };
     let gen_motion = motion_rows(&gen, n, f);
     let psnr: Vec<f64> = (0..n)
         .map(|i| fidelity::psnr(&test.clip(i)[..fl], &gen.clip(i)[..fl]))
@@ -440,13 +454,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     let first_frame: Vec<Vec<f32>> = (0..n)
         .map(|i| vec![psnr[i] as f32, ssim.get(i).map_or(f32::NAN, |v| *v as f32)])
         .collect();
-    let mut saved: Vec<(&str, Vec<Vec<f32>>)> = vec![
-        ("real_logits", real_logits.clone()),
-        ("real_motion", real_motion.clone()),
-        ("gen_logits", gen_logits.clone()),
-        ("gen_motion", gen_motion.clone()),
-        ("first_frame_psnr_ssim", first_frame),
-    ];
+    let mut statics = None;
 
     let mut summary = format!("{} {:.2}", key(fast, "fvd"), fvd.value);
     if p.references {
@@ -501,8 +509,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
                 ));
             }
         }
-        saved.push(("static_logits", st_logits));
-        saved.push(("static_motion", st_motion));
+        statics = Some((st_logits, st_motion));
     }
     let record = Evaluation {
         model: pipe
@@ -525,8 +532,18 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         &ctx.dir.join(EVALUATION_FILE),
         &serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?,
     )?;
-    let views: Vec<(&str, &[Vec<f32>])> = saved.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-    save_rows(&ctx.dir.join(FEATURES_FILE), &views)?;
+    let mut saved: Vec<(&str, &[Vec<f32>])> = vec![
+        ("real_logits", &real_logits),
+        ("real_motion", &real_motion),
+        ("gen_logits", &gen_logits),
+        ("gen_motion", &gen_motion),
+        ("first_frame_psnr_ssim", &first_frame),
+    ];
+    if let Some((l, m)) = &statics {
+        saved.push(("static_logits", l));
+        saved.push(("static_motion", m));
+    }
+    save_rows(&ctx.dir.join(FEATURES_FILE), &saved)?;
     ctx.note(&format!(
         "{summary} on {n} clips of {f} frames ({w}x{h} resized to 224; {nfe} NFE per clip); \
          motion_fd {:.3}{}",
