@@ -195,11 +195,22 @@ pub fn paired_difference(
         "paired sets differ in length"
     );
     bootstrap(real.len(), resamples, seed, false, |idx| {
-        let r = Gaussian::fit(&pick(real, idx), "real clips")?;
-        let ga = Gaussian::fit(&pick(a, idx), "first method")?;
-        let gb = Gaussian::fit(&pick(b, idx), "second method")?;
-        Ok(frechet_distance(&r, &ga)? - frechet_distance(&r, &gb)?)
+        difference(real, a, b, idx, idx)
     })
+}
+
+/// `d(reference[ir], x[i]) - d(reference[ir], y[i])`.
+fn difference(
+    reference: &[Vec<f32>],
+    x: &[Vec<f32>],
+    y: &[Vec<f32>],
+    ir: &[usize],
+    i: &[usize],
+) -> Result<f64> {
+    let r = Gaussian::fit(&pick(reference, ir), "reference clips")?;
+    let gx = Gaussian::fit(&pick(x, i), "first set")?;
+    let gy = Gaussian::fit(&pick(y, i), "second set")?;
+    Ok(frechet_distance(&r, &gx)? - frechet_distance(&r, &gy)?)
 }
 
 /// `d(reference, x) - d(reference, y)` where row `i` of `x` and of `y` belong together (a clip
@@ -214,12 +225,7 @@ pub fn unpaired_difference(
 ) -> Result<Interval> {
     assert_eq!(x.len(), y.len(), "paired sets differ in length");
     let (nr, n) = (reference.len(), x.len());
-    let stat = |ir: &[usize], i: &[usize]| -> Result<f64> {
-        let r = Gaussian::fit(&pick(reference, ir), "reference clips")?;
-        let gx = Gaussian::fit(&pick(x, i), "first set")?;
-        let gy = Gaussian::fit(&pick(y, i), "second set")?;
-        Ok(frechet_distance(&r, &gx)? - frechet_distance(&r, &gy)?)
-    };
+    let stat = |ir: &[usize], i: &[usize]| difference(reference, x, y, ir, i);
     let value = stat(&(0..nr).collect::<Vec<_>>(), &(0..n).collect::<Vec<_>>())?;
     let resamples = if nr.min(n) < 2 { 0 } else { resamples };
     interval(value, resamples, seed, false, |rng| {
