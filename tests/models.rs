@@ -568,3 +568,156 @@ fn sfv_discriminator_reads_the_frozen_teacher_unet_encoder_with_conditioning() {
     bad.backbone.kind = "conv".into();
     assert!(bad.validate().unwrap_err().contains("teacher_unet"));
 }
+
+// ---- A real Stable Video Diffusion folder (tools/fixtures/svd_pipeline_reference.py): a tiny
+// random StableVideoDiffusionPipeline saved by diffusers, fp32 and fp16 variant files.
+
+fn svd_pipeline_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/svd_pipeline")
+}
+
+fn svd_pipeline_io() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/svd_pipeline_io.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The fixture's call: 4 frames, 3 Euler steps, guidance 1 -> 2.5, fps 7, motion bucket 100,
+/// augmentation 0.05, decode chunks of 2 frames; frames in [0, 1].
+fn run_svd_pipeline(pipe: &onestep::pipeline::VideoPipeline, d: &HashMap<String, Tensor>) -> Tensor {
+    let mut opts = pipe.default_options();
+    opts.frames = 4;
+    opts.sampler.steps = 3;
+    opts.sampler.max_guidance = 2.5;
+    opts.fps = 7.0;
+    opts.motion_bucket_id = 100.0;
+    opts.noise_aug_strength = 0.05;
+    opts.decode_chunk_size = Some(2);
+    let images = ((&d["image"] * 2.0).unwrap() - 1.0).unwrap();
+    let mut no_fresh = || -> candle_core::Result<Tensor> { candle_core::bail!("unused") };
+    let (video, nfe) = pipe
+        .generate_from_noise(&images, &d["latents"], &d["aug_noise"], &opts, &mut no_fresh, |_, _| {})
+        .unwrap();
+    assert_eq!(nfe, 6, "3 guided steps");
+    ((video + 1.0).unwrap() * 0.5).unwrap().clamp(0f32, 1f32).unwrap()
+}
+
+#[test]
+fn clip_vision_encoder_matches_transformers() {
+    let d = svd_pipeline_io();
+    let dir = svd_pipeline_dir().join("image_encoder");
+    let cfg: onestep::models::clip::ClipVisionConfig = checkpoint::load_config(&dir).unwrap();
+    assert_eq!((cfg.hidden_act.as_str(), cfg.projection_dim), ("gelu", 16));
+    let model = checkpoint::load_frozen(
+        &checkpoint::weight_files(&dir, "model", None).unwrap(),
+        candle_core::DType::F32,
+        &Device::Cpu,
+        |vb| onestep::models::clip::ClipVisionModelWithProjection::new(vb, &cfg),
+    )
+    .unwrap();
+    let err = max_abs(&model.forward(&d["clip_in"]).unwrap(), &d["clip_out"]);
+    assert!(err < 1e-4, "CLIP image_embeds max|diff| = {err}");
+}
+
+#[test]
+fn svd_pipeline_folder_generates_what_diffusers_generates() {
+    use onestep::pipeline::{LoadOptions, VideoPipeline};
+    let d = svd_pipeline_io();
+    let pipe = VideoPipeline::load(&svd_pipeline_dir(), &Device::Cpu).unwrap();
+    // The settings of a diffusers folder: the pipeline call's defaults.
+    let s = &pipe.settings;
+    assert_eq!((s.frames, s.height, s.width), (4, 576, 1024));
+    assert_eq!((s.fps, s.motion_bucket_id, s.noise_aug_strength), (7.0, 127.0, 0.02));
+    assert_eq!((s.sampler.steps, s.sampler.sigma_max, s.sampler.max_guidance), (25, 700.0, 3.0));
+    // CLIP's input: antialiased resize to 224 and CLIP normalisation, then the embedding.
+    let images = ((&d["image"] * 2.0).unwrap() - 1.0).unwrap();
+    let px = pipe.image_encoder.clip_pixels(&images).unwrap();
+    let err = max_abs(&px, &d["clip_pixels"]);
+    assert!(err < 1e-4, "CLIP pixels max|diff| = {err}");
+    let err = max_abs(&pipe.image_encoder.embed(&images).unwrap(), &d["image_embeds"]);
+    assert!(err < 1e-4, "image embedding max|diff| = {err}");
+    // The whole call from the same noise (diffusers starts at sqrt(700^2 + 1) sigma, onestep at
+    // 700: 1e-6 relative).
+    let err = max_abs(&run_svd_pipeline(&pipe, &d), &d["frames"]);
+    assert!(err < 1e-3, "frames max|diff| = {err}");
+    // The fp16 variant files, computed in f32.
+    let pipe16 = VideoPipeline::load_with(
+        &svd_pipeline_dir(),
+        &Device::Cpu,
+        &LoadOptions { dtype: None, variant: Some("fp16".into()) },
+    )
+    .unwrap();
+    let f16 = run_svd_pipeline(&pipe16, &d);
+    let err = max_abs(&f16, &d["frames_fp16_weights"]);
+    assert!(err < 1e-3, "fp16-variant frames max|diff| = {err}");
+    assert!(max_abs(&f16, &d["frames"]) > 1e-4, "the fp16 variant must really be read");
+}
+
+#[test]
+fn svd_folder_weight_files_variants_and_strict_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let unet = svd_pipeline_dir().join("unet");
+    // A folder with only the fp16 variant loads it by default; asking for a missing variant
+    // names what is there.
+    let only16 = tmp.path().join("unet");
+    std::fs::create_dir_all(&only16).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.fp16.safetensors"] {
+        std::fs::copy(unet.join(f), only16.join(f)).unwrap();
+    }
+    let files = checkpoint::weight_files(&only16, "diffusion_pytorch_model", None).unwrap();
+    assert!(files[0].ends_with("diffusion_pytorch_model.fp16.safetensors"));
+    let err = checkpoint::weight_files(&only16, "diffusion_pytorch_model", Some("bf16"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("diffusion_pytorch_model.bf16.safetensors") && err.contains("fp16"), "{err}");
+    // A tensor the config does not use is an error, not silently ignored.
+    let mut ts = candle_core::safetensors::load(&files[0], &Device::Cpu).unwrap();
+    ts.insert("extra.weight".into(), Tensor::zeros(3, candle_core::DType::F16, &Device::Cpu).unwrap());
+    let extra = tmp.path().join("extra.safetensors");
+    candle_core::safetensors::save(&ts, &extra).unwrap();
+    let cfg: UNetConfig = checkpoint::load_config(&unet).unwrap();
+    let err = checkpoint::load_frozen(&[extra], candle_core::DType::F32, &Device::Cpu, |vb| {
+        UNetSpatioTemporal::new(vb, &cfg)
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("extra.weight"), "{err}");
+    // Not a model folder at all.
+    let err = onestep::pipeline::VideoPipeline::load(tmp.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model_index.json") && err.contains("onestep.json"), "{err}");
+}
+
+#[test]
+fn clip_resize_matrix_is_identity_at_the_same_size_and_blurs_when_shrinking() {
+    let m = onestep::models::clip::svd_resize_matrix(5, 5);
+    for i in 0..5 {
+        for j in 0..5 {
+            let want = if i == j { 1.0 } else { 0.0 };
+            assert!((m[i * 5 + j] - want).abs() < 1e-6, "{i},{j}: {}", m[i * 5 + j]);
+        }
+    }
+    // 576 -> 224: every row sums to one.
+    let m = onestep::models::clip::svd_resize_matrix(576, 224);
+    for o in 0..224 {
+        let row = &m[o * 576..(o + 1) * 576];
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+    // Where it blurs (72x128 -> 24x40), against diffusers' `_resize_with_antialiasing`.
+    let d = svd_pipeline_io();
+    let out = onestep::models::dinov2::resample2d(
+        &d["resize_in"],
+        &onestep::models::clip::svd_resize_matrix(72, 24),
+        &onestep::models::clip::svd_resize_matrix(128, 40),
+        24,
+        40,
+    )
+    .unwrap();
+    let err = max_abs(&out, &d["resize_out"]);
+    assert!(err < 1e-5, "antialiased resize max|diff| = {err}");
+}

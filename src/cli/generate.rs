@@ -4,14 +4,15 @@ use super::Global;
 use anyhow::Context;
 use onestep::data::ClipSet;
 use onestep::diffusion::SamplerMethod;
-use onestep::pipeline::{load_image, Fit, VideoPipeline};
+use onestep::pipeline::{load_image, Fit, LoadOptions, VideoPipeline};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A model folder (vae/, unet/, image_encoder/, onestep.json), e.g. a teacher stage's
-    /// cache folder `results/cache/<hash>`.
+    /// A model folder: onestep's (vae/, unet/, image_encoder/, onestep.json), e.g. a teacher
+    /// stage's cache folder `results/cache/<hash>`, or a diffusers StableVideoDiffusionPipeline
+    /// folder (model_index.json, ...) such as stabilityai/stable-video-diffusion-img2vid-xt.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// The conditioning image (PNG, JPEG or GIF; any size, see --fit).
@@ -54,6 +55,32 @@ pub struct Args {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu")]
     pub device: super::run::DeviceArg,
+    /// Frames per clip (default: the model's; SVD 14, SVD-XT 25).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Image height and width in pixels (default: the model's; SVD 576x1024).
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Frames the VAE decodes at once (diffusers' decode_chunk_size; default all).
+    #[arg(long)]
+    pub decode_chunk_size: Option<usize>,
+    /// Dtype of the UNet and image encoder: auto (bf16 on CUDA, f32 on the CPU), f32, f16 or
+    /// bf16 (half precision keeps norms, softmax and the sampler in f32).
+    #[arg(long, default_value = "auto")]
+    pub dtype: DTypeArg,
+    /// Weight variant of a diffusers folder (fp16 reads *.fp16.safetensors).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DTypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -87,8 +114,27 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         super::run::DeviceArg::Cpu => onestep::spec::Device::Cpu,
         super::run::DeviceArg::Cuda => onestep::spec::Device::Cuda,
     })?;
-    let pipe = VideoPipeline::load(&a.checkpoint, &device)?;
-    let s = pipe.settings.clone();
+    let dtype = match a.dtype {
+        DTypeArg::Auto if device.is_cuda() => candle_core::DType::BF16,
+        DTypeArg::Auto | DTypeArg::F32 => candle_core::DType::F32,
+        DTypeArg::F16 => candle_core::DType::F16,
+        DTypeArg::Bf16 => candle_core::DType::BF16,
+    };
+    let load = LoadOptions {
+        dtype: Some(dtype),
+        variant: a.variant.clone(),
+    };
+    let pipe = VideoPipeline::load_with(&a.checkpoint, &device, &load)?;
+    let mut s = pipe.settings.clone();
+    if let Some(v) = a.frames {
+        s.frames = v;
+    }
+    if let Some(v) = a.height {
+        s.height = v;
+    }
+    if let Some(v) = a.width {
+        s.width = v;
+    }
     let fit = match a.fit {
         FitArg::Crop => Fit::Crop,
         FitArg::Stretch => Fit::Stretch,
@@ -98,6 +144,10 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         .unsqueeze(0)?
         .to_device(&device)?;
     let mut opts = pipe.default_options();
+    opts.frames = s.frames;
+    if a.decode_chunk_size.is_some() {
+        opts.decode_chunk_size = a.decode_chunk_size;
+    }
     if let Some(n) = a.steps {
         opts.sampler.steps = n;
     }

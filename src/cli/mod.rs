@@ -1,6 +1,7 @@
 //! Command-line interface: global options and dispatch to one module per subcommand.
 
 mod data;
+mod device_check;
 mod export;
 mod generate;
 mod metrics;
@@ -105,6 +106,9 @@ pub enum Command {
     Features(metrics::FeaturesArgs),
     /// Fréchet video distance between two folders of videos.
     Fvd(metrics::FvdArgs),
+    /// GPU checks (CPU/CUDA parity, full-size SVD timings); see tools/cuda/device-check.sh.
+    #[command(hide = true)]
+    DeviceCheck(device_check::Args),
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -120,6 +124,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Assets(c) => metrics::assets_execute(&cli.global, c),
         Command::Features(a) => metrics::features(&cli.global, a),
         Command::Fvd(a) => metrics::fvd(&cli.global, a),
+        Command::DeviceCheck(a) => device_check::execute(a),
     }
 }
 

@@ -81,10 +81,11 @@ impl SvdDenoiser<'_> {
         cond: &Conditioning,
     ) -> Result<Vec<Tensor>> {
         let (model_in, _, _, c_noise) = Self::unet_input(x, sigma, cond)?;
+        let dt = self.unet.dtype();
         self.unet.encoder_features(
-            &model_in,
+            &model_in.to_dtype(dt)?,
             &c_noise,
-            &cond.image_embeds,
+            &cond.image_embeds.to_dtype(dt)?,
             &cond.added_time_ids,
         )
     }
@@ -92,13 +93,19 @@ impl SvdDenoiser<'_> {
 
 impl Denoiser for SvdDenoiser<'_> {
     fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        // The sampler's state (x, sigma, scalings) stays in its own dtype (f32); only the
+        // network runs in the UNet's (autocast-style half precision on CUDA).
         let (model_in, c_skip, c_out, c_noise) = Self::unet_input(x, sigma, cond)?;
-        let out = self.unet.forward(
-            &model_in,
-            &c_noise,
-            &cond.image_embeds,
-            &cond.added_time_ids,
-        )?;
+        let dt = self.unet.dtype();
+        let out = self
+            .unet
+            .forward(
+                &model_in.to_dtype(dt)?,
+                &c_noise,
+                &cond.image_embeds.to_dtype(dt)?,
+                &cond.added_time_ids,
+            )?
+            .to_dtype(x.dtype())?;
         x.broadcast_mul(&c_skip)? + out.broadcast_mul(&c_out)?
     }
 }

@@ -28,12 +28,20 @@ pub fn load_config<C: DeserializeOwned>(dir: &Path) -> Result<C> {
 /// Copies the weights in `file` into the variables of `varmap`, requiring the same names and
 /// shapes on both sides.
 pub fn load_weights(varmap: &VarMap, file: &Path) -> Result<()> {
-    let tensors = candle_core::safetensors::load(file, &Device::Cpu).map_err(|e| {
-        Error::Data(format!(
-            "{}: not a readable safetensors file: {e}",
-            file.display()
-        ))
-    })?;
+    load_weights_files(varmap, &[file.to_path_buf()])
+}
+
+/// [`load_weights`] from several files (the shards of a checkpoint).
+pub fn load_weights_files(varmap: &VarMap, files: &[PathBuf]) -> Result<()> {
+    let mut tensors = HashMap::new();
+    for f in files {
+        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+            Error::Data(format!("{}: not a readable safetensors file: {e}", f.display()))
+        })?);
+    }
+    let file = files
+        .first()
+        .ok_or_else(|| Error::Other("load_weights_files: no file".into()))?;
     let vars = varmap
         .data()
         .lock()
@@ -148,4 +156,155 @@ where
     C: DeserializeOwned,
 {
     Ok(load_component(dir, device, build)?.2)
+}
+
+/// The weight files of a component folder written by diffusers or transformers: `<stem>` is
+/// `diffusion_pytorch_model` (diffusers) or `model` (transformers). With `variant` (`fp16`) the
+/// variant's files (`<stem>.fp16.safetensors`, or the shards of
+/// `<stem>.safetensors.index.fp16.json`) are required; without, the plain files are used, or the
+/// `fp16` variant's when the folder has only those (as the stabilityai folders may).
+pub fn weight_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let find = |v: Option<&str>| -> Result<Option<Vec<PathBuf>>> {
+        let (single, index) = match v {
+            Some(v) => (
+                format!("{stem}.{v}.safetensors"),
+                format!("{stem}.safetensors.index.{v}.json"),
+            ),
+            None => (
+                format!("{stem}.safetensors"),
+                format!("{stem}.safetensors.index.json"),
+            ),
+        };
+        if dir.join(&single).is_file() {
+            return Ok(Some(vec![dir.join(single)]));
+        }
+        let index = dir.join(index);
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).at(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Data(format!("{}: {e}", index.display())))?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+                Error::Data(format!("{}: no `weight_map` object", index.display()))
+            })?;
+            let shards: BTreeSet<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
+            return Ok(Some(shards.into_iter().map(|s| dir.join(s)).collect()));
+        }
+        Ok(None)
+    };
+    if let Some(files) = find(variant)? {
+        return Ok(files);
+    }
+    if variant.is_none() {
+        if let Some(files) = find(Some("fp16"))? {
+            return Ok(files);
+        }
+    }
+    let present: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".safetensors"))
+                .collect()
+        })
+        .unwrap_or_default();
+    Err(Error::Data(format!(
+        "{}: no {stem}{}.safetensors weights (safetensors files there: {:?})",
+        dir.display(),
+        variant.map(|v| format!(".{v}")).unwrap_or_default(),
+        present
+    )))
+}
+
+/// Frozen weights read from safetensors files (memory-mapped) for a [`candle_nn::VarBuilder`],
+/// converted to one dtype on one device, with a record of which were used: loading is strict
+/// (see [`load_frozen`]).
+struct StrictTensors {
+    files: candle_core::safetensors::MmapedSafetensors,
+    names: BTreeSet<String>,
+    used: std::sync::Mutex<BTreeSet<String>>,
+    label: String,
+}
+
+#[derive(Clone)]
+struct StrictBackend(std::sync::Arc<StrictTensors>);
+
+impl candle_nn::var_builder::SimpleBackend for StrictBackend {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "{}: tensor `{name}` has shape {:?}, the model config needs {:?}",
+                self.0.label,
+                t.dims(),
+                s.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if !self.0.names.contains(name) {
+            candle_core::bail!("{}: missing tensor `{name}`", self.0.label);
+        }
+        self.0.used.lock().unwrap().insert(name.to_string());
+        self.0.files.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.names.contains(name)
+    }
+}
+
+/// Builds a frozen (inference) component from safetensors `files` in `dtype` on `device`:
+/// every tensor the model asks for must be there with its shape, and every tensor of the files
+/// must be used, so that a renamed parameter never loads as nothing. Files are memory-mapped,
+/// so a multi-gigabyte checkpoint is not copied before conversion.
+pub fn load_frozen<M>(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(candle_nn::VarBuilder) -> candle_core::Result<M>,
+) -> Result<M> {
+    let label = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    // SAFETY: the files are only read; a file changed while mapped is the user's error, as
+    // for every memory-mapped checkpoint loader (candle's own included).
+    let mm = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
+        .map_err(|e| Error::Data(format!("{label}: not a readable safetensors file: {e}")))?;
+    let names: BTreeSet<String> = mm.tensors().into_iter().map(|(n, _)| n).collect();
+    let strict = std::sync::Arc::new(StrictTensors {
+        files: mm,
+        names,
+        used: std::sync::Mutex::new(BTreeSet::new()),
+        label: label.clone(),
+    });
+    let vb = candle_nn::VarBuilder::from_backend(
+        Box::new(StrictBackend(strict.clone())),
+        dtype,
+        device.clone(),
+    );
+    let model = build(vb).map_err(|e| Error::Data(format!("{label}: {e}")))?;
+    let used = strict.used.lock().unwrap();
+    let unused: Vec<&String> = strict.names.difference(&used).collect();
+    if !unused.is_empty() {
+        return Err(Error::Data(format!(
+            "{label}: {} tensors the model config does not use (e.g. {:?}): the config and the weights do not match",
+            unused.len(),
+            unused.iter().take(5).collect::<Vec<_>>()
+        )));
+    }
+    Ok(model)
 }

@@ -114,6 +114,28 @@ impl Conv2d {
         })
     }
 
+    /// A convolution with no bias parameter (`bias=False`).
+    pub fn without_bias(
+        vb: VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (out_ch, in_ch, kernel, kernel),
+            "weight",
+            torch_uniform(in_ch * kernel * kernel),
+        )?;
+        Ok(Self {
+            weight,
+            bias: None,
+            stride,
+            pad: [padding; 4],
+        })
+    }
+
     /// # Shapes
     /// `[b, c_in, h, w]` -> `[b, c_out, h_out, w_out]`
     ///
@@ -245,16 +267,19 @@ impl GroupNorm {
         })
     }
 
+    /// Statistics in f32 whatever the input's dtype (as PyTorch's autocast runs `group_norm`),
+    /// the affine part in the weights' dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let xg = x.reshape((b, self.groups, ()))?;
+        let xg = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
         let mean = xg.mean_keepdim(2)?;
         let xc = xg.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(2)?;
         let xn = xc
             .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape(dims.clone())?;
+            .reshape(dims.clone())?
+            .to_dtype(self.weight.dtype())?;
         let mut pshape = vec![1usize; dims.len()];
         pshape[1] = c;
         xn.broadcast_mul(&self.weight.reshape(pshape.clone())?)?
@@ -283,22 +308,71 @@ impl Module for LayerNorm {
         let dims = x.dims().to_vec();
         let dim = dims[dims.len() - 1];
         let rows = x.elem_count() / dim;
-        let x = x.reshape((rows, dim))?;
+        // Statistics in f32 (autocast's `layer_norm`), the affine part in the weights' dtype.
+        let x = x.reshape((rows, dim))?.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let xn = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(self.weight.dtype())?;
         let w = expand_param(&self.weight, rows, 1)?.squeeze(2)?;
         let b = expand_param(&self.bias, rows, 1)?.squeeze(2)?;
         ((xn * w)? + b)?.reshape(dims)
     }
 }
 
-/// Softmax over the last axis from primitive ops (candle's fused CPU softmax has no backward).
+/// Softmax over the last axis from primitive ops (candle's fused CPU softmax has no backward),
+/// computed in f32 and returned in the input's dtype.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dt)
+}
+
+/// The most bytes (at f32) one block of attention scores may take before
+/// [`Attention::forward_seq`] splits the queries into chunks: full-size SVD has 9,216 tokens per
+/// frame, whose score matrix for 25 frames and 5 heads would be 42 GB. `ONESTEP_ATTN_CHUNK_MB`
+/// overrides it (in MiB).
+fn attention_chunk_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("ONESTEP_ATTN_CHUNK_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(1024)
+            << 20
+    })
+}
+
+/// `softmax(q k^T scale) v` over `[b, heads, n, d]`, in chunks of query rows when the score
+/// matrix would exceed [`attention_chunk_bytes`] (same result: each query row's softmax only
+/// reads its own row). Under autograd every chunk's scores are still kept for the backward
+/// pass; chunking saves memory in inference.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let per_row = b * h * m * 4;
+    let rows = (attention_chunk_bytes() / per_row.max(1)).max(1);
+    let kt = k.t()?;
+    let block = |q: &Tensor| -> Result<Tensor> {
+        let scores = (q.matmul(&kt)? * scale)?;
+        softmax_last(&scores)?.matmul(v)
+    };
+    if rows >= n {
+        return block(q);
+    }
+    let mut outs = Vec::with_capacity(n.div_ceil(rows));
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        outs.push(block(&q.narrow(2, start, len)?.contiguous()?)?);
+        start += len;
+    }
+    Tensor::cat(&outs, 2)
 }
 
 /// `diffusers.models.attention_processor.Attention` with the default processor: multi-head
@@ -368,8 +442,7 @@ impl Attention {
         let k = self.split_heads(&self.to_k.forward(ctx)?)?;
         let v = self.split_heads(&self.to_v.forward(ctx)?)?;
         let scale = 1.0 / (self.dim_head as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let out = softmax_last(&scores)?.matmul(&v)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, scale)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.dim_head))?;

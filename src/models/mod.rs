@@ -3,6 +3,7 @@
 //! and checkpoints in diffusers' folder layout.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod dinov2;
 pub mod discriminator;
 pub mod efficientnet;

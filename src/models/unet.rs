@@ -9,7 +9,7 @@ use super::layers::{
 use super::resnet::SpatioTemporalResBlock;
 use super::transformer::TransformerSpatioTemporalModel;
 use super::OneOrMany;
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -351,13 +351,16 @@ impl UNetSpatioTemporal {
     ) -> Result<Encoded> {
         let (b, t, c, h, w) = sample.dims5()?;
         let ch0 = self.config.block_out_channels[0];
-        let emb = self.time_embedding.forward(&timestep_embedding(
-            &timestep.to_dtype(sample.dtype())?,
-            ch0,
-        )?)?;
-        let ids = added_time_ids.to_dtype(sample.dtype())?.flatten_all()?;
-        let time_embeds =
-            timestep_embedding(&ids, self.config.addition_time_embed_dim)?.reshape((b, ()))?;
+        // The sinusoids are computed in f32 from the f32 timesteps and cast to the model's dtype
+        // afterwards, as diffusers does (`t_emb.to(dtype=sample.dtype)`).
+        let dt = sample.dtype();
+        let emb = self.time_embedding.forward(
+            &timestep_embedding(&timestep.to_dtype(DType::F32)?, ch0)?.to_dtype(dt)?,
+        )?;
+        let ids = added_time_ids.to_dtype(DType::F32)?.flatten_all()?;
+        let time_embeds = timestep_embedding(&ids, self.config.addition_time_embed_dim)?
+            .to_dtype(dt)?
+            .reshape((b, ()))?;
         let emb = (emb + self.add_embedding.forward(&time_embeds)?)?;
         // repeat_interleave over frames: [b, d] -> [b*t, d]
         let repeat = |x: &Tensor| -> Result<Tensor> {
@@ -415,6 +418,11 @@ impl UNetSpatioTemporal {
         Ok(self
             .encode(sample, timestep, encoder_hidden_states, added_time_ids)?
             .blocks)
+    }
+
+    /// The dtype the weights are held in (f32 on the CPU; f16 or bf16 on CUDA when asked).
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.dtype()
     }
 
     /// The model call of diffusers' `UNetSpatioTemporalConditionModel.forward`.

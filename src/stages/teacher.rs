@@ -19,12 +19,14 @@ use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{load_weights, save_tensors};
+use crate::models::checkpoint::{load_weights, load_weights_files, save_tensors, weight_files};
 use crate::models::{
     load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder, ImageEncoderConfig,
     UNetConfig, UNetSpatioTemporal,
 };
-use crate::pipeline::{GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::pipeline::{
+    is_clip_folder, GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE,
+};
 use crate::train::optim::named_vars;
 use crate::train::{
     ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig, Ema,
@@ -186,10 +188,16 @@ impl StageKind for TeacherStage {
             .map_err(|e| Error::Other(format!("teacher params: {e}")))?;
         match p.pretrained {
             Some(dir) => {
-                let f = Path::new(&dir)
-                    .join("unet")
-                    .join(crate::models::checkpoint::WEIGHTS_FILE);
-                Ok(Some(crate::util::sha256_file(&f)?))
+                // The UNet's weights (one file: its sha256, as before SVD folders loaded; several
+                // shards: the sha256 of their sha256s), then a CLIP image encoder's likewise.
+                let d = Path::new(&dir);
+                let files = weight_files(&d.join("unet"), "diffusion_pytorch_model", None)?;
+                let mut print = files_digest(&files)?;
+                let enc = d.join("image_encoder");
+                if is_clip_folder(&enc) {
+                    print = format!("{print}+clip:{}", files_digest(&weight_files(&enc, "model", None)?)?);
+                }
+                Ok(Some(print))
             }
             None => Ok(None),
         }
@@ -198,6 +206,25 @@ impl StageKind for TeacherStage {
         let p: TeacherParams = ctx.params()?;
         train(ctx, &p)
     }
+}
+
+fn files_digest(files: &[std::path::PathBuf]) -> Result<String> {
+    if let [one] = files {
+        return crate::util::sha256_file(one);
+    }
+    let mut all = String::new();
+    for f in files {
+        all.push_str(&crate::util::sha256_file(f)?);
+    }
+    use sha2::Digest;
+    Ok(hex::encode(sha2::Sha256::digest(all.as_bytes())))
+}
+
+/// The teacher's image encoder: onestep's small one, trained with the UNet, or SVD's CLIP
+/// (frozen, as in SVD), from a pretrained folder.
+enum TeacherEncoder {
+    Trained(ImageEncoder),
+    Clip(crate::pipeline::ImageEmbedder),
 }
 
 /// The motion bucket id of each clip of a set.
@@ -268,11 +295,16 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     let fps = data_fps(ctx)?;
 
     // Model configs: from `pretrained` or the spec, checked against the VAE.
+    let clip_dir = p
+        .pretrained
+        .as_ref()
+        .map(|d| Path::new(d).join("image_encoder"))
+        .filter(|d| is_clip_folder(d));
     let (unet_cfg, enc_cfg) = match &p.pretrained {
         Some(dir) => {
             let d = Path::new(dir);
             let u: UNetConfig = crate::models::checkpoint::load_config(&d.join("unet"))?;
-            let e = if d.join("image_encoder").exists() {
+            let e = if d.join("image_encoder").exists() && clip_dir.is_none() {
                 crate::models::checkpoint::load_config(&d.join("image_encoder"))?
             } else {
                 p.image_encoder.clone()
@@ -291,19 +323,30 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         )));
     }
     let (unet_map, unet) = build_vars(&dev, ctx.seed, |vb| UNetSpatioTemporal::new(vb, &unet_cfg))?;
-    let (enc_map, encoder) = build_vars(&dev, ctx.seed.wrapping_add(1), |vb| {
-        ImageEncoder::new(vb, &enc_cfg)
-    })?;
+    let (enc_map, encoder) = match &clip_dir {
+        Some(cd) => {
+            let pdir = Path::new(p.pretrained.as_deref().unwrap_or_default());
+            let fe = pdir.join("feature_extractor").join("preprocessor_config.json");
+            let clip = crate::pipeline::load_clip(cd, Some(&fe), candle_core::DType::F32, &dev, None)?;
+            (VarMap::new(), TeacherEncoder::Clip(clip))
+        }
+        None => {
+            let (m, e) = build_vars(&dev, ctx.seed.wrapping_add(1), |vb| {
+                ImageEncoder::new(vb, &enc_cfg)
+            })?;
+            (m, TeacherEncoder::Trained(e))
+        }
+    };
     if let Some(dir) = &p.pretrained {
         let d = Path::new(dir);
-        load_weights(
+        load_weights_files(
             &unet_map,
-            &d.join("unet").join(crate::models::checkpoint::WEIGHTS_FILE),
+            &weight_files(&d.join("unet"), "diffusion_pytorch_model", None)?,
         )?;
         let ef = d
             .join("image_encoder")
             .join(crate::models::checkpoint::WEIGHTS_FILE);
-        if ef.exists() {
+        if ef.exists() && clip_dir.is_none() {
             load_weights(&enc_map, &ef)?;
         }
     }
@@ -391,7 +434,11 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
             .detach()
             .unsqueeze(1)
             .map_err(&e)?;
-        let embeds = encoder.forward(&first).map_err(&e)?;
+        let embeds = match &encoder {
+            TeacherEncoder::Trained(enc) => enc.forward(&first),
+            TeacherEncoder::Clip(clip) => clip.embed(&first).map(|t| t.detach()),
+        }
+        .map_err(&e)?;
         let keep: Vec<f32> = (0..b)
             .map(|_| if rng.uniform() < p.p_uncond { 0.0 } else { 1.0 })
             .collect();
@@ -453,7 +500,15 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         }
     }
     save_component(&ctx.dir.join("unet"), &unet_cfg, &unet_map)?;
-    save_component(&ctx.dir.join("image_encoder"), &enc_cfg, &enc_map)?;
+    match &clip_dir {
+        // SVD's frozen CLIP encoder and its image processor settings, copied as they are.
+        Some(cd) => {
+            super::consistency::copy_component(cd, &ctx.dir.join("image_encoder"))?;
+            let root = Path::new(p.pretrained.as_deref().unwrap_or_default());
+            super::consistency::copy_feature_extractor(root, &ctx.dir)?;
+        }
+        None => save_component(&ctx.dir.join("image_encoder"), &enc_cfg, &enc_map)?,
+    }
     save_component(
         &ctx.dir.join("vae"),
         &vae_cfg,
@@ -470,6 +525,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         noise_aug_strength: p.noise_aug_strength,
         sampler: p.sampler.clone(),
         consistency: None,
+        decode_chunk_size: None,
     };
     let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
     crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;

@@ -68,7 +68,8 @@ pub struct Backend(Arc<Parts>);
 impl Parts {
     fn weight(&self, name: &str) -> candle_core::Result<Tensor> {
         if let Some(v) = self.full.get(name) {
-            return Ok(v.as_tensor().clone());
+            let dt = self.base.get(name).map_or(DType::F32, |t| t.dtype());
+            return v.as_tensor().to_dtype(dt);
         }
         let w0 = self
             .base
@@ -76,8 +77,9 @@ impl Parts {
             .ok_or_else(|| candle_core::Error::Msg(format!("student: no weight `{name}`")))?;
         match self.adapters.get(name) {
             Some(ad) => {
+                // Adapters are f32 master weights; the frozen base may be half precision.
                 let delta = (ad.b.as_tensor().matmul(ad.a.as_tensor())? * ad.scale)?;
-                w0 + delta.reshape(w0.shape())?
+                w0 + delta.reshape(w0.shape())?.to_dtype(w0.dtype())?
             }
             None => Ok(w0.clone()),
         }
@@ -144,6 +146,22 @@ impl Student {
         }
         let base = candle_core::safetensors::load(weights, dev)
             .map_err(|err| Error::Data(format!("{}: {err}", weights.display())))?;
+        Self::lora_from_base(base, cfg, lora, seed, dev)
+    }
+
+    /// A LoRA student (`lora.rank > 0`) over frozen base weights already in memory, in any
+    /// dtype; the adapters and fully trained weights are f32.
+    pub fn lora_from_base(
+        base: HashMap<String, Tensor>,
+        cfg: &UNetConfig,
+        lora: &LoraConfig,
+        seed: u64,
+        dev: &Device,
+    ) -> Result<Self> {
+        let e = |err: candle_core::Error| Error::Other(format!("student UNet: {err}"));
+        if lora.rank == 0 {
+            return Err(Error::Other("lora_from_base needs lora.rank > 0".into()));
+        }
         let mut rng = crate::diffusion::noise::NormalRng::new(seed ^ 0x4c6f5241);
         let alpha = if lora.alpha > 0.0 {
             lora.alpha
@@ -157,7 +175,8 @@ impl Student {
         for name in names {
             let w = &base[name];
             if lora.train_also.iter().any(|t| name.contains(t.as_str())) {
-                full.insert(name.clone(), Var::from_tensor(w).map_err(e)?);
+                let w = w.to_dtype(DType::F32).map_err(e)?;
+                full.insert(name.clone(), Var::from_tensor(&w).map_err(e)?);
             } else if w.rank() >= 2 && lora.targets.iter().any(|t| name.contains(t.as_str())) {
                 let out = w.dim(0).map_err(e)?;
                 let fan_in = w.elem_count() / out;
