@@ -196,6 +196,35 @@ pub fn is_clip_folder(dir: &Path) -> bool {
             .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("CLIPVisionModelWithProjection")))
 }
 
+/// The `vae/` (f32) and `unet/` (in `dtype`) components of a pipeline folder, as frozen
+/// weights: plain tensors, not variables, so inference records no autograd graph.
+fn load_vae_unet(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    variant: Option<&str>,
+) -> Result<(AutoencoderKLTemporalDecoder, UNetSpatioTemporal, UNetConfig)> {
+    let vdir = dir.join("vae");
+    let vcfg: VaeConfig = load_config(&vdir)?;
+    let vae = load_frozen(
+        &weight_files(&vdir, "diffusion_pytorch_model", variant)?,
+        DType::F32,
+        device,
+        |vb| AutoencoderKLTemporalDecoder::new(vb, &vcfg),
+    )?;
+    let udir = dir.join("unet");
+    let ucfg: UNetConfig = load_config(&udir)?;
+    ucfg.validate()
+        .map_err(|e| Error::Data(format!("{}: {e}", udir.join("config.json").display())))?;
+    let unet = load_frozen(
+        &weight_files(&udir, "diffusion_pytorch_model", variant)?,
+        dtype,
+        device,
+        |vb| UNetSpatioTemporal::new(vb, &ucfg),
+    )?;
+    Ok((vae, unet, ucfg))
+}
+
 /// A transformers `CLIPVisionModelWithProjection` folder (`image_encoder/`) with the
 /// normalisation of `processor` (`feature_extractor/preprocessor_config.json`; CLIP's own when
 /// absent), frozen, in `dtype`.
@@ -251,23 +280,7 @@ impl VideoPipeline {
         let text = std::fs::read_to_string(&settings_path).at(&settings_path)?;
         let settings: PipelineSettings = serde_json::from_str(&text)
             .map_err(|e| Error::Data(format!("{}: {e}", settings_path.display())))?;
-        // Frozen weights (plain tensors, not variables): inference records no autograd graph.
-        let vdir = dir.join("vae");
-        let vcfg: VaeConfig = load_config(&vdir)?;
-        let vae = load_frozen(
-            &weight_files(&vdir, "diffusion_pytorch_model", None)?,
-            DType::F32,
-            device,
-            |vb| AutoencoderKLTemporalDecoder::new(vb, &vcfg),
-        )?;
-        let udir = dir.join("unet");
-        let ucfg: UNetConfig = load_config(&udir)?;
-        let unet = load_frozen(
-            &weight_files(&udir, "diffusion_pytorch_model", None)?,
-            dtype,
-            device,
-            |vb| UNetSpatioTemporal::new(vb, &ucfg),
-        )?;
+        let (vae, unet, _) = load_vae_unet(dir, dtype, device, None)?;
         let enc_dir = dir.join("image_encoder");
         let image_encoder = if is_clip_folder(&enc_dir) {
             load_clip(
@@ -316,24 +329,7 @@ impl VideoPipeline {
                 )));
             }
         }
-        let udir = dir.join("unet");
-        let ucfg: UNetConfig = load_config(&udir)?;
-        ucfg.validate()
-            .map_err(|e| Error::Data(format!("{}: {e}", udir.join("config.json").display())))?;
-        let unet = load_frozen(
-            &weight_files(&udir, "diffusion_pytorch_model", variant)?,
-            dtype,
-            device,
-            |vb| UNetSpatioTemporal::new(vb, &ucfg),
-        )?;
-        let vdir = dir.join("vae");
-        let vcfg: VaeConfig = load_config(&vdir)?;
-        let vae = load_frozen(
-            &weight_files(&vdir, "diffusion_pytorch_model", variant)?,
-            DType::F32,
-            device,
-            |vb| AutoencoderKLTemporalDecoder::new(vb, &vcfg),
-        )?;
+        let (vae, unet, ucfg) = load_vae_unet(dir, dtype, device, variant)?;
         let edir = dir.join("image_encoder");
         if !is_clip_folder(&edir) {
             return Err(Error::Data(format!(

@@ -905,7 +905,9 @@ fn teacher_chain_trains_logs_and_generates_from_any_image_size() {
         ],
     );
     assert!(
-        text(&o).contains("not a onestep model folder"),
+        text(&o).contains("not a model folder")
+            && text(&o).contains("onestep.json")
+            && text(&o).contains("model_index.json"),
         "{}",
         text(&o)
     );
@@ -1341,5 +1343,128 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
             d.to_scalar::<f32>().unwrap() <= 1e-6,
             "{k} differs after resume"
         );
+    }
+}
+
+/// A diffusers-saved Stable Video Diffusion folder (tests/fixtures/svd_pipeline: a tiny random
+/// StableVideoDiffusionPipeline with fp16 variants) as `generate`'s checkpoint and as a
+/// pretrained teacher whose students inherit its frozen CLIP image encoder.
+#[test]
+fn svd_pipeline_folder_generates_and_starts_a_teacher_and_its_student() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path();
+    let svd = fixture("svd_pipeline");
+    let out = results.join("svd.gif");
+    let o = onestep(
+        results,
+        &[
+            "generate",
+            "--checkpoint",
+            svd.to_str().unwrap(),
+            "--variant",
+            "fp16",
+            "--image",
+            fixture("svd_pipeline_image.png").to_str().unwrap(),
+            "--height",
+            "16",
+            "--width",
+            "24",
+            "--steps",
+            "2",
+            "--decode-chunk-size",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    // The UNet's num_frames (4) and the pipeline's CFG: 2 steps are 4 evaluations.
+    assert!(text(&o).contains("4 frames, 24x16, 2 sampling steps, 4 denoiser evaluations"), "{}", text(&o));
+    assert!(out.exists());
+
+    let spec = results.join("svd_teacher.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "svd-teacher"
+seeds = [0]
+
+[stages.data]
+kind = "data"
+source = "synthetic"
+frames = 4
+size = 16
+train_clips = 2
+test_clips = 1
+
+[stages.vae]
+kind = "autoencoder"
+pretrained = "{vae}"
+steps = 0
+
+[stages.teacher]
+kind = "teacher"
+pretrained = "{svd}"
+steps = 2
+batch_clips = 1
+sample_clips = 1
+sampler.steps = 2
+
+[stages.student]
+kind = "consistency"
+steps = 1
+batch_clips = 1
+grid = 10
+solver_steps = 1
+sample_clips = 1
+"#,
+            vae = svd.join("vae").display(),
+            svd = svd.display()
+        ),
+    )
+    .unwrap();
+    let o = onestep(results, &["run", spec.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s = onestep::spec::load(&spec, &[]).unwrap();
+    let plan = onestep::plan::plan(&s, None).unwrap();
+    let store = Store::open(&results.join("onestep.sqlite")).unwrap();
+    let teacher = &plan.runs[0].stages[2];
+    assert_eq!(teacher.kind, "teacher");
+    assert_eq!(
+        count(
+            &store,
+            &format!(
+                "SELECT COUNT(*) FROM metrics WHERE stage_hash = '{}' AND key = 'loss'",
+                teacher.hash
+            )
+        ),
+        2
+    );
+    // Teacher and student folders carry SVD's CLIP encoder and its image processor settings.
+    for st in &plan.runs[0].stages[2..] {
+        let dir = onestep::plan::cache_dir(results, &st.hash);
+        for f in [
+            "image_encoder/config.json",
+            "image_encoder/model.safetensors",
+            "feature_extractor/preprocessor_config.json",
+        ] {
+            assert!(dir.join(f).is_file(), "{}: {f} missing", st.name);
+        }
+        let out = results.join(format!("{}.gif", st.name));
+        let o = onestep(
+            results,
+            &[
+                "generate",
+                "--checkpoint",
+                dir.to_str().unwrap(),
+                "--image",
+                fixture("svd_pipeline_image.png").to_str().unwrap(),
+                "--steps",
+                "1",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}: {}", st.name, text(&o));
     }
 }

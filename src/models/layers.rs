@@ -100,18 +100,9 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Self> {
         let fan_in = in_ch * kernel * kernel;
-        let weight = vb.get_with_hints(
-            (out_ch, in_ch, kernel, kernel),
-            "weight",
-            torch_uniform(fan_in),
-        )?;
-        let bias = Some(vb.get_with_hints(out_ch, "bias", torch_uniform(fan_in))?);
-        Ok(Self {
-            weight,
-            bias,
-            stride,
-            pad: [padding; 4],
-        })
+        let mut conv = Self::without_bias(vb.clone(), in_ch, out_ch, kernel, stride, padding)?;
+        conv.bias = Some(vb.get_with_hints(out_ch, "bias", torch_uniform(fan_in))?);
+        Ok(conv)
     }
 
     /// A convolution with no bias parameter (`bias=False`).

@@ -9,17 +9,20 @@
 # and on the GPU machine: an NVIDIA driver for CUDA 13, python3 with PyTorch built for CUDA 13
 # (its nvidia-* wheels provide libcudart/cublas/curand/nvrtc for onestep too) and peft.
 #
-# Sections, each under its own time limit so that one failure does not hide the others:
-#   1. env      nvidia-smi, the libraries the binary resolves
-#   2. parity   CPU vs CUDA on the same random tiny models (UNet forward and gradients, VAE,
-#               4 guided Euler steps), f32 and bf16/f16
-#   3. toy      tools/cuda/toy.toml end to end with --device cuda (autoencoder -> teacher ->
-#               consistency -> LGP -> ACD -> SF-V GAN), the same on the CPU, losses of both, and a
-#               Time-Travel sample generated on CUDA
-#   4. torch    PyTorch + diffusers: full-size SVD-XT UNet forward, sampling, LoRA step
-#   5. svd      the same with onestep (bf16)
+# Sections (SECTIONS="parity toy torch svd toycpu", the default), each under its own time limit
+# so that one failure does not hide the others, all within TOTAL seconds (default 480):
+#   parity  CPU vs CUDA on the same random tiny models (UNet forward and gradients, single ops'
+#           gradients, VAE, 4 guided Euler steps), f32 and bf16/f16; diffusers' tiny SVD folder
+#           (tests/fixtures/svd_pipeline) against diffusers' frames on both devices
+#   toy     tools/cuda/toy.toml end to end with --device cuda (autoencoder -> teacher ->
+#           consistency -> LGP -> ACD -> SF-V GAN), a Time-Travel sample generated on CUDA, and
+#           the diffusers SVD folder through `generate` in bf16
+#   torch   PyTorch + diffusers: full-size SVD-XT UNet forward, sampling, LoRA steps
+#   svd     the same with onestep (bf16)
+#   toycpu  the toy pipeline on the CPU, and its losses beside CUDA's
 # Peak GPU memory per section is sampled with nvidia-smi every 100 ms (it includes the CUDA
 # context). At most 7 files are written to OUT_DIR (the device tool brings back 8).
+# Results of the first run: results/cuda-h200/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-${OUT:-device-check-out}}"
