@@ -308,3 +308,48 @@ pub fn load_frozen<M>(
     }
     Ok(model)
 }
+
+/// Copy a component folder (config + weights) as it is.
+pub fn copy_component(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).at(to)?;
+    // Every file of the component: its config and weights, whatever their names (diffusers'
+    // `diffusion_pytorch_model.safetensors`, transformers' `model.safetensors`, variants).
+    let mut copied = 0;
+    for entry in std::fs::read_dir(from).at(from)? {
+        let entry = entry.at(from)?;
+        let name = entry.file_name();
+        if !entry.path().is_file() || name.to_string_lossy().ends_with(".tmp") {
+            continue;
+        }
+        let (a, b) = (entry.path(), to.join(&name));
+        std::fs::copy(&a, &b).map_err(|e| Error::io(&a, e))?;
+        copied += 1;
+    }
+    if !from.join(CONFIG_FILE).is_file() || copied < 2 {
+        return Err(Error::Data(format!(
+            "{}: not a model component (config.json and weights expected)",
+            from.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The components a student's folder takes over from its teacher's unchanged.
+pub fn copy_frozen_components(from: &Path, to: &Path) -> Result<()> {
+    for c in ["vae", "image_encoder"] {
+        copy_component(&from.join(c), &to.join(c))?;
+    }
+    copy_feature_extractor(from, to)
+}
+
+/// `feature_extractor/preprocessor_config.json` (CLIP's image normalisation, where the model is
+/// SVD's), if `from` has one.
+pub fn copy_feature_extractor(from: &Path, to: &Path) -> Result<()> {
+    let f = from.join("feature_extractor").join("preprocessor_config.json");
+    if f.is_file() {
+        let dir = to.join("feature_extractor");
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        std::fs::copy(&f, dir.join("preprocessor_config.json")).map_err(|e| Error::io(&f, e))?;
+    }
+    Ok(())
+}

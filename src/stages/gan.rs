@@ -21,7 +21,7 @@
 //! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
 
 use super::consistency::{
-    copy_frozen_components, ema_update, make_batch, model_dir, teacher_dir, teacher_solve, unet_from,
+    ema_update, make_batch, model_dir, teacher_dir, teacher_solve, unet_from,
     Batch, PairGrid, Weighting,
 };
 use super::teacher::{data_fps, encode_all, write_samples};
@@ -497,7 +497,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     }
 
     student.export(&ctx.dir.join("unet"), &unet_cfg)?;
-    copy_frozen_components(&gdir, &ctx.dir)?;
+    crate::models::checkpoint::copy_frozen_components(&gdir, &ctx.dir)?;
     let settings = PipelineSettings {
         frames,
         sampler: p.sampler.clone(),

@@ -503,9 +503,9 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     match &clip_dir {
         // SVD's frozen CLIP encoder and its image processor settings, copied as they are.
         Some(cd) => {
-            super::consistency::copy_component(cd, &ctx.dir.join("image_encoder"))?;
+            crate::models::checkpoint::copy_component(cd, &ctx.dir.join("image_encoder"))?;
             let root = Path::new(p.pretrained.as_deref().unwrap_or_default());
-            super::consistency::copy_feature_extractor(root, &ctx.dir)?;
+            crate::models::checkpoint::copy_feature_extractor(root, &ctx.dir)?;
         }
         None => save_component(&ctx.dir.join("image_encoder"), &enc_cfg, &enc_map)?,
     }
