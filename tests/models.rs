@@ -721,3 +721,117 @@ fn clip_resize_matrix_is_identity_at_the_same_size_and_blurs_when_shrinking() {
     let err = max_abs(&out, &d["resize_out"]);
     assert!(err < 1e-5, "antialiased resize max|diff| = {err}");
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+    use onestep::train::checkpoint::Checkpointing;
+    use std::sync::Arc;
+    let dev = Device::Cpu;
+    let cfg = UNetConfig::tiny();
+    let map = VarMap::new();
+    let unet = Arc::new(UNetSpatioTemporal::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg).unwrap());
+    let frozen: HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let frozen = Arc::new(UNetSpatioTemporal::new(VarBuilder::from_tensors(frozen, DType::F32, &dev), &cfg).unwrap());
+    let randn = |shape: &[usize], seed: u64| {
+        let mut r = onestep::diffusion::noise::NormalRng::new(seed);
+        r.tensor(shape, &dev).unwrap()
+    };
+    let x = randn(&[2, 4, 8, 8, 8], 1);
+    let ts = Tensor::new(&[0.3f32, -1.0], &dev).unwrap();
+    // The context is a variable too: its gradient must come out of the checkpointed units.
+    let ctx = candle_core::Var::from_tensor(&randn(&[2, 1, 64], 2)).unwrap();
+    let ids = Tensor::new(&[[6f32, 127.0, 0.02], [6.0, 30.0, 0.1]], &dev).unwrap();
+    let target = randn(&[2, 4, 4, 8, 8], 3);
+    let loss = |y: Tensor| (y - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+    let plain = loss(unet.forward(&x, &ts, ctx.as_tensor(), &ids).unwrap());
+    let g_plain = plain.backward().unwrap();
+    let vars: Vec<candle_core::Var> = map.all_vars();
+    let ck = Checkpointing::new(vars.clone()).unwrap();
+    let y = UNetSpatioTemporal::forward_checkpointed(&unet, &frozen, &ck, &x, &ts, ctx.as_tensor(), &ids).unwrap();
+    let checkpointed = loss(y);
+    assert_eq!(
+        plain.to_scalar::<f32>().unwrap(),
+        checkpointed.to_scalar::<f32>().unwrap(),
+        "same forward pass"
+    );
+    let mut g_ck = checkpointed.backward().unwrap();
+    ck.merge_into(&mut g_ck).unwrap();
+    let mut worst = 0f32;
+    let mut scale = 0f32;
+    for v in vars.iter().chain(std::iter::once(&ctx)) {
+        let a = g_plain.get(v.as_tensor()).expect("plain gradient");
+        let b = g_ck.get(v.as_tensor()).expect("checkpointed gradient");
+        worst = worst.max(max_abs(a, b));
+        scale = scale.max(a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap());
+    }
+    assert!(scale > 0.0);
+    assert!(worst <= 1e-6 * scale.max(1.0), "checkpointed gradients differ by {worst} (scale {scale})");
+}
+
+#[test]
+fn gradient_checkpointing_reaches_lora_adapters() {
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+    use onestep::train::checkpoint::Checkpointing;
+    use onestep::train::lora::{LoraConfig, Student};
+    use std::sync::Arc;
+    let dev = Device::Cpu;
+    let cfg = UNetConfig::tiny();
+    let map = VarMap::new();
+    UNetSpatioTemporal::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg).unwrap();
+    let base: HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let lora = LoraConfig { rank: 2, train_also: vec!["conv_out".into()], ..LoraConfig::default() };
+    let student = Student::lora_from_base(base, &cfg, &lora, 3, &dev).unwrap();
+    // Non-zero B, so that A's gradients are not zero either.
+    for (n, v) in student.vars() {
+        if n.ends_with(".B") {
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.01).unwrap()).unwrap();
+        }
+    }
+    let mut r = onestep::diffusion::noise::NormalRng::new(9);
+    let x = r.tensor(&[1, 3, 8, 8, 8], &dev).unwrap();
+    let ts = Tensor::new(&[0.3f32], &dev).unwrap();
+    let ctx = r.tensor(&[1, 1, 64], &dev).unwrap();
+    let ids = Tensor::new(&[[6f32, 127.0, 0.02]], &dev).unwrap();
+    let loss = |y: Tensor| y.sqr().unwrap().mean_all().unwrap();
+    let vars: Vec<candle_core::Var> = student.vars().into_iter().map(|(_, v)| v).collect();
+    let plain = loss(student.unet().unwrap().forward(&x, &ts, &ctx, &ids).unwrap());
+    let g_plain = plain.backward().unwrap();
+    let tr = Arc::new(student.unet().unwrap().into_owned());
+    let fr = Arc::new(
+        UNetSpatioTemporal::new(VarBuilder::from_tensors(student.merged().unwrap(), DType::F32, &dev), &cfg)
+            .unwrap(),
+    );
+    let ck = Checkpointing::new(vars.clone()).unwrap();
+    let checkpointed = loss(UNetSpatioTemporal::forward_checkpointed(&tr, &fr, &ck, &x, &ts, &ctx, &ids).unwrap());
+    assert_eq!(plain.to_scalar::<f32>().unwrap(), checkpointed.to_scalar::<f32>().unwrap());
+    let mut g_ck = checkpointed.backward().unwrap();
+    ck.merge_into(&mut g_ck).unwrap();
+    let mut nonzero = 0;
+    let names: Vec<String> = student.vars().into_iter().map(|(n, _)| n).collect();
+    for (v, name) in vars.iter().zip(&names) {
+        let a = g_plain.get(v.as_tensor()).expect("plain gradient");
+        let b = g_ck.get(v.as_tensor()).unwrap_or_else(|| panic!("no checkpointed gradient for {name}"));
+        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        if scale > 0.0 {
+            nonzero += 1;
+        }
+        let err = max_abs(a, b);
+        assert!(err <= 1e-5 * scale.max(1e-3), "gradient differs by {err} (scale {scale})");
+    }
+    assert!(nonzero > vars.len() / 2, "{nonzero} of {} gradients non-zero", vars.len());
+}

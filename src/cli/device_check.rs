@@ -380,6 +380,7 @@ struct SvdArgs {
     lora_rank: usize,
     sample_steps: usize,
     skip: Vec<String>,
+    checkpointing: bool,
 }
 
 fn timed<T>(dev: &Device, f: impl FnOnce() -> R<T>) -> R<(T, f64)> {
@@ -479,13 +480,31 @@ fn svd(a: SvdArgs) -> R<()> {
             let target = randn(&[1, f, 4, th, tw], 14)?.to_device(&dev)?;
             let sigma = Tensor::new(&[1.5f32], &dev)?;
             let mut ms = vec![];
+            let var_list: Vec<candle_core::Var> = student.vars().into_iter().map(|(_, v)| v).collect();
             for i in 0..a.iters + 1 {
                 let (loss, s) = timed(&dev, || {
                     let unet = student.unet()?;
-                    let den = SvdDenoiser { unet: &unet };
-                    let out = den.denoise(&(&x * 1.5)?, &sigma, &tcond)?;
+                    let xin = (&x * 1.5)?;
+                    let (out, ck) = if a.checkpointing {
+                        // Trainable UNet (adapters merged in, tracked) and the same weights frozen.
+                        let tr = std::sync::Arc::new(unet.into_owned());
+                        let fr = std::sync::Arc::new(UNetSpatioTemporal::new(
+                            VarBuilder::from_tensors(student.merged()?, a.dtype, &dev),
+                            &cfg,
+                        )?);
+                        let ck = onestep::train::checkpoint::Checkpointing::new(var_list.clone())?;
+                        let out = SvdDenoiser::denoise_via(&xin, &sigma, &tcond, a.dtype, &|m, t, e, ids| {
+                            UNetSpatioTemporal::forward_checkpointed(&tr, &fr, &ck, m, t, e, ids)
+                        })?;
+                        (out, Some(ck))
+                    } else {
+                        (SvdDenoiser { unet: &unet }.denoise(&xin, &sigma, &tcond)?, None)
+                    };
                     let loss = (out - &target)?.sqr()?.mean_all()?;
-                    let grads = loss.backward()?;
+                    let mut grads = loss.backward()?;
+                    if let Some(ck) = ck {
+                        ck.merge_into(&mut grads)?;
+                    }
                     opt.step(&grads, 1e-4)?;
                     Ok(loss.to_scalar::<f32>()?)
                 })?;
@@ -494,7 +513,7 @@ fn svd(a: SvdArgs) -> R<()> {
                 }
                 if i == a.iters {
                     emit(json!({"check": "svd_lora_train_step", "dtype": format!("{:?}", a.dtype),
-                        "lora_rank": a.lora_rank, "trainable_params": trainable, "frames": f,
+                        "gradient_checkpointing": a.checkpointing, "lora_rank": a.lora_rank, "trainable_params": trainable, "frames": f,
                         "latent": [th, tw], "ms": ms, "loss": loss, "mem_gib": mem_used(&dev)}));
                 }
             }
@@ -512,7 +531,7 @@ fn svd(a: SvdArgs) -> R<()> {
 pub struct Args {
     /// `parity`, or `svd [--dtype bf16|f16|f32] [--frames 25 --height 72 --width 128]
     /// [--iters 2] [--train-frames 14 --train-height 40 --train-width 64 --lora-rank 64]
-    /// [--sample-steps 25] [--skip forward,sample,train]` (latent sizes).
+    /// [--sample-steps 25] [--skip forward,sample,train] [--checkpointing]` (latent sizes).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
@@ -548,6 +567,7 @@ pub fn execute(a: Args) -> anyhow::Result<std::process::ExitCode> {
             lora_rank: num("--lora-rank", 64),
             sample_steps: num("--sample-steps", 25),
             skip: get("--skip", "").split(',').map(String::from).collect(),
+            checkpointing: args.iter().any(|x| x == "--checkpointing"),
         }),
         _ => {
             eprintln!("usage: onestep device-check parity | svd [--dtype bf16|f16|f32] [--frames 25 --height 72 --width 128] [--iters 2] [--train-frames 14 --train-height 40 --train-width 64 --lora-rank 64] [--sample-steps 25] [--skip forward,sample,train]");

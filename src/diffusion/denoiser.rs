@@ -91,21 +91,34 @@ impl SvdDenoiser<'_> {
     }
 }
 
-impl Denoiser for SvdDenoiser<'_> {
-    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+impl SvdDenoiser<'_> {
+    /// The teacher denoiser around any call of a UNet of dtype `dt` (for example a gradient
+    /// checkpointed forward pass): `unet(sample, timestep, encoder_hidden_states, added_time_ids)`.
+    pub fn denoise_via(
+        x: &Tensor,
+        sigma: &Tensor,
+        cond: &Conditioning,
+        dt: candle_core::DType,
+        unet: &dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         // The sampler's state (x, sigma, scalings) stays in its own dtype (f32); only the
         // network runs in the UNet's (autocast-style half precision on CUDA).
         let (model_in, c_skip, c_out, c_noise) = Self::unet_input(x, sigma, cond)?;
-        let dt = self.unet.dtype();
-        let out = self
-            .unet
-            .forward(
-                &model_in.to_dtype(dt)?,
-                &c_noise,
-                &cond.image_embeds.to_dtype(dt)?,
-                &cond.added_time_ids,
-            )?
-            .to_dtype(x.dtype())?;
+        let out = unet(
+            &model_in.to_dtype(dt)?,
+            &c_noise,
+            &cond.image_embeds.to_dtype(dt)?,
+            &cond.added_time_ids,
+        )?
+        .to_dtype(x.dtype())?;
         x.broadcast_mul(&c_skip)? + out.broadcast_mul(&c_out)?
+    }
+}
+
+impl Denoiser for SvdDenoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        Self::denoise_via(x, sigma, cond, self.unet.dtype(), &|m, t, e, i| {
+            self.unet.forward(m, t, e, i)
+        })
     }
 }

@@ -348,6 +348,7 @@ impl UNetSpatioTemporal {
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
         added_time_ids: &Tensor,
+        run: &mut RunUnit<'_>,
     ) -> Result<Encoded> {
         let (b, t, c, h, w) = sample.dims5()?;
         let ch0 = self.config.block_out_channels[0];
@@ -376,12 +377,9 @@ impl UNetSpatioTemporal {
         let mut x = self.conv_in.forward(&sample.reshape((b * t, c, h, w))?)?;
         let mut skips = vec![x.clone()];
         let mut blocks = Vec::with_capacity(self.down_blocks.len() + 1);
-        for block in &self.down_blocks {
-            for (l, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(&x, Some(&emb), t)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    x = attn.forward(&x, &context, t)?;
-                }
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            for l in 0..block.resnets.len() {
+                x = run(Unit::Down(i, l), &x, &emb, &context)?;
                 skips.push(x.clone());
             }
             if let Some(down) = &block.downsampler {
@@ -390,10 +388,8 @@ impl UNetSpatioTemporal {
             }
             blocks.push(x.clone());
         }
-        x = self.mid_resnets[0].forward(&x, Some(&emb), t)?;
-        for (attn, resnet) in self.mid_attentions.iter().zip(&self.mid_resnets[1..]) {
-            x = attn.forward(&x, &context, t)?;
-            x = resnet.forward(&x, Some(&emb), t)?;
+        for k in 0..self.mid_resnets.len() {
+            x = run(Unit::Mid(k), &x, &emb, &context)?;
         }
         blocks.push(x.clone());
         Ok(Encoded {
@@ -415,8 +411,10 @@ impl UNetSpatioTemporal {
         encoder_hidden_states: &Tensor,
         added_time_ids: &Tensor,
     ) -> Result<Vec<Tensor>> {
+        let t = sample.dim(1)?;
+        let mut run = |u: Unit, x: &Tensor, e: &Tensor, c: &Tensor| self.unit(u, x, e, c, t);
         Ok(self
-            .encode(sample, timestep, encoder_hidden_states, added_time_ids)?
+            .encode(sample, timestep, encoder_hidden_states, added_time_ids, &mut run)?
             .blocks)
     }
 
@@ -439,6 +437,68 @@ impl UNetSpatioTemporal {
         encoder_hidden_states: &Tensor,
         added_time_ids: &Tensor,
     ) -> Result<Tensor> {
+        let t = sample.dim(1)?;
+        let mut run = |u: Unit, x: &Tensor, e: &Tensor, c: &Tensor| self.unit(u, x, e, c, t);
+        self.forward_with(sample, timestep, encoder_hidden_states, added_time_ids, &mut run)
+    }
+
+    /// [`Self::forward`] with gradient checkpointing of every resnet + attention unit (see
+    /// [`crate::train::checkpoint`]): `trainable` holds the weights gradients reach (LoRA
+    /// adapters merged in, say), `frozen` the same values as plain tensors. Same output; the
+    /// backward pass recomputes each unit, and the gradients of `ckpt`'s variables found inside
+    /// the units are added by [`crate::train::checkpoint::Checkpointing::merge_into`].
+    pub fn forward_checkpointed(
+        trainable: &std::sync::Arc<Self>,
+        frozen: &std::sync::Arc<Self>,
+        ckpt: &crate::train::checkpoint::Checkpointing,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let t = sample.dim(1)?;
+        let mut run = |u: Unit, x: &Tensor, e: &Tensor, c: &Tensor| {
+            let (tr, fr) = (trainable.clone(), frozen.clone());
+            let unit: std::sync::Arc<crate::train::checkpoint::UnitFn> =
+                std::sync::Arc::new(move |x: &Tensor, e: &Tensor, c: &Tensor, grad: bool| {
+                    if grad {
+                        tr.unit(u, x, e, c, t)
+                    } else {
+                        fr.unit(u, x, e, c, t)
+                    }
+                });
+            ckpt.apply(unit, x, e, c)
+        };
+        trainable.forward_with(sample, timestep, encoder_hidden_states, added_time_ids, &mut run)
+    }
+
+    /// One resnet (+ attention) unit of the UNet: the part that gradient checkpointing recomputes.
+    fn unit(&self, u: Unit, x: &Tensor, emb: &Tensor, context: &Tensor, frames: usize) -> Result<Tensor> {
+        let (resnet, attn) = match u {
+            Unit::Down(i, l) => (&self.down_blocks[i].resnets[l], self.down_blocks[i].attentions.get(l)),
+            Unit::Up(i, l) => (&self.up_blocks[i].resnets[l], self.up_blocks[i].attentions.get(l)),
+            Unit::Mid(0) => (&self.mid_resnets[0], None),
+            Unit::Mid(k) => {
+                // The mid block: resnet 0, then (attention k-1, resnet k).
+                let x = self.mid_attentions[k - 1].forward(x, context, frames)?;
+                return self.mid_resnets[k].forward(&x, Some(emb), frames);
+            }
+        };
+        let x = resnet.forward(x, Some(emb), frames)?;
+        match attn {
+            Some(a) => a.forward(&x, context, frames),
+            None => Ok(x),
+        }
+    }
+
+    fn forward_with(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+        run: &mut RunUnit<'_>,
+    ) -> Result<Tensor> {
         let (b, t, ..) = sample.dims5()?;
         let Encoded {
             mut x,
@@ -446,17 +506,14 @@ impl UNetSpatioTemporal {
             emb,
             context,
             ..
-        } = self.encode(sample, timestep, encoder_hidden_states, added_time_ids)?;
-        for block in &self.up_blocks {
-            for (l, resnet) in block.resnets.iter().enumerate() {
+        } = self.encode(sample, timestep, encoder_hidden_states, added_time_ids, run)?;
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            for l in 0..block.resnets.len() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = resnet.forward(&x, Some(&emb), t)?;
-                if let Some(attn) = block.attentions.get(l) {
-                    x = attn.forward(&x, &context, t)?;
-                }
+                x = run(Unit::Up(i, l), &x, &emb, &context)?;
             }
             if let Some(up) = &block.upsampler {
                 // Upsample to the size of the skip it will meet (odd sizes round down going in).
@@ -473,6 +530,17 @@ impl UNetSpatioTemporal {
         x.reshape((b, t, co, ho, wo))
     }
 }
+
+/// A resnet (+ attention) unit of the UNet, by position.
+#[derive(Debug, Clone, Copy)]
+enum Unit {
+    Down(usize, usize),
+    Mid(usize),
+    Up(usize, usize),
+}
+
+/// Runs one unit on `(x, emb, context)`: directly, or checkpointed.
+type RunUnit<'a> = dyn FnMut(Unit, &Tensor, &Tensor, &Tensor) -> Result<Tensor> + 'a;
 
 /// What the encoder half leaves for the decoder half.
 struct Encoded {

@@ -19,6 +19,7 @@
 #           the diffusers SVD folder through `generate` in bf16
 #   torch   PyTorch + diffusers: full-size SVD-XT UNet forward, sampling, LoRA steps
 #   svd     the same with onestep (bf16)
+#   svdtrain  onestep's LoRA step with gradient checkpointing at 14 x 40x64 and at full size
 #   toycpu  the toy pipeline on the CPU, and its losses beside CUDA's
 # Peak GPU memory per section is sampled with nvidia-smi every 100 ms (it includes the CUDA
 # context). At most 7 files are written to OUT_DIR (the device tool brings back 8).
@@ -31,8 +32,8 @@ log="$out/device-check.log"
 exec > >(tee -a "$log") 2>&1
 t_start=$(date +%s)
 section() { echo; echo "=== $1 (t = $(( $(date +%s) - t_start )) s)"; }
-# SECTIONS picks sections (default all: "parity toy torch svd toycpu").
-SECTIONS=" ${SECTIONS:-parity toy torch svd toycpu} "
+# SECTIONS picks sections (default all: "parity toy torch svd svdtrain toycpu").
+SECTIONS=" ${SECTIONS:-parity toy torch svd svdtrain toycpu} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 # Every section's limit is cut to what is left of TOTAL seconds (default 480, 8 minutes).
 TOTAL=${TOTAL:-480}
@@ -131,6 +132,14 @@ if want svd; then
 section "5. onestep, full size"
 peak_mem onestep timeout "$(lim 300)" "$bin" device-check svd --dtype bf16 $SIZE $TRAIN \
     --sample-steps "$SAMPLE_STEPS" | tee "$out/onestep_svd.jsonl"
+fi
+
+if want svdtrain; then
+section "5b. onestep LoRA steps with gradient checkpointing (PyTorch's rows: section 4)"
+for size in "--train-frames 14 --train-height 40 --train-width 64" "--train-frames $FRAMES --train-height $HEIGHT --train-width $WIDTH"; do
+    peak_mem onestep-checkpointed timeout "$(lim 120)" "$bin" device-check svd --dtype bf16 --skip forward,sample \
+        --iters 2 --lora-rank 64 --checkpointing $size | tee -a "$out/onestep_svd.jsonl"
+done
 fi
 
 if want toycpu; then
