@@ -1468,3 +1468,53 @@ sample_clips = 1
         assert!(o.status.success(), "{}: {}", st.name, text(&o));
     }
 }
+
+/// `gradient_checkpointing = true` on a consistency and a GAN stage: a new stage identity, and
+/// the same training run (losses within float rounding of the plain backward pass).
+#[test]
+fn gradient_checkpointing_trains_the_same_students() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path();
+    // The CUDA check's toy chain (no downloads, no FVD): quick on the CPU.
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/cuda/toy.toml");
+    let sets = [
+        "--set",
+        "stages.student.gradient_checkpointing=true",
+        "--set",
+        "stages.acd.gradient_checkpointing=true",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", spec.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = onestep(results, &args);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    run(&[]);
+    run(&sets);
+    let store = Store::open(&results.join("onestep.sqlite")).unwrap();
+    let plain = onestep::plan::plan(&onestep::spec::load(&spec, &[]).unwrap(), None).unwrap();
+    let sets_kv: Vec<String> = sets.iter().skip(1).step_by(2).map(|s| s.to_string()).collect();
+    let ck = onestep::plan::plan(&onestep::spec::load(&spec, &sets_kv).unwrap(), None).unwrap();
+    for (name, key) in [("student", "loss"), ("acd", "loss_g")] {
+        let hash = |p: &onestep::plan::Plan| {
+            p.runs[0].stages.iter().find(|s| s.name == name).unwrap().hash.clone()
+        };
+        let (a, b) = (hash(&plain), hash(&ck));
+        assert_ne!(a, b, "{name}: checkpointing is part of the identity");
+        let series = |h: &str| -> Vec<f64> {
+            let mut st = store
+                .conn()
+                .prepare("SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step")
+                .unwrap();
+            st.query_map(rusqlite::params![h, key], |r| r.get(0))
+                .unwrap()
+                .map(|v| v.unwrap())
+                .collect()
+        };
+        let (sa, sb) = (series(&a), series(&b));
+        assert!(!sa.is_empty() && sa.len() == sb.len(), "{name}: {sa:?} vs {sb:?}");
+        for (x, y) in sa.iter().zip(&sb) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "{name}: {sa:?} vs {sb:?}");
+        }
+    }
+}

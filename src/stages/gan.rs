@@ -92,6 +92,11 @@ pub struct GanParams {
     pub boundary: ConsistencyParam,
     /// Full fine-tuning (rank 0) or LoRA adapters (plus `train_also` layers).
     pub lora: LoraConfig,
+    /// Recompute each UNet unit in the backward pass instead of keeping its intermediates
+    /// (`crate::train::checkpoint`): the same gradients in less memory, for a second forward
+    /// pass. Left out of the resolved params when false, so existing stages keep their identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     /// As in `consistency`: missing keys take the student defaults.
     #[serde(deserialize_with = "super::consistency::student_sampler")]
     pub sampler: SamplerConfig,
@@ -139,6 +144,7 @@ impl Default for GanParams {
             discriminator: DiscriminatorConfig::default(),
             boundary: ConsistencyParam::default(),
             lora: LoraConfig::default(),
+            gradient_checkpointing: false,
             sampler: super::consistency::student_sampler_default(),
             sample_clips: 4,
             checkpoint_every: 100,
@@ -422,10 +428,21 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             }
             None => (x0.clone(), Tensor::ones(b, DType::F32, &dev).map_err(&e)?),
         };
-        let g_unet = student.unet()?;
-        let g_inner = SvdDenoiser { unet: &g_unet };
+        let checkpointed = match p.gradient_checkpointing {
+            true => Some(student.checkpointed()?),
+            false => None,
+        };
+        let g_unet = match &checkpointed {
+            Some(_) => None,
+            None => Some(student.unet()?),
+        };
+        let plain = g_unet.as_deref().map(|u| SvdDenoiser { unet: u });
+        let g_inner: &dyn Denoiser = match &checkpointed {
+            Some(c) => c,
+            None => plain.as_ref().expect("built when not checkpointing"),
+        };
         let fake = boundary
-            .wrap(&g_inner)
+            .wrap(g_inner)
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
 
@@ -458,7 +475,10 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             .and_then(|v| v.mean_all())
             .map_err(&e)?;
         let loss_g = ((&adv * p.adv_weight).map_err(&e)? + &dist).map_err(&e)?;
-        let grads_g = loss_g.backward().map_err(&e)?;
+        let mut grads_g = loss_g.backward().map_err(&e)?;
+        if let Some(c) = &checkpointed {
+            c.merge_into(&mut grads_g)?;
+        }
         let lr = crate::train::warmup_lr(p.optimizer_g.lr, step, p.optimizer_g.warmup);
         let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
         if p.mode == GanMode::Acd {

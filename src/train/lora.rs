@@ -378,3 +378,65 @@ mod tests {
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
+
+/// A student's UNet run with gradient checkpointing (see [`crate::train::checkpoint`]), as the
+/// teacher-parameterised denoiser of the student: built anew each step by
+/// [`Student::checkpointed`]; after the loss's backward pass, [`Self::merge_into`] adds the
+/// gradients found inside the checkpointed units.
+pub struct CheckpointedUNet {
+    trainable: Arc<UNetSpatioTemporal>,
+    frozen: Arc<UNetSpatioTemporal>,
+    ckpt: crate::train::checkpoint::Checkpointing,
+}
+
+impl CheckpointedUNet {
+    pub fn merge_into(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        self.ckpt
+            .merge_into(grads)
+            .map_err(|e| Error::Other(format!("gradient checkpointing: {e}")))
+    }
+}
+
+impl crate::diffusion::Denoiser for CheckpointedUNet {
+    fn denoise(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        cond: &crate::diffusion::Conditioning,
+    ) -> candle_core::Result<Tensor> {
+        crate::diffusion::SvdDenoiser::denoise_via(x, sigma, cond, self.trainable.dtype(), &|m, t, e, i| {
+            UNetSpatioTemporal::forward_checkpointed(&self.trainable, &self.frozen, &self.ckpt, m, t, e, i)
+        })
+    }
+}
+
+impl Student {
+    /// The student's UNet with gradient checkpointing: the same function and gradients as
+    /// [`Self::unet`] with [`crate::diffusion::SvdDenoiser`], holding one UNet unit's
+    /// intermediates at a time instead of all of them, for a second forward pass per unit.
+    pub fn checkpointed(&self) -> Result<CheckpointedUNet> {
+        let e = |err: candle_core::Error| Error::Other(format!("student UNet: {err}"));
+        let trainable = Arc::new(self.unet()?.into_owned());
+        let frozen = UNetSpatioTemporal::new(
+            VarBuilder::from_tensors(self.merged()?, trainable.dtype(), &self.device()),
+            &trainable.config,
+        )
+        .map_err(e)?;
+        let vars = self.vars().into_iter().map(|(_, v)| v).collect();
+        Ok(CheckpointedUNet {
+            trainable,
+            frozen: Arc::new(frozen),
+            ckpt: crate::train::checkpoint::Checkpointing::new(vars).map_err(e)?,
+        })
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            Student::Full { map, .. } => crate::train::optim::named_vars(map)
+                .first()
+                .map(|(_, v)| v.device().clone())
+                .unwrap_or(Device::Cpu),
+            Student::Lora { dev, .. } => dev.clone(),
+        }
+    }
+}
