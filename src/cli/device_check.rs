@@ -570,7 +570,7 @@ pub fn execute(a: Args) -> anyhow::Result<std::process::ExitCode> {
             checkpointing: args.iter().any(|x| x == "--checkpointing"),
         }),
         _ => {
-            eprintln!("usage: onestep device-check parity | svd [--dtype bf16|f16|f32] [--frames 25 --height 72 --width 128] [--iters 2] [--train-frames 14 --train-height 40 --train-width 64 --lora-rank 64] [--sample-steps 25] [--skip forward,sample,train]");
+            eprintln!("usage: onestep device-check parity | svd [--dtype bf16|f16|f32] [--frames 25 --height 72 --width 128] [--iters 2] [--train-frames 14 --train-height 40 --train-width 64 --lora-rank 64] [--sample-steps 25] [--skip forward,sample,train] [--checkpointing]");
             return Ok(std::process::ExitCode::from(2));
         }
     };
