@@ -171,7 +171,10 @@ struct ClipProcessorConfig {
 fn three(v: Option<Vec<f64>>, default: [f64; 3], what: &str) -> Result<[f32; 3]> {
     let v = v.unwrap_or(default.to_vec());
     if v.len() != 3 {
-        return Err(Error::Data(format!("{what}: expected 3 values, found {}", v.len())));
+        return Err(Error::Data(format!(
+            "{what}: expected 3 values, found {}",
+            v.len()
+        )));
     }
     Ok([v[0] as f32, v[1] as f32, v[2] as f32])
 }
@@ -193,7 +196,10 @@ pub fn is_clip_folder(dir: &Path) -> bool {
     v.get("model_type").and_then(|m| m.as_str()) == Some("clip_vision_model")
         || v.get("architectures")
             .and_then(|a| a.as_array())
-            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some("CLIPVisionModelWithProjection")))
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|x| x.as_str() == Some("CLIPVisionModelWithProjection"))
+            })
 }
 
 /// The `vae/` (f32) and `unet/` (in `dtype`) components of a pipeline folder, as frozen
@@ -285,7 +291,10 @@ impl VideoPipeline {
         let image_encoder = if is_clip_folder(&enc_dir) {
             load_clip(
                 &enc_dir,
-                Some(&dir.join("feature_extractor").join("preprocessor_config.json")),
+                Some(
+                    &dir.join("feature_extractor")
+                        .join("preprocessor_config.json"),
+                ),
                 dtype,
                 device,
                 opts.variant.as_deref(),
@@ -339,7 +348,10 @@ impl VideoPipeline {
         }
         let image_encoder = load_clip(
             &edir,
-            Some(&dir.join("feature_extractor").join("preprocessor_config.json")),
+            Some(
+                &dir.join("feature_extractor")
+                    .join("preprocessor_config.json"),
+            ),
             dtype,
             device,
             variant,

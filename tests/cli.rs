@@ -1379,7 +1379,11 @@ fn svd_pipeline_folder_generates_and_starts_a_teacher_and_its_student() {
     );
     assert!(o.status.success(), "{}", text(&o));
     // The UNet's num_frames (4) and the pipeline's CFG: 2 steps are 4 evaluations.
-    assert!(text(&o).contains("4 frames, 24x16, 2 sampling steps, 4 denoiser evaluations"), "{}", text(&o));
+    assert!(
+        text(&o).contains("4 frames, 24x16, 2 sampling steps, 4 denoiser evaluations"),
+        "{}",
+        text(&o)
+    );
     assert!(out.exists());
 
     let spec = results.join("svd_teacher.toml");
@@ -1493,18 +1497,31 @@ fn gradient_checkpointing_trains_the_same_students() {
     run(&sets);
     let store = Store::open(&results.join("onestep.sqlite")).unwrap();
     let plain = onestep::plan::plan(&onestep::spec::load(&spec, &[]).unwrap(), None).unwrap();
-    let sets_kv: Vec<String> = sets.iter().skip(1).step_by(2).map(|s| s.to_string()).collect();
+    let sets_kv: Vec<String> = sets
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.to_string())
+        .collect();
     let ck = onestep::plan::plan(&onestep::spec::load(&spec, &sets_kv).unwrap(), None).unwrap();
     for (name, key) in [("student", "loss"), ("acd", "loss_g")] {
         let hash = |p: &onestep::plan::Plan| {
-            p.runs[0].stages.iter().find(|s| s.name == name).unwrap().hash.clone()
+            p.runs[0]
+                .stages
+                .iter()
+                .find(|s| s.name == name)
+                .unwrap()
+                .hash
+                .clone()
         };
         let (a, b) = (hash(&plain), hash(&ck));
         assert_ne!(a, b, "{name}: checkpointing is part of the identity");
         let series = |h: &str| -> Vec<f64> {
             let mut st = store
                 .conn()
-                .prepare("SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step")
+                .prepare(
+                    "SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step",
+                )
                 .unwrap();
             st.query_map(rusqlite::params![h, key], |r| r.get(0))
                 .unwrap()
@@ -1512,9 +1529,15 @@ fn gradient_checkpointing_trains_the_same_students() {
                 .collect()
         };
         let (sa, sb) = (series(&a), series(&b));
-        assert!(!sa.is_empty() && sa.len() == sb.len(), "{name}: {sa:?} vs {sb:?}");
+        assert!(
+            !sa.is_empty() && sa.len() == sb.len(),
+            "{name}: {sa:?} vs {sb:?}"
+        );
         for (x, y) in sa.iter().zip(&sb) {
-            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-3), "{name}: {sa:?} vs {sb:?}");
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                "{name}: {sa:?} vs {sb:?}"
+            );
         }
     }
 }

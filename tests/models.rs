@@ -586,7 +586,10 @@ fn svd_pipeline_io() -> HashMap<String, Tensor> {
 
 /// The fixture's call: 4 frames, 3 Euler steps, guidance 1 -> 2.5, fps 7, motion bucket 100,
 /// augmentation 0.05, decode chunks of 2 frames; frames in [0, 1].
-fn run_svd_pipeline(pipe: &onestep::pipeline::VideoPipeline, d: &HashMap<String, Tensor>) -> Tensor {
+fn run_svd_pipeline(
+    pipe: &onestep::pipeline::VideoPipeline,
+    d: &HashMap<String, Tensor>,
+) -> Tensor {
     let mut opts = pipe.default_options();
     opts.frames = 4;
     opts.sampler.steps = 3;
@@ -598,10 +601,20 @@ fn run_svd_pipeline(pipe: &onestep::pipeline::VideoPipeline, d: &HashMap<String,
     let images = ((&d["image"] * 2.0).unwrap() - 1.0).unwrap();
     let mut no_fresh = || -> candle_core::Result<Tensor> { candle_core::bail!("unused") };
     let (video, nfe) = pipe
-        .generate_from_noise(&images, &d["latents"], &d["aug_noise"], &opts, &mut no_fresh, |_, _| {})
+        .generate_from_noise(
+            &images,
+            &d["latents"],
+            &d["aug_noise"],
+            &opts,
+            &mut no_fresh,
+            |_, _| {},
+        )
         .unwrap();
     assert_eq!(nfe, 6, "3 guided steps");
-    ((video + 1.0).unwrap() * 0.5).unwrap().clamp(0f32, 1f32).unwrap()
+    ((video + 1.0).unwrap() * 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap()
 }
 
 #[test]
@@ -629,14 +642,23 @@ fn svd_pipeline_folder_generates_what_diffusers_generates() {
     // The settings of a diffusers folder: the pipeline call's defaults.
     let s = &pipe.settings;
     assert_eq!((s.frames, s.height, s.width), (4, 576, 1024));
-    assert_eq!((s.fps, s.motion_bucket_id, s.noise_aug_strength), (7.0, 127.0, 0.02));
-    assert_eq!((s.sampler.steps, s.sampler.sigma_max, s.sampler.max_guidance), (25, 700.0, 3.0));
+    assert_eq!(
+        (s.fps, s.motion_bucket_id, s.noise_aug_strength),
+        (7.0, 127.0, 0.02)
+    );
+    assert_eq!(
+        (s.sampler.steps, s.sampler.sigma_max, s.sampler.max_guidance),
+        (25, 700.0, 3.0)
+    );
     // CLIP's input: antialiased resize to 224 and CLIP normalisation, then the embedding.
     let images = ((&d["image"] * 2.0).unwrap() - 1.0).unwrap();
     let px = pipe.image_encoder.clip_pixels(&images).unwrap();
     let err = max_abs(&px, &d["clip_pixels"]);
     assert!(err < 1e-4, "CLIP pixels max|diff| = {err}");
-    let err = max_abs(&pipe.image_encoder.embed(&images).unwrap(), &d["image_embeds"]);
+    let err = max_abs(
+        &pipe.image_encoder.embed(&images).unwrap(),
+        &d["image_embeds"],
+    );
     assert!(err < 1e-4, "image embedding max|diff| = {err}");
     // The whole call from the same noise (diffusers starts at sqrt(700^2 + 1) sigma, onestep at
     // 700: 1e-6 relative).
@@ -646,13 +668,19 @@ fn svd_pipeline_folder_generates_what_diffusers_generates() {
     let pipe16 = VideoPipeline::load_with(
         &svd_pipeline_dir(),
         &Device::Cpu,
-        &LoadOptions { dtype: None, variant: Some("fp16".into()) },
+        &LoadOptions {
+            dtype: None,
+            variant: Some("fp16".into()),
+        },
     )
     .unwrap();
     let f16 = run_svd_pipeline(&pipe16, &d);
     let err = max_abs(&f16, &d["frames_fp16_weights"]);
     assert!(err < 1e-3, "fp16-variant frames max|diff| = {err}");
-    assert!(max_abs(&f16, &d["frames"]) > 1e-4, "the fp16 variant must really be read");
+    assert!(
+        max_abs(&f16, &d["frames"]) > 1e-4,
+        "the fp16 variant must really be read"
+    );
 }
 
 #[test]
@@ -671,10 +699,16 @@ fn svd_folder_weight_files_variants_and_strict_loading() {
     let err = checkpoint::weight_files(&only16, "diffusion_pytorch_model", Some("bf16"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("diffusion_pytorch_model.bf16.safetensors") && err.contains("fp16"), "{err}");
+    assert!(
+        err.contains("diffusion_pytorch_model.bf16.safetensors") && err.contains("fp16"),
+        "{err}"
+    );
     // A tensor the config does not use is an error, not silently ignored.
     let mut ts = candle_core::safetensors::load(&files[0], &Device::Cpu).unwrap();
-    ts.insert("extra.weight".into(), Tensor::zeros(3, candle_core::DType::F16, &Device::Cpu).unwrap());
+    ts.insert(
+        "extra.weight".into(),
+        Tensor::zeros(3, candle_core::DType::F16, &Device::Cpu).unwrap(),
+    );
     let extra = tmp.path().join("extra.safetensors");
     candle_core::safetensors::save(&ts, &extra).unwrap();
     let cfg: UNetConfig = checkpoint::load_config(&unet).unwrap();
@@ -690,7 +724,10 @@ fn svd_folder_weight_files_variants_and_strict_loading() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("model_index.json") && err.contains("onestep.json"), "{err}");
+    assert!(
+        err.contains("model_index.json") && err.contains("onestep.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -699,7 +736,11 @@ fn clip_resize_matrix_is_identity_at_the_same_size_and_blurs_when_shrinking() {
     for i in 0..5 {
         for j in 0..5 {
             let want = if i == j { 1.0 } else { 0.0 };
-            assert!((m[i * 5 + j] - want).abs() < 1e-6, "{i},{j}: {}", m[i * 5 + j]);
+            assert!(
+                (m[i * 5 + j] - want).abs() < 1e-6,
+                "{i},{j}: {}",
+                m[i * 5 + j]
+            );
         }
     }
     // 576 -> 224: every row sums to one.
@@ -731,7 +772,9 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
     let dev = Device::Cpu;
     let cfg = UNetConfig::tiny();
     let map = VarMap::new();
-    let unet = Arc::new(UNetSpatioTemporal::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg).unwrap());
+    let unet = Arc::new(
+        UNetSpatioTemporal::new(VarBuilder::from_varmap(&map, DType::F32, &dev), &cfg).unwrap(),
+    );
     let frozen: HashMap<String, Tensor> = map
         .data()
         .lock()
@@ -739,7 +782,9 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    let frozen = Arc::new(UNetSpatioTemporal::new(VarBuilder::from_tensors(frozen, DType::F32, &dev), &cfg).unwrap());
+    let frozen = Arc::new(
+        UNetSpatioTemporal::new(VarBuilder::from_tensors(frozen, DType::F32, &dev), &cfg).unwrap(),
+    );
     let randn = |shape: &[usize], seed: u64| {
         let mut r = onestep::diffusion::noise::NormalRng::new(seed);
         r.tensor(shape, &dev).unwrap()
@@ -755,7 +800,16 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
     let g_plain = plain.backward().unwrap();
     let vars: Vec<candle_core::Var> = map.all_vars();
     let ck = Checkpointing::new(vars.clone()).unwrap();
-    let y = UNetSpatioTemporal::forward_checkpointed(&unet, &frozen, &ck, &x, &ts, ctx.as_tensor(), &ids).unwrap();
+    let y = UNetSpatioTemporal::forward_checkpointed(
+        &unet,
+        &frozen,
+        &ck,
+        &x,
+        &ts,
+        ctx.as_tensor(),
+        &ids,
+    )
+    .unwrap();
     let checkpointed = loss(y);
     assert_eq!(
         plain.to_scalar::<f32>().unwrap(),
@@ -770,10 +824,22 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
         let a = g_plain.get(v.as_tensor()).expect("plain gradient");
         let b = g_ck.get(v.as_tensor()).expect("checkpointed gradient");
         worst = worst.max(max_abs(a, b));
-        scale = scale.max(a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap());
+        scale = scale.max(
+            a.abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
     }
     assert!(scale > 0.0);
-    assert!(worst <= 1e-6 * scale.max(1.0), "checkpointed gradients differ by {worst} (scale {scale})");
+    assert!(
+        worst <= 1e-6 * scale.max(1.0),
+        "checkpointed gradients differ by {worst} (scale {scale})"
+    );
 }
 
 #[test]
@@ -794,12 +860,17 @@ fn gradient_checkpointing_reaches_lora_adapters() {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    let lora = LoraConfig { rank: 2, train_also: vec!["conv_out".into()], ..LoraConfig::default() };
+    let lora = LoraConfig {
+        rank: 2,
+        train_also: vec!["conv_out".into()],
+        ..LoraConfig::default()
+    };
     let student = Student::lora_from_base(base, &cfg, &lora, 3, &dev).unwrap();
     // Non-zero B, so that A's gradients are not zero either.
     for (n, v) in student.vars() {
         if n.ends_with(".B") {
-            v.set(&(v.as_tensor().ones_like().unwrap() * 0.01).unwrap()).unwrap();
+            v.set(&(v.as_tensor().ones_like().unwrap() * 0.01).unwrap())
+                .unwrap();
         }
     }
     let mut r = onestep::diffusion::noise::NormalRng::new(9);
@@ -809,29 +880,59 @@ fn gradient_checkpointing_reaches_lora_adapters() {
     let ids = Tensor::new(&[[6f32, 127.0, 0.02]], &dev).unwrap();
     let loss = |y: Tensor| y.sqr().unwrap().mean_all().unwrap();
     let vars: Vec<candle_core::Var> = student.vars().into_iter().map(|(_, v)| v).collect();
-    let plain = loss(student.unet().unwrap().forward(&x, &ts, &ctx, &ids).unwrap());
+    let plain = loss(
+        student
+            .unet()
+            .unwrap()
+            .forward(&x, &ts, &ctx, &ids)
+            .unwrap(),
+    );
     let g_plain = plain.backward().unwrap();
     let tr = Arc::new(student.unet().unwrap().into_owned());
     let fr = Arc::new(
-        UNetSpatioTemporal::new(VarBuilder::from_tensors(student.merged().unwrap(), DType::F32, &dev), &cfg)
-            .unwrap(),
+        UNetSpatioTemporal::new(
+            VarBuilder::from_tensors(student.merged().unwrap(), DType::F32, &dev),
+            &cfg,
+        )
+        .unwrap(),
     );
     let ck = Checkpointing::new(vars.clone()).unwrap();
-    let checkpointed = loss(UNetSpatioTemporal::forward_checkpointed(&tr, &fr, &ck, &x, &ts, &ctx, &ids).unwrap());
-    assert_eq!(plain.to_scalar::<f32>().unwrap(), checkpointed.to_scalar::<f32>().unwrap());
+    let checkpointed =
+        loss(UNetSpatioTemporal::forward_checkpointed(&tr, &fr, &ck, &x, &ts, &ctx, &ids).unwrap());
+    assert_eq!(
+        plain.to_scalar::<f32>().unwrap(),
+        checkpointed.to_scalar::<f32>().unwrap()
+    );
     let mut g_ck = checkpointed.backward().unwrap();
     ck.merge_into(&mut g_ck).unwrap();
     let mut nonzero = 0;
     let names: Vec<String> = student.vars().into_iter().map(|(n, _)| n).collect();
     for (v, name) in vars.iter().zip(&names) {
         let a = g_plain.get(v.as_tensor()).expect("plain gradient");
-        let b = g_ck.get(v.as_tensor()).unwrap_or_else(|| panic!("no checkpointed gradient for {name}"));
-        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let b = g_ck
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no checkpointed gradient for {name}"));
+        let scale = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if scale > 0.0 {
             nonzero += 1;
         }
         let err = max_abs(a, b);
-        assert!(err <= 1e-5 * scale.max(1e-3), "gradient differs by {err} (scale {scale})");
+        assert!(
+            err <= 1e-5 * scale.max(1e-3),
+            "gradient differs by {err} (scale {scale})"
+        );
     }
-    assert!(nonzero > vars.len() / 2, "{nonzero} of {} gradients non-zero", vars.len());
+    assert!(
+        nonzero > vars.len() / 2,
+        "{nonzero} of {} gradients non-zero",
+        vars.len()
+    );
 }

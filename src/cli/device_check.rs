@@ -29,7 +29,13 @@ fn emit(mut v: serde_json::Value) {
     // Errors without candle's captured backtraces (kept to their first line).
     if let Some(e) = v.get_mut("error") {
         if let Some(text) = e.as_str() {
-            let first: String = text.lines().next().unwrap_or("").chars().take(400).collect();
+            let first: String = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(400)
+                .collect();
             *e = serde_json::Value::String(first);
         }
     }
@@ -135,9 +141,13 @@ fn parity() -> R<()> {
             Ok(y)
         })();
         match r.and_then(|y| diff(&y_cpu, &y)) {
-            Ok((a, rel)) => emit(json!({"check": "unet_tiny_forward", "dtype": format!("{dt:?}"),
-                "max_abs_diff": a, "rel_diff": rel, "ms": t0.elapsed().as_secs_f64() * 1e3})),
-            Err(e) => emit(json!({"check": "unet_tiny_forward", "dtype": format!("{dt:?}"), "error": format!("{e:#}")})),
+            Ok((a, rel)) => emit(
+                json!({"check": "unet_tiny_forward", "dtype": format!("{dt:?}"),
+                "max_abs_diff": a, "rel_diff": rel, "ms": t0.elapsed().as_secs_f64() * 1e3}),
+            ),
+            Err(e) => emit(
+                json!({"check": "unet_tiny_forward", "dtype": format!("{dt:?}"), "error": format!("{e:#}")}),
+            ),
         }
     }
     // Gradients of every parameter of the tiny UNet, f32 on both sides.
@@ -171,19 +181,31 @@ fn parity() -> R<()> {
             };
             let (abs, rel) = diff(a, b)?;
             let na = a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-            let nb = b.to_device(&Device::Cpu)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+            let nb = b
+                .to_device(&Device::Cpu)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                .sqrt();
             rows.push((rel, k.clone(), abs, na, nb, format!("{:?}", a.dims())));
         }
         rows.sort_by(|a, b| b.0.total_cmp(&a.0));
         let (la, _) = diff(&loss_cpu, &loss_gpu)?;
         let over = rows.iter().filter(|r| r.0 > 1e-3).count();
-        emit(json!({"check": "unet_tiny_gradients", "dtype": "F32", "params": rows.len(),
+        emit(
+            json!({"check": "unet_tiny_gradients", "dtype": "F32", "params": rows.len(),
             "without_gradient": missing, "loss_abs_diff": la, "params_rel_diff_over_1e-3": over,
             "worst": rows.iter().take(8).map(|r| json!({"param": r.1, "rel": r.0, "abs": r.2,
-                "norm_cpu": r.3, "norm_cuda": r.4, "shape": r.5})).collect::<Vec<_>>()}));
+                "norm_cpu": r.3, "norm_cuda": r.4, "shape": r.5})).collect::<Vec<_>>()}),
+        );
         // The same gradients computed twice on CUDA: a difference is a race, not rounding.
         let g_gpu2 = u_gpu
-            .forward(&x.to_device(&gpu)?, &ts.to_device(&gpu)?, &ctx.to_device(&gpu)?, &ids.to_device(&gpu)?)?
+            .forward(
+                &x.to_device(&gpu)?,
+                &ts.to_device(&gpu)?,
+                &ctx.to_device(&gpu)?,
+                &ids.to_device(&gpu)?,
+            )?
             .sqr()?
             .mean_all()?
             .backward()?;
@@ -204,8 +226,10 @@ fn parity() -> R<()> {
     let r: R<()> = (|| {
         let vcfg = VaeConfig::tiny();
         let vmap = VarMap::new();
-        let vae_cpu =
-            AutoencoderKLTemporalDecoder::new(VarBuilder::from_varmap(&vmap, DType::F32, &cpu), &vcfg)?;
+        let vae_cpu = AutoencoderKLTemporalDecoder::new(
+            VarBuilder::from_varmap(&vmap, DType::F32, &cpu),
+            &vcfg,
+        )?;
         let vw = tensors_of(&vmap);
         let img = (randn(&[8, 3, 32, 32], 3)?.tanh())?;
         let run = |vae: &AutoencoderKLTemporalDecoder, img: &Tensor| -> R<(Tensor, Tensor)> {
@@ -221,8 +245,10 @@ fn parity() -> R<()> {
         let (z_gpu, rec_gpu) = run(&vae_gpu, &img.to_device(&gpu)?)?;
         let (za, zr) = diff(&z_cpu, &z_gpu)?;
         let (ra, rr) = diff(&rec_cpu, &rec_gpu)?;
-        emit(json!({"check": "vae_tiny_encode_decode", "dtype": "F32", "latent_max_abs_diff": za,
-            "latent_rel_diff": zr, "decoded_max_abs_diff": ra, "decoded_rel_diff": rr}));
+        emit(
+            json!({"check": "vae_tiny_encode_decode", "dtype": "F32", "latent_max_abs_diff": za,
+            "latent_rel_diff": zr, "decoded_max_abs_diff": ra, "decoded_rel_diff": rr}),
+        );
         Ok(())
     })();
     if let Err(e) = r {
@@ -239,7 +265,14 @@ fn parity() -> R<()> {
             ..SamplerConfig::default()
         };
         let mut no_fresh = || -> candle_core::Result<Tensor> { candle_core::bail!("unused") };
-        let (s_cpu, _) = sample(&SvdDenoiser { unet: &unet_cpu }, &cond, &noise, &sc, &mut no_fresh, |_, _| {})?;
+        let (s_cpu, _) = sample(
+            &SvdDenoiser { unet: &unet_cpu },
+            &cond,
+            &noise,
+            &sc,
+            &mut no_fresh,
+            |_, _| {},
+        )?;
         let u_gpu = UNetSpatioTemporal::new(
             VarBuilder::from_tensors(moved(&weights, &gpu, DType::F32)?, DType::F32, &gpu),
             &cfg,
@@ -253,8 +286,10 @@ fn parity() -> R<()> {
             |_, _| {},
         )?;
         let (a, rel) = diff(&s_cpu, &s_gpu)?;
-        emit(json!({"check": "euler_cfg_4_steps_tiny", "dtype": "F32", "nfe": nfe,
-            "max_abs_diff": a, "rel_diff": rel}));
+        emit(
+            json!({"check": "euler_cfg_4_steps_tiny", "dtype": "F32", "nfe": nfe,
+            "max_abs_diff": a, "rel_diff": rel}),
+        );
         Ok(())
     })();
     if let Err(e) = r {
@@ -289,7 +324,10 @@ pub fn svd_pipeline_parity(dev: &Device, dtype: DType, variant: Option<&str>) ->
     let pipe = VideoPipeline::load_with(
         &fix.join("svd_pipeline"),
         dev,
-        &LoadOptions { dtype: Some(dtype), variant: variant.map(String::from) },
+        &LoadOptions {
+            dtype: Some(dtype),
+            variant: variant.map(String::from),
+        },
     )?;
     let mut opts = pipe.default_options();
     opts.frames = 4;
@@ -301,9 +339,20 @@ pub fn svd_pipeline_parity(dev: &Device, dtype: DType, variant: Option<&str>) ->
     opts.decode_chunk_size = Some(2);
     let images = ((&io["image"] * 2.0)? - 1.0)?;
     let mut no_fresh = || -> candle_core::Result<Tensor> { candle_core::bail!("unused") };
-    let (video, _) = pipe.generate_from_noise(&images, &io["latents"], &io["aug_noise"], &opts, &mut no_fresh, |_, _| {})?;
+    let (video, _) = pipe.generate_from_noise(
+        &images,
+        &io["latents"],
+        &io["aug_noise"],
+        &opts,
+        &mut no_fresh,
+        |_, _| {},
+    )?;
     let frames = ((video + 1.0)? * 0.5)?.clamp(0f32, 1f32)?;
-    let want = if variant == Some("fp16") { "frames_fp16_weights" } else { "frames" };
+    let want = if variant == Some("fp16") {
+        "frames_fp16_weights"
+    } else {
+        "frames"
+    };
     Ok(diff(&io[want], &frames)?.0)
 }
 
@@ -313,35 +362,71 @@ fn op_gradients(gpu: &Device) -> R<()> {
     use candle_core::Var;
     type Op = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
     let cases: Vec<(&str, Vec<Vec<usize>>, Op)> = vec![
-        ("broadcast_add_hw", vec![vec![4, 6, 5, 7], vec![4, 6]], Box::new(|v| {
-            v[0].broadcast_add(&v[1].unsqueeze(2)?.unsqueeze(3)?)?.sqr()?.sum_all()
-        })),
-        ("linear_weight_t", vec![vec![16, 40], vec![24, 40]], Box::new(|v| {
-            v[0].matmul(&v[1].t()?)?.sqr()?.sum_all()
-        })),
-        ("linear_silu", vec![vec![16, 40], vec![24, 40]], Box::new(|v| {
-            v[0].silu()?.matmul(&v[1].t()?)?.sin()?.sum_all()
-        })),
-        ("repeat_broadcast_reshape", vec![vec![2, 40]], Box::new(|v| {
-            v[0].unsqueeze(1)?.broadcast_as((2, 8, 40))?.reshape((16, 40))?.sin()?.sum_all()
-        })),
-        ("sum_keepdim_23", vec![vec![4, 6, 5, 7]], Box::new(|v| {
-            v[0].sum_keepdim(3)?.sum_keepdim(2)?.sin()?.sum_all()
-        })),
-        ("batched_matmul_bcast", vec![vec![6, 30], vec![3, 30, 50]], Box::new(|v| {
-            v[0].broadcast_left(3)?.matmul(&v[1])?.sin()?.sum_all()
-        })),
-        ("softmax_prims", vec![vec![3, 4, 9]], Box::new(|v| {
-            onestep::models::layers::softmax_last(&v[0])?.sqr()?.sum_all()
-        })),
-        ("upsample_nearest2d", vec![vec![2, 3, 4, 5]], Box::new(|v| {
-            v[0].upsample_nearest2d(8, 10)?.sin()?.sum_all()
-        })),
-        ("time_emb_chain", vec![vec![16, 64], vec![32, 64], vec![32], vec![16, 32, 8, 8]], Box::new(|v| {
-            let t = v[0].silu()?.matmul(&v[1].t()?)?;
-            let t = (t + onestep::models::layers::expand_param(&v[2], 16, 1)?.squeeze(2)?)?;
-            v[3].broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?.sqr()?.mean_all()
-        })),
+        (
+            "broadcast_add_hw",
+            vec![vec![4, 6, 5, 7], vec![4, 6]],
+            Box::new(|v| {
+                v[0].broadcast_add(&v[1].unsqueeze(2)?.unsqueeze(3)?)?
+                    .sqr()?
+                    .sum_all()
+            }),
+        ),
+        (
+            "linear_weight_t",
+            vec![vec![16, 40], vec![24, 40]],
+            Box::new(|v| v[0].matmul(&v[1].t()?)?.sqr()?.sum_all()),
+        ),
+        (
+            "linear_silu",
+            vec![vec![16, 40], vec![24, 40]],
+            Box::new(|v| v[0].silu()?.matmul(&v[1].t()?)?.sin()?.sum_all()),
+        ),
+        (
+            "repeat_broadcast_reshape",
+            vec![vec![2, 40]],
+            Box::new(|v| {
+                v[0].unsqueeze(1)?
+                    .broadcast_as((2, 8, 40))?
+                    .reshape((16, 40))?
+                    .sin()?
+                    .sum_all()
+            }),
+        ),
+        (
+            "sum_keepdim_23",
+            vec![vec![4, 6, 5, 7]],
+            Box::new(|v| v[0].sum_keepdim(3)?.sum_keepdim(2)?.sin()?.sum_all()),
+        ),
+        (
+            "batched_matmul_bcast",
+            vec![vec![6, 30], vec![3, 30, 50]],
+            Box::new(|v| v[0].broadcast_left(3)?.matmul(&v[1])?.sin()?.sum_all()),
+        ),
+        (
+            "softmax_prims",
+            vec![vec![3, 4, 9]],
+            Box::new(|v| {
+                onestep::models::layers::softmax_last(&v[0])?
+                    .sqr()?
+                    .sum_all()
+            }),
+        ),
+        (
+            "upsample_nearest2d",
+            vec![vec![2, 3, 4, 5]],
+            Box::new(|v| v[0].upsample_nearest2d(8, 10)?.sin()?.sum_all()),
+        ),
+        (
+            "time_emb_chain",
+            vec![vec![16, 64], vec![32, 64], vec![32], vec![16, 32, 8, 8]],
+            Box::new(|v| {
+                let t = v[0].silu()?.matmul(&v[1].t()?)?;
+                let t = (t + onestep::models::layers::expand_param(&v[2], 16, 1)?.squeeze(2)?)?;
+                v[3].broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+                    .sqr()?
+                    .mean_all()
+            }),
+        ),
     ];
     for (i, (name, shapes, f)) in cases.into_iter().enumerate() {
         let r: R<()> = (|| {
@@ -351,13 +436,23 @@ fn op_gradients(gpu: &Device) -> R<()> {
                 .map(|(j, s)| randn(s, 100 + 10 * i as u64 + j as u64))
                 .collect::<R<_>>()?;
             let run = |dev: &Device| -> R<Vec<Tensor>> {
-                let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(&x.to_device(dev)?)).collect::<candle_core::Result<_>>()?;
+                let vars: Vec<Var> = xs
+                    .iter()
+                    .map(|x| Var::from_tensor(&x.to_device(dev)?))
+                    .collect::<candle_core::Result<_>>()?;
                 let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
                 let g = f(&ts)?.backward()?;
-                Ok(ts.iter().map(|t| g.get(t).cloned().unwrap_or(t.zeros_like().unwrap())).collect())
+                Ok(ts
+                    .iter()
+                    .map(|t| g.get(t).cloned().unwrap_or(t.zeros_like().unwrap()))
+                    .collect())
             };
             let (gc, gg) = (run(&Device::Cpu)?, run(gpu)?);
-            let rels: Vec<f64> = gc.iter().zip(&gg).map(|(a, b)| diff(a, b).map(|d| d.1)).collect::<R<_>>()?;
+            let rels: Vec<f64> = gc
+                .iter()
+                .zip(&gg)
+                .map(|(a, b)| diff(a, b).map(|d| d.1))
+                .collect::<R<_>>()?;
             emit(json!({"check": "op_gradient", "op": name, "rel_diff_per_input": rels}));
             Ok(())
         })();
@@ -403,16 +498,21 @@ fn svd(a: SvdArgs) -> R<()> {
     };
     let params: usize = base.values().map(|t| t.elem_count()).sum();
     dev.synchronize()?;
-    emit(json!({"check": "svd_unet_init", "dtype": format!("{:?}", a.dtype), "params": params,
-        "s": t0.elapsed().as_secs_f64(), "mem_gib": mem_used(&dev)}));
-    let unet = UNetSpatioTemporal::new(VarBuilder::from_tensors(base.clone(), a.dtype, &dev), &cfg)?;
+    emit(
+        json!({"check": "svd_unet_init", "dtype": format!("{:?}", a.dtype), "params": params,
+        "s": t0.elapsed().as_secs_f64(), "mem_gib": mem_used(&dev)}),
+    );
+    let unet =
+        UNetSpatioTemporal::new(VarBuilder::from_tensors(base.clone(), a.dtype, &dev), &cfg)?;
     let (lh, lw) = (a.height, a.width);
     let cond = cond_to(&conditioning(1, 4, lh, lw, 1024, &Device::Cpu)?, &dev)?;
 
     if !a.skip.iter().any(|s| s == "forward") {
         for batch in [1usize, 2] {
             let r: R<()> = (|| {
-                let x = randn(&[batch, a.frames, 8, lh, lw], 7)?.to_device(&dev)?.to_dtype(a.dtype)?;
+                let x = randn(&[batch, a.frames, 8, lh, lw], 7)?
+                    .to_device(&dev)?
+                    .to_dtype(a.dtype)?;
                 let ts = Tensor::full(0.5f32, batch, &dev)?;
                 let ctx = cond.image_embeds.repeat((batch, 1, 1))?.to_dtype(a.dtype)?;
                 let ids = cond.added_time_ids.repeat((batch, 1))?;
@@ -420,46 +520,92 @@ fn svd(a: SvdArgs) -> R<()> {
                 for i in 0..a.iters + 1 {
                     let (y, s) = timed(&dev, || Ok(unet.forward(&x, &ts, &ctx, &ids)?))?;
                     if i == 0 {
-                        let finite = y.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                        emit(json!({"check": "svd_unet_forward_warmup", "batch": batch, "s": s,
-                            "max_abs_out": finite, "mem_gib": mem_used(&dev)}));
+                        let finite = y
+                            .to_dtype(DType::F32)?
+                            .abs()?
+                            .max_all()?
+                            .to_scalar::<f32>()?;
+                        emit(
+                            json!({"check": "svd_unet_forward_warmup", "batch": batch, "s": s,
+                            "max_abs_out": finite, "mem_gib": mem_used(&dev)}),
+                        );
                     } else {
                         ms.push(s * 1e3);
                     }
                 }
-                emit(json!({"check": "svd_unet_forward", "dtype": format!("{:?}", a.dtype),
+                emit(
+                    json!({"check": "svd_unet_forward", "dtype": format!("{:?}", a.dtype),
                     "batch": batch, "frames": a.frames, "latent": [lh, lw], "ms": ms,
-                    "mem_gib": mem_used(&dev)}));
+                    "mem_gib": mem_used(&dev)}),
+                );
                 Ok(())
             })();
             if let Err(e) = r {
-                emit(json!({"check": "svd_unet_forward", "batch": batch, "error": format!("{e:#}")}));
+                emit(
+                    json!({"check": "svd_unet_forward", "batch": batch, "error": format!("{e:#}")}),
+                );
             }
         }
     }
 
     if !a.skip.iter().any(|s| s == "sample") {
         let noise = randn(&[1, a.frames, 4, lh, lw], 9)?.to_device(&dev)?;
-        let mut fresh = || randn(&[1, a.frames, 4, lh, lw], 10).map_err(|e| candle_core::Error::Msg(e.to_string()))?.to_device(&dev);
+        let mut fresh = || {
+            randn(&[1, a.frames, 4, lh, lw], 10)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .to_device(&dev)
+        };
         let teacher = SvdDenoiser { unet: &unet };
         let cp = ConsistencyParam::default();
         let student = cp.wrap(&teacher);
         let runs: Vec<(&str, &dyn Denoiser, SamplerConfig)> = vec![
-            ("consistency_1_step", &student, SamplerConfig {
-                method: SamplerMethod::Consistency, steps: 1, min_guidance: 1.0, max_guidance: 1.0,
-                ..SamplerConfig::default() }),
-            ("time_travel", &student, SamplerConfig {
-                method: SamplerMethod::TimeTravel, steps: 1, min_guidance: 1.0, max_guidance: 1.0,
-                ..SamplerConfig::default() }),
-            ("euler_cfg", &teacher, SamplerConfig { steps: a.sample_steps, ..SamplerConfig::default() }),
+            (
+                "consistency_1_step",
+                &student,
+                SamplerConfig {
+                    method: SamplerMethod::Consistency,
+                    steps: 1,
+                    min_guidance: 1.0,
+                    max_guidance: 1.0,
+                    ..SamplerConfig::default()
+                },
+            ),
+            (
+                "time_travel",
+                &student,
+                SamplerConfig {
+                    method: SamplerMethod::TimeTravel,
+                    steps: 1,
+                    min_guidance: 1.0,
+                    max_guidance: 1.0,
+                    ..SamplerConfig::default()
+                },
+            ),
+            (
+                "euler_cfg",
+                &teacher,
+                SamplerConfig {
+                    steps: a.sample_steps,
+                    ..SamplerConfig::default()
+                },
+            ),
         ];
         for (name, den, sc) in runs {
             let r: R<()> = (|| {
-                let ((out, nfe), s) = timed(&dev, || Ok(sample(den, &cond, &noise, &sc, &mut fresh, |_, _| {})?))?;
-                let finite = out.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?.is_finite();
-                emit(json!({"check": "svd_sampling", "sampler": name, "steps": sc.steps, "nfe": nfe,
+                let ((out, nfe), s) = timed(&dev, || {
+                    Ok(sample(den, &cond, &noise, &sc, &mut fresh, |_, _| {})?)
+                })?;
+                let finite = out
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?
+                    .is_finite();
+                emit(
+                    json!({"check": "svd_sampling", "sampler": name, "steps": sc.steps, "nfe": nfe,
                     "dtype": format!("{:?}", a.dtype), "frames": a.frames, "latent": [lh, lw],
-                    "s": s, "finite": finite, "mem_gib": mem_used(&dev)}));
+                    "s": s, "finite": finite, "mem_gib": mem_used(&dev)}),
+                );
                 Ok(())
             })();
             if let Err(e) = r {
@@ -469,18 +615,28 @@ fn svd(a: SvdArgs) -> R<()> {
     }
     if !a.skip.iter().any(|s| s == "train") {
         let r: R<()> = (|| {
-            let lora = LoraConfig { rank: a.lora_rank, ..LoraConfig::default() };
+            let lora = LoraConfig {
+                rank: a.lora_rank,
+                ..LoraConfig::default()
+            };
             let student = Student::lora_from_base(base.clone(), &cfg, &lora, 0, &dev)?;
             let vars = student.vars();
             let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-            let mut opt = AdamW::new(vars, AdamWConfig { warmup: 0, ..AdamWConfig::default() })?;
+            let mut opt = AdamW::new(
+                vars,
+                AdamWConfig {
+                    warmup: 0,
+                    ..AdamWConfig::default()
+                },
+            )?;
             let (f, th, tw) = (a.train_frames, a.train_height, a.train_width);
             let tcond = cond_to(&conditioning(1, 4, th, tw, 1024, &Device::Cpu)?, &dev)?;
             let x = randn(&[1, f, 4, th, tw], 13)?.to_device(&dev)?;
             let target = randn(&[1, f, 4, th, tw], 14)?.to_device(&dev)?;
             let sigma = Tensor::new(&[1.5f32], &dev)?;
             let mut ms = vec![];
-            let var_list: Vec<candle_core::Var> = student.vars().into_iter().map(|(_, v)| v).collect();
+            let var_list: Vec<candle_core::Var> =
+                student.vars().into_iter().map(|(_, v)| v).collect();
             for i in 0..a.iters + 1 {
                 let (loss, s) = timed(&dev, || {
                     let unet = student.unet()?;
@@ -493,12 +649,23 @@ fn svd(a: SvdArgs) -> R<()> {
                             &cfg,
                         )?);
                         let ck = onestep::train::checkpoint::Checkpointing::new(var_list.clone())?;
-                        let out = SvdDenoiser::denoise_via(&xin, &sigma, &tcond, a.dtype, &|m, t, e, ids| {
-                            UNetSpatioTemporal::forward_checkpointed(&tr, &fr, &ck, m, t, e, ids)
-                        })?;
+                        let out = SvdDenoiser::denoise_via(
+                            &xin,
+                            &sigma,
+                            &tcond,
+                            a.dtype,
+                            &|m, t, e, ids| {
+                                UNetSpatioTemporal::forward_checkpointed(
+                                    &tr, &fr, &ck, m, t, e, ids,
+                                )
+                            },
+                        )?;
                         (out, Some(ck))
                     } else {
-                        (SvdDenoiser { unet: &unet }.denoise(&xin, &sigma, &tcond)?, None)
+                        (
+                            SvdDenoiser { unet: &unet }.denoise(&xin, &sigma, &tcond)?,
+                            None,
+                        )
                     };
                     let loss = (out - &target)?.sqr()?.mean_all()?;
                     let mut grads = loss.backward()?;
@@ -512,9 +679,11 @@ fn svd(a: SvdArgs) -> R<()> {
                     ms.push(s * 1e3);
                 }
                 if i == a.iters {
-                    emit(json!({"check": "svd_lora_train_step", "dtype": format!("{:?}", a.dtype),
+                    emit(
+                        json!({"check": "svd_lora_train_step", "dtype": format!("{:?}", a.dtype),
                         "gradient_checkpointing": a.checkpointing, "lora_rank": a.lora_rank, "trainable_params": trainable, "frames": f,
-                        "latent": [th, tw], "ms": ms, "loss": loss, "mem_gib": mem_used(&dev)}));
+                        "latent": [th, tw], "ms": ms, "loss": loss, "mem_gib": mem_used(&dev)}),
+                    );
                 }
             }
             Ok(())
@@ -538,8 +707,12 @@ pub struct Args {
 
 pub fn execute(a: Args) -> anyhow::Result<std::process::ExitCode> {
     let args = a.args;
-    if !onestep::train::cuda_compiled() && std::env::var("ONESTEP_DEVICE_CHECK_CPU").as_deref() != Ok("1") {
-        eprintln!("onestep device-check: this build has no CUDA backend (build with tools/cuda/build.sh)");
+    if !onestep::train::cuda_compiled()
+        && std::env::var("ONESTEP_DEVICE_CHECK_CPU").as_deref() != Ok("1")
+    {
+        eprintln!(
+            "onestep device-check: this build has no CUDA backend (build with tools/cuda/build.sh)"
+        );
         return Ok(std::process::ExitCode::from(2));
     }
     let get = |k: &str, d: &str| -> String {

@@ -35,9 +35,14 @@ pub fn load_weights(varmap: &VarMap, file: &Path) -> Result<()> {
 pub fn load_weights_files(varmap: &VarMap, files: &[PathBuf]) -> Result<()> {
     let mut tensors = HashMap::new();
     for f in files {
-        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
-            Error::Data(format!("{}: not a readable safetensors file: {e}", f.display()))
-        })?);
+        tensors.extend(
+            candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+                Error::Data(format!(
+                    "{}: not a readable safetensors file: {e}",
+                    f.display()
+                ))
+            })?,
+        );
     }
     let file = files
         .first()
@@ -183,9 +188,12 @@ pub fn weight_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Vec
             let text = std::fs::read_to_string(&index).at(&index)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::Data(format!("{}: {e}", index.display())))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                Error::Data(format!("{}: no `weight_map` object", index.display()))
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    Error::Data(format!("{}: no `weight_map` object", index.display()))
+                })?;
             let shards: BTreeSet<String> = map
                 .values()
                 .filter_map(|s| s.as_str().map(String::from))
@@ -345,7 +353,9 @@ pub fn copy_frozen_components(from: &Path, to: &Path) -> Result<()> {
 /// `feature_extractor/preprocessor_config.json` (CLIP's image normalisation, where the model is
 /// SVD's), if `from` has one.
 pub fn copy_feature_extractor(from: &Path, to: &Path) -> Result<()> {
-    let f = from.join("feature_extractor").join("preprocessor_config.json");
+    let f = from
+        .join("feature_extractor")
+        .join("preprocessor_config.json");
     if f.is_file() {
         let dir = to.join("feature_extractor");
         std::fs::create_dir_all(&dir).at(&dir)?;

@@ -121,7 +121,9 @@ impl ClipLayer {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, n, self.heads, hd))?.transpose(1, 2)?.contiguous()
+            t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let h = self.layer_norm1.forward(x)?;
         let q = split(self.q.forward(&h)?)?;
@@ -202,14 +204,19 @@ impl ClipVisionModelWithProjection {
             .forward(&pixel_values.to_dtype(self.dtype())?)?
             .flatten_from(2)?
             .transpose(1, 2)?; // [n, g*g, d]
-        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((n, 1, d))?;
         let x = Tensor::cat(&[&cls, &tokens], 1)?
             .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut x = self.pre_layrnorm.forward(&x)?;
         for l in &self.layers {
             x = l.forward(&x)?;
         }
-        let pooled = self.post_layernorm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let pooled = self
+            .post_layernorm
+            .forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
         self.visual_projection.forward(&pooled)
     }
 }

@@ -343,7 +343,12 @@ fn attention_chunk_bytes() -> usize {
 /// matrix would exceed [`attention_chunk_bytes`] (same result: each query row's softmax only
 /// reads its own row). Under autograd every chunk's scores are still kept for the backward
 /// pass; chunking saves memory in inference.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, h, n, _) = q.dims4()?;
     let m = k.dim(2)?;
     let per_row = b * h * m * 4;

@@ -355,9 +355,9 @@ impl UNetSpatioTemporal {
         // The sinusoids are computed in f32 from the f32 timesteps and cast to the model's dtype
         // afterwards, as diffusers does (`t_emb.to(dtype=sample.dtype)`).
         let dt = sample.dtype();
-        let emb = self.time_embedding.forward(
-            &timestep_embedding(&timestep.to_dtype(DType::F32)?, ch0)?.to_dtype(dt)?,
-        )?;
+        let emb = self
+            .time_embedding
+            .forward(&timestep_embedding(&timestep.to_dtype(DType::F32)?, ch0)?.to_dtype(dt)?)?;
         let ids = added_time_ids.to_dtype(DType::F32)?.flatten_all()?;
         let time_embeds = timestep_embedding(&ids, self.config.addition_time_embed_dim)?
             .to_dtype(dt)?
@@ -414,7 +414,13 @@ impl UNetSpatioTemporal {
         let t = sample.dim(1)?;
         let mut run = |u: Unit, x: &Tensor, e: &Tensor, c: &Tensor| self.unit(u, x, e, c, t);
         Ok(self
-            .encode(sample, timestep, encoder_hidden_states, added_time_ids, &mut run)?
+            .encode(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                added_time_ids,
+                &mut run,
+            )?
             .blocks)
     }
 
@@ -439,7 +445,13 @@ impl UNetSpatioTemporal {
     ) -> Result<Tensor> {
         let t = sample.dim(1)?;
         let mut run = |u: Unit, x: &Tensor, e: &Tensor, c: &Tensor| self.unit(u, x, e, c, t);
-        self.forward_with(sample, timestep, encoder_hidden_states, added_time_ids, &mut run)
+        self.forward_with(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_time_ids,
+            &mut run,
+        )
     }
 
     /// [`Self::forward`] with gradient checkpointing of every resnet + attention unit (see
@@ -469,14 +481,33 @@ impl UNetSpatioTemporal {
                 });
             ckpt.apply(unit, x, e, c)
         };
-        trainable.forward_with(sample, timestep, encoder_hidden_states, added_time_ids, &mut run)
+        trainable.forward_with(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_time_ids,
+            &mut run,
+        )
     }
 
     /// One resnet (+ attention) unit of the UNet: the part that gradient checkpointing recomputes.
-    fn unit(&self, u: Unit, x: &Tensor, emb: &Tensor, context: &Tensor, frames: usize) -> Result<Tensor> {
+    fn unit(
+        &self,
+        u: Unit,
+        x: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+        frames: usize,
+    ) -> Result<Tensor> {
         let (resnet, attn) = match u {
-            Unit::Down(i, l) => (&self.down_blocks[i].resnets[l], self.down_blocks[i].attentions.get(l)),
-            Unit::Up(i, l) => (&self.up_blocks[i].resnets[l], self.up_blocks[i].attentions.get(l)),
+            Unit::Down(i, l) => (
+                &self.down_blocks[i].resnets[l],
+                self.down_blocks[i].attentions.get(l),
+            ),
+            Unit::Up(i, l) => (
+                &self.up_blocks[i].resnets[l],
+                self.up_blocks[i].attentions.get(l),
+            ),
             Unit::Mid(0) => (&self.mid_resnets[0], None),
             Unit::Mid(k) => {
                 // The mid block: resnet 0, then (attention k-1, resnet k).

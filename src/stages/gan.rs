@@ -21,8 +21,8 @@
 //! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
 
 use super::consistency::{
-    ema_update, make_batch, model_dir, teacher_dir, teacher_solve, unet_from,
-    Batch, PairGrid, Weighting,
+    ema_update, make_batch, model_dir, teacher_dir, teacher_solve, unet_from, Batch, PairGrid,
+    Weighting,
 };
 use super::teacher::{data_fps, encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};

@@ -195,7 +195,10 @@ impl StageKind for TeacherStage {
                 let mut print = files_digest(&files)?;
                 let enc = d.join("image_encoder");
                 if is_clip_folder(&enc) {
-                    print = format!("{print}+clip:{}", files_digest(&weight_files(&enc, "model", None)?)?);
+                    print = format!(
+                        "{print}+clip:{}",
+                        files_digest(&weight_files(&enc, "model", None)?)?
+                    );
                 }
                 Ok(Some(print))
             }
@@ -326,8 +329,11 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     let (enc_map, encoder) = match &clip_dir {
         Some(cd) => {
             let pdir = Path::new(p.pretrained.as_deref().unwrap_or_default());
-            let fe = pdir.join("feature_extractor").join("preprocessor_config.json");
-            let clip = crate::pipeline::load_clip(cd, Some(&fe), candle_core::DType::F32, &dev, None)?;
+            let fe = pdir
+                .join("feature_extractor")
+                .join("preprocessor_config.json");
+            let clip =
+                crate::pipeline::load_clip(cd, Some(&fe), candle_core::DType::F32, &dev, None)?;
             (VarMap::new(), TeacherEncoder::Clip(clip))
         }
         None => {

@@ -13,7 +13,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +48,13 @@ impl Checkpointing {
     }
 
     /// `unit(x, emb, context)` as a checkpointed op.
-    pub fn apply(&self, unit: Arc<UnitFn>, x: &Tensor, emb: &Tensor, context: &Tensor) -> Result<Tensor> {
+    pub fn apply(
+        &self,
+        unit: Arc<UnitFn>,
+        x: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let op = CheckpointOp {
             unit,
             state: self.clone(),
@@ -82,7 +90,12 @@ fn detached_tensor(s: Storage, l: &Layout) -> Result<Tensor> {
     if !l.is_contiguous() || l.start_offset() != 0 {
         candle_core::bail!("checkpoint: inputs must be contiguous without offset");
     }
-    Ok(Tensor::from_storage(s, l.shape().clone(), BackpropOp::none(), false))
+    Ok(Tensor::from_storage(
+        s,
+        l.shape().clone(),
+        BackpropOp::none(),
+        false,
+    ))
 }
 
 /// `y` (contiguous, offset 0) as the storage a custom op returns.

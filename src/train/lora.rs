@@ -404,9 +404,23 @@ impl crate::diffusion::Denoiser for CheckpointedUNet {
         sigma: &Tensor,
         cond: &crate::diffusion::Conditioning,
     ) -> candle_core::Result<Tensor> {
-        crate::diffusion::SvdDenoiser::denoise_via(x, sigma, cond, self.trainable.dtype(), &|m, t, e, i| {
-            UNetSpatioTemporal::forward_checkpointed(&self.trainable, &self.frozen, &self.ckpt, m, t, e, i)
-        })
+        crate::diffusion::SvdDenoiser::denoise_via(
+            x,
+            sigma,
+            cond,
+            self.trainable.dtype(),
+            &|m, t, e, i| {
+                UNetSpatioTemporal::forward_checkpointed(
+                    &self.trainable,
+                    &self.frozen,
+                    &self.ckpt,
+                    m,
+                    t,
+                    e,
+                    i,
+                )
+            },
+        )
     }
 }
 
