@@ -767,7 +767,7 @@ fn clip_resize_matrix_is_identity_at_the_same_size_and_blurs_when_shrinking() {
 fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
-    use onestep::train::checkpoint::Checkpointing;
+    use onestep::models::grad_checkpoint::Checkpointing;
     use std::sync::Arc;
     let dev = Device::Cpu;
     let cfg = UNetConfig::tiny();
@@ -846,7 +846,7 @@ fn gradient_checkpointing_gives_the_gradients_of_the_plain_backward_pass() {
 fn gradient_checkpointing_reaches_lora_adapters() {
     use candle_core::DType;
     use candle_nn::{VarBuilder, VarMap};
-    use onestep::train::checkpoint::Checkpointing;
+    use onestep::models::grad_checkpoint::Checkpointing;
     use onestep::train::lora::{LoraConfig, Student};
     use std::sync::Arc;
     let dev = Device::Cpu;

@@ -160,15 +160,16 @@ fn parity() -> R<()> {
         }
         let loss_cpu = unet_cpu.forward(&x, &ts, &ctx, &ids)?.sqr()?.mean_all()?;
         let g_cpu = loss_cpu.backward()?;
-        let loss_gpu = u_gpu
-            .forward(
+        let gpu_loss = || -> R<Tensor> {
+            let y = u_gpu.forward(
                 &x.to_device(&gpu)?,
                 &ts.to_device(&gpu)?,
                 &ctx.to_device(&gpu)?,
                 &ids.to_device(&gpu)?,
-            )?
-            .sqr()?
-            .mean_all()?;
+            )?;
+            Ok(y.sqr()?.mean_all()?)
+        };
+        let loss_gpu = gpu_loss()?;
         let g_gpu = loss_gpu.backward()?;
         let cpu_vars = map.data().lock().unwrap().clone();
         let mut rows = vec![];
@@ -180,13 +181,14 @@ fn parity() -> R<()> {
                 continue;
             };
             let (abs, rel) = diff(a, b)?;
-            let na = a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
-            let nb = b
-                .to_device(&Device::Cpu)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()?
-                .sqrt();
+            let norm = |t: &Tensor| -> R<f32> {
+                Ok(t.to_device(&Device::Cpu)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?
+                    .sqrt())
+            };
+            let (na, nb) = (norm(a)?, norm(b)?);
             rows.push((rel, k.clone(), abs, na, nb, format!("{:?}", a.dims())));
         }
         rows.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -199,16 +201,7 @@ fn parity() -> R<()> {
                 "norm_cpu": r.3, "norm_cuda": r.4, "shape": r.5})).collect::<Vec<_>>()}),
         );
         // The same gradients computed twice on CUDA: a difference is a race, not rounding.
-        let g_gpu2 = u_gpu
-            .forward(
-                &x.to_device(&gpu)?,
-                &ts.to_device(&gpu)?,
-                &ctx.to_device(&gpu)?,
-                &ids.to_device(&gpu)?,
-            )?
-            .sqr()?
-            .mean_all()?
-            .backward()?;
+        let g_gpu2 = gpu_loss()?.backward()?;
         let mut rerun = 0f64;
         for (_, v) in map_gpu.data().lock().unwrap().iter() {
             if let (Some(a), Some(b)) = (g_gpu.get(v.as_tensor()), g_gpu2.get(v.as_tensor())) {
@@ -635,43 +628,13 @@ fn svd(a: SvdArgs) -> R<()> {
             let target = randn(&[1, f, 4, th, tw], 14)?.to_device(&dev)?;
             let sigma = Tensor::new(&[1.5f32], &dev)?;
             let mut ms = vec![];
-            let var_list: Vec<candle_core::Var> =
-                student.vars().into_iter().map(|(_, v)| v).collect();
             for i in 0..a.iters + 1 {
                 let (loss, s) = timed(&dev, || {
-                    let unet = student.unet()?;
-                    let xin = (&x * 1.5)?;
-                    let (out, ck) = if a.checkpointing {
-                        // Trainable UNet (adapters merged in, tracked) and the same weights frozen.
-                        let tr = std::sync::Arc::new(unet.into_owned());
-                        let fr = std::sync::Arc::new(UNetSpatioTemporal::new(
-                            VarBuilder::from_tensors(student.merged()?, a.dtype, &dev),
-                            &cfg,
-                        )?);
-                        let ck = onestep::train::checkpoint::Checkpointing::new(var_list.clone())?;
-                        let out = SvdDenoiser::denoise_via(
-                            &xin,
-                            &sigma,
-                            &tcond,
-                            a.dtype,
-                            &|m, t, e, ids| {
-                                UNetSpatioTemporal::forward_checkpointed(
-                                    &tr, &fr, &ck, m, t, e, ids,
-                                )
-                            },
-                        )?;
-                        (out, Some(ck))
-                    } else {
-                        (
-                            SvdDenoiser { unet: &unet }.denoise(&xin, &sigma, &tcond)?,
-                            None,
-                        )
-                    };
+                    let unet = student.for_step(a.checkpointing)?;
+                    let out = unet.denoise(&(&x * 1.5)?, &sigma, &tcond)?;
                     let loss = (out - &target)?.sqr()?.mean_all()?;
                     let mut grads = loss.backward()?;
-                    if let Some(ck) = ck {
-                        ck.merge_into(&mut grads)?;
-                    }
+                    unet.merge_into(&mut grads)?;
                     opt.step(&grads, 1e-4)?;
                     Ok(loss.to_scalar::<f32>()?)
                 })?;

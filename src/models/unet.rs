@@ -455,14 +455,14 @@ impl UNetSpatioTemporal {
     }
 
     /// [`Self::forward`] with gradient checkpointing of every resnet + attention unit (see
-    /// [`crate::train::checkpoint`]): `trainable` holds the weights gradients reach (LoRA
+    /// [`crate::models::grad_checkpoint`]): `trainable` holds the weights gradients reach (LoRA
     /// adapters merged in, say), `frozen` the same values as plain tensors. Same output; the
     /// backward pass recomputes each unit, and the gradients of `ckpt`'s variables found inside
-    /// the units are added by [`crate::train::checkpoint::Checkpointing::merge_into`].
+    /// the units are added by [`crate::models::grad_checkpoint::Checkpointing::merge_into`].
     pub fn forward_checkpointed(
         trainable: &std::sync::Arc<Self>,
         frozen: &std::sync::Arc<Self>,
-        ckpt: &crate::train::checkpoint::Checkpointing,
+        ckpt: &crate::models::grad_checkpoint::Checkpointing,
         sample: &Tensor,
         timestep: &Tensor,
         encoder_hidden_states: &Tensor,
@@ -471,7 +471,7 @@ impl UNetSpatioTemporal {
         let t = sample.dim(1)?;
         let mut run = |u: Unit, x: &Tensor, e: &Tensor, c: &Tensor| {
             let (tr, fr) = (trainable.clone(), frozen.clone());
-            let unit: std::sync::Arc<crate::train::checkpoint::UnitFn> =
+            let unit: std::sync::Arc<crate::models::grad_checkpoint::UnitFn> =
                 std::sync::Arc::new(move |x: &Tensor, e: &Tensor, c: &Tensor, grad: bool| {
                     if grad {
                         tr.unit(u, x, e, c, t)

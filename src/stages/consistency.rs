@@ -88,7 +88,7 @@ pub struct ConsistencyParams {
     /// Full fine-tuning (rank 0) or LoRA adapters.
     pub lora: LoraConfig,
     /// Recompute each UNet unit in the backward pass instead of keeping its intermediates
-    /// (`crate::train::checkpoint`): the same gradients in less memory, for a second forward
+    /// (`crate::models::grad_checkpoint`): the same gradients in less memory, for a second forward
     /// pass. Left out of the resolved params when false, so existing stages keep their identity.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
@@ -510,22 +510,10 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let x = teacher_solve(&teacher_den, &x_hi, &ns, &grid, &cond, &guidance).map_err(&e)?;
         let s_lo = grid.at(&ns, 0, &dev).map_err(&e)?;
         let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
-        let checkpointed = match p.gradient_checkpointing {
-            true => Some(student.checkpointed()?),
-            false => None,
-        };
-        let unet = match &checkpointed {
-            Some(_) => None,
-            None => Some(student.unet()?),
-        };
-        let plain = unet.as_deref().map(|u| SvdDenoiser { unet: u });
-        let student_inner: &dyn Denoiser = match &checkpointed {
-            Some(c) => c,
-            None => plain.as_ref().expect("built when not checkpointing"),
-        };
+        let student_inner = student.for_step(p.gradient_checkpointing)?;
         let pred = p
             .boundary
-            .wrap(student_inner)
+            .wrap(&student_inner)
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
         let per_sample = distance(&pred, &target_x, p.distance, p.huber_c).map_err(&e)?;
@@ -534,9 +522,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
             .and_then(|v| v.mean_all())
             .map_err(&e)?;
         let mut grads = loss.backward().map_err(&e)?;
-        if let Some(c) = &checkpointed {
-            c.merge_into(&mut grads)?;
-        }
+        student_inner.merge_into(&mut grads)?;
         let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         // EMA target of the (merged) student weights.

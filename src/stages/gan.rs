@@ -93,7 +93,7 @@ pub struct GanParams {
     /// Full fine-tuning (rank 0) or LoRA adapters (plus `train_also` layers).
     pub lora: LoraConfig,
     /// Recompute each UNet unit in the backward pass instead of keeping its intermediates
-    /// (`crate::train::checkpoint`): the same gradients in less memory, for a second forward
+    /// (`crate::models::grad_checkpoint`): the same gradients in less memory, for a second forward
     /// pass. Left out of the resolved params when false, so existing stages keep their identity.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
@@ -428,21 +428,9 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             }
             None => (x0.clone(), Tensor::ones(b, DType::F32, &dev).map_err(&e)?),
         };
-        let checkpointed = match p.gradient_checkpointing {
-            true => Some(student.checkpointed()?),
-            false => None,
-        };
-        let g_unet = match &checkpointed {
-            Some(_) => None,
-            None => Some(student.unet()?),
-        };
-        let plain = g_unet.as_deref().map(|u| SvdDenoiser { unet: u });
-        let g_inner: &dyn Denoiser = match &checkpointed {
-            Some(c) => c,
-            None => plain.as_ref().expect("built when not checkpointing"),
-        };
+        let g_inner = student.for_step(p.gradient_checkpointing)?;
         let fake = boundary
-            .wrap(g_inner)
+            .wrap(&g_inner)
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
 
@@ -476,9 +464,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             .map_err(&e)?;
         let loss_g = ((&adv * p.adv_weight).map_err(&e)? + &dist).map_err(&e)?;
         let mut grads_g = loss_g.backward().map_err(&e)?;
-        if let Some(c) = &checkpointed {
-            c.merge_into(&mut grads_g)?;
-        }
+        g_inner.merge_into(&mut grads_g)?;
         let lr = crate::train::warmup_lr(p.optimizer_g.lr, step, p.optimizer_g.warmup);
         let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
         if p.mode == GanMode::Acd {

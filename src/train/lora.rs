@@ -114,6 +114,10 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
     }
 }
 
+fn unet_err(err: candle_core::Error) -> Error {
+    Error::Other(format!("student UNet: {err}"))
+}
+
 /// A student UNet: full fine-tuning or LoRA.
 pub enum Student {
     Full {
@@ -136,11 +140,10 @@ impl Student {
         seed: u64,
         dev: &Device,
     ) -> Result<Self> {
-        let e = |err: candle_core::Error| Error::Other(format!("student UNet: {err}"));
         if lora.rank == 0 {
             let map = VarMap::new();
             let unet = UNetSpatioTemporal::new(VarBuilder::from_varmap(&map, DType::F32, dev), cfg)
-                .map_err(e)?;
+                .map_err(unet_err)?;
             crate::models::checkpoint::load_weights(&map, weights)?;
             return Ok(Student::Full { map, unet });
         }
@@ -158,7 +161,6 @@ impl Student {
         seed: u64,
         dev: &Device,
     ) -> Result<Self> {
-        let e = |err: candle_core::Error| Error::Other(format!("student UNet: {err}"));
         if lora.rank == 0 {
             return Err(Error::Other("lora_from_base needs lora.rank > 0".into()));
         }
@@ -175,18 +177,18 @@ impl Student {
         for name in names {
             let w = &base[name];
             if lora.train_also.iter().any(|t| name.contains(t.as_str())) {
-                let w = w.to_dtype(DType::F32).map_err(e)?;
-                full.insert(name.clone(), Var::from_tensor(&w).map_err(e)?);
+                let w = w.to_dtype(DType::F32).map_err(unet_err)?;
+                full.insert(name.clone(), Var::from_tensor(&w).map_err(unet_err)?);
             } else if w.rank() >= 2 && lora.targets.iter().any(|t| name.contains(t.as_str())) {
-                let out = w.dim(0).map_err(e)?;
+                let out = w.dim(0).map_err(unet_err)?;
                 let fan_in = w.elem_count() / out;
                 let r = lora.rank;
                 let a: Vec<f32> = (0..r * fan_in)
                     .map(|_| (rng.normal() / r as f64) as f32)
                     .collect();
-                let a = Var::from_tensor(&Tensor::from_vec(a, (r, fan_in), dev).map_err(e)?)
-                    .map_err(e)?;
-                let b = Var::zeros((out, r), DType::F32, dev).map_err(e)?;
+                let a = Var::from_tensor(&Tensor::from_vec(a, (r, fan_in), dev).map_err(unet_err)?)
+                    .map_err(unet_err)?;
+                let b = Var::zeros((out, r), DType::F32, dev).map_err(unet_err)?;
                 adapters.insert(
                     name.clone(),
                     Adapter {
@@ -379,14 +381,14 @@ mod tests {
     }
 }
 
-/// A student's UNet run with gradient checkpointing (see [`crate::train::checkpoint`]), as the
+/// A student's UNet run with gradient checkpointing (see [`crate::models::grad_checkpoint`]), as the
 /// teacher-parameterised denoiser of the student: built anew each step by
 /// [`Student::checkpointed`]; after the loss's backward pass, [`Self::merge_into`] adds the
 /// gradients found inside the checkpointed units.
 pub struct CheckpointedUNet {
     trainable: Arc<UNetSpatioTemporal>,
     frozen: Arc<UNetSpatioTemporal>,
-    ckpt: crate::train::checkpoint::Checkpointing,
+    ckpt: crate::models::grad_checkpoint::Checkpointing,
 }
 
 impl CheckpointedUNet {
@@ -424,23 +426,64 @@ impl crate::diffusion::Denoiser for CheckpointedUNet {
     }
 }
 
+/// The student's denoiser for one training step: its UNet as it is, or run with gradient
+/// checkpointing (see [`Student::for_step`]).
+pub enum StepUNet<'a> {
+    Plain(std::borrow::Cow<'a, UNetSpatioTemporal>),
+    Checkpointed(CheckpointedUNet),
+}
+
+impl StepUNet<'_> {
+    /// Adds the gradients found inside checkpointed units to the loss's `grads` (nothing to add
+    /// without checkpointing).
+    pub fn merge_into(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        match self {
+            StepUNet::Plain(_) => Ok(()),
+            StepUNet::Checkpointed(c) => c.merge_into(grads),
+        }
+    }
+}
+
+impl crate::diffusion::Denoiser for StepUNet<'_> {
+    fn denoise(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        cond: &crate::diffusion::Conditioning,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            StepUNet::Plain(unet) => crate::diffusion::SvdDenoiser { unet }.denoise(x, sigma, cond),
+            StepUNet::Checkpointed(c) => c.denoise(x, sigma, cond),
+        }
+    }
+}
+
 impl Student {
+    /// The student's teacher-parameterised denoiser for one training step, with gradient
+    /// checkpointing or without; after the loss's backward pass, call
+    /// [`StepUNet::merge_into`] on its gradients.
+    pub fn for_step(&self, checkpointing: bool) -> Result<StepUNet<'_>> {
+        Ok(match checkpointing {
+            true => StepUNet::Checkpointed(self.checkpointed()?),
+            false => StepUNet::Plain(self.unet()?),
+        })
+    }
+
     /// The student's UNet with gradient checkpointing: the same function and gradients as
     /// [`Self::unet`] with [`crate::diffusion::SvdDenoiser`], holding one UNet unit's
     /// intermediates at a time instead of all of them, for a second forward pass per unit.
     pub fn checkpointed(&self) -> Result<CheckpointedUNet> {
-        let e = |err: candle_core::Error| Error::Other(format!("student UNet: {err}"));
         let trainable = Arc::new(self.unet()?.into_owned());
         let frozen = UNetSpatioTemporal::new(
             VarBuilder::from_tensors(self.merged()?, trainable.dtype(), &self.device()),
             &trainable.config,
         )
-        .map_err(e)?;
+        .map_err(unet_err)?;
         let vars = self.vars().into_iter().map(|(_, v)| v).collect();
         Ok(CheckpointedUNet {
             trainable,
             frozen: Arc::new(frozen),
-            ckpt: crate::train::checkpoint::Checkpointing::new(vars).map_err(e)?,
+            ckpt: crate::models::grad_checkpoint::Checkpointing::new(vars).map_err(unet_err)?,
         })
     }
 

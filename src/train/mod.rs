@@ -1,7 +1,6 @@
 //! Training utilities shared by the stages: the compute device, AdamW with a state that can be
 //! checkpointed, an EMA of parameters, learning-rate warm-up, and clip batches as tensors.
 
-pub mod checkpoint;
 pub mod lora;
 pub mod losses;
 pub mod optim;

@@ -67,7 +67,10 @@ impl Checkpointing {
     /// Adds the gradients found inside checkpointed units to `grads` (the outer backward
     /// pass's), and clears them.
     pub fn merge_into(&self, grads: &mut GradStore) -> Result<()> {
-        let mut side = self.side.lock().unwrap();
+        let mut side = self
+            .side
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpoint: gradient store poisoned".into()))?;
         for v in self.vars.iter() {
             if let Some(g) = side.remove(&v.as_tensor().id()) {
                 let sum = match grads.get(v.as_tensor()) {
@@ -166,7 +169,10 @@ impl CustomOp3 for CheckpointOp {
         );
         let y = (self.unit)(vx.as_tensor(), ve.as_tensor(), vc.as_tensor(), true)?;
         let grads = (y * grad.detach())?.sum_all()?.backward()?;
-        let mut side = self.state.side.lock().unwrap();
+        let mut side =
+            self.state.side.lock().map_err(|_| {
+                candle_core::Error::Msg("checkpoint: gradient store poisoned".into())
+            })?;
         for v in self.state.vars.iter() {
             if let Some(g) = grads.get(v.as_tensor()) {
                 let id = v.as_tensor().id();
