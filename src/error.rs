@@ -53,6 +53,13 @@ pub enum Error {
         value: f64,
         step: u64,
     },
+    /// A tensor operation failed; candle's error is kept as the source.
+    #[error("{context}: {source}")]
+    Tensor {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
     #[error("{0}")]
     Data(String),
     #[error("{0}")]
@@ -60,6 +67,13 @@ pub enum Error {
 }
 
 impl Error {
+    pub fn candle(context: impl Into<String>, source: candle_core::Error) -> Self {
+        Error::Tensor {
+            context: context.into(),
+            source,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

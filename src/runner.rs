@@ -336,6 +336,8 @@ fn execute_stage(
         .ok_or_else(|| Error::Other(format!("unknown stage kind {}", st.kind)))?;
     let dir = cache_dir(&opts.results, &st.hash);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // A runner killed mid-write leaves its temporary files; this one holds the lease now.
+    crate::util::remove_stale_temps(&dir)?;
     let resumed = stages::checkpoint_step(&dir);
     let attempt = store.begin_attempt(&st.hash, run_id, holder, resumed)?;
     progress.stage_start(&st.name, &st.kind);

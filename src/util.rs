@@ -10,14 +10,43 @@ use std::path::Path;
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).at(dir)?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = temp_path(path);
     {
         let mut f = std::fs::File::create(&tmp).at(&tmp)?;
         f.write_all(bytes).at(&tmp)?;
         f.sync_all().at(&tmp)?;
     }
     std::fs::rename(&tmp, path).at(path)?;
+    Ok(())
+}
+
+/// The temporary file beside `path` that an atomic write fills before its rename:
+/// `.NAME.tmp-PID`.
+pub fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Whether a file name is one of [`temp_path`]'s (left behind by a killed writer).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Remove the temporary files that killed writers left anywhere under `dir` (a stage folder
+/// that the caller holds the lease of, so no live writer owns them).
+pub fn remove_stale_temps(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries {
+        let e = e.at(dir)?;
+        let p = e.path();
+        if e.file_type().at(&p)?.is_dir() {
+            remove_stale_temps(&p)?;
+        } else if e.file_name().to_str().is_some_and(is_temp_name) {
+            std::fs::remove_file(&p).at(&p)?;
+        }
+    }
     Ok(())
 }
 
@@ -93,5 +122,42 @@ pub fn short_value(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+/// A test hook that kills this process with SIGKILL at a named point, as a crash or a
+/// `kill -9` would, so tests can check that every write sequence survives an interruption
+/// between any two of its writes.
+///
+/// `ONESTEP_FAILPOINT=NAME@STAGE:STEP[,...]` fires when stage `STAGE` (`*`: any) reaches point
+/// `NAME` while writing step `STEP` (`*`: any step). With `ONESTEP_FAILPOINT_ONCE=DIR` each
+/// (stage, point, step) fires once: a marker file in `DIR` records that it did, so a rerun
+/// with the same environment gets past it. Unset, this costs one environment lookup.
+pub fn failpoint(name: &str, stage: &str, step: u64) {
+    let Ok(spec) = std::env::var("ONESTEP_FAILPOINT") else {
+        return;
+    };
+    let hit = spec.split(',').any(|f| {
+        let (point, at) = f.trim().split_once('@').unwrap_or((f.trim(), "*:*"));
+        let (s, k) = at.split_once(':').unwrap_or((at, "*"));
+        point == name && (s == "*" || s == stage) && (k == "*" || k == step.to_string())
+    });
+    if !hit {
+        return;
+    }
+    if let Ok(dir) = std::env::var("ONESTEP_FAILPOINT_ONCE") {
+        let marker = Path::new(&dir).join(format!("{stage}-{name}-{step}"));
+        if marker.exists() {
+            return;
+        }
+        let _ = std::fs::create_dir_all(&dir);
+        if std::fs::write(&marker, b"").is_err() {
+            return;
+        }
+    }
+    eprintln!("failpoint {name} (stage {stage}, step {step}): killing the process");
+    // SAFETY: getpid and kill have no preconditions; SIGKILL ends the process here.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
     }
 }

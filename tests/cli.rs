@@ -1541,3 +1541,181 @@ fn gradient_checkpointing_trains_the_same_students() {
         }
     }
 }
+
+/// Every file of every finished stage folder (but the timestamped `done.json`), by path.
+fn cache_files(results: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if p.file_name().is_some_and(|n| n != "done.json") {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(&results.join("cache"), &results.join("cache"), &mut out);
+    out
+}
+
+/// Every metric row but timings: (stage, key, step, value bits).
+fn metric_rows(results: &Path) -> Vec<(String, String, i64, u64)> {
+    let store = Store::open(&results.join("onestep.sqlite")).unwrap();
+    assert_eq!(store.integrity_check().unwrap(), "ok");
+    assert_eq!(
+        count(&store, "SELECT COUNT(*) FROM (SELECT stage_hash, key, step FROM metrics GROUP BY 1, 2, 3 HAVING COUNT(*) > 1)"),
+        0,
+        "duplicated metric rows"
+    );
+    let mut st = store
+        .conn()
+        .prepare("SELECT stage_hash, key, step, value FROM metrics WHERE key NOT LIKE '%seconds%' ORDER BY 1, 2, 3")
+        .unwrap();
+    st.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get::<_, f64>(3)?.to_bits(),
+        ))
+    })
+    .unwrap()
+    .map(|r| r.unwrap())
+    .collect()
+}
+
+/// A finished run of `spec` restarted until it succeeds; how many attempts were killed.
+fn run_until_finished(
+    results: &Path,
+    spec: &Path,
+    env: &[(&str, String)],
+    kill_after: &mut dyn FnMut() -> Option<Duration>,
+) -> usize {
+    use std::os::unix::process::ExitStatusExt;
+    let mut killed = 0;
+    for _ in 0..60 {
+        let mut c = bin();
+        c.args(["--progress", "none", "--results"])
+            .arg(results)
+            .arg("--assets")
+            .arg(assets())
+            .arg("run")
+            .arg(spec)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        if let Some(after) = kill_after() {
+            let t0 = Instant::now();
+            while t0.elapsed() < after && child.try_wait().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = child.kill(); // SIGKILL (no-op if it already ended)
+        }
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            return killed;
+        }
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "the run failed instead of being killed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        killed += 1;
+    }
+    panic!("the run did not finish after 60 restarts");
+}
+
+#[test]
+fn training_chain_killed_between_any_two_checkpoint_writes_resumes_bit_identically() {
+    let spec = fixture("good/resume_chain.toml");
+    let reference = tempfile::tempdir().unwrap();
+    assert_eq!(
+        run_until_finished(reference.path(), &spec, &[], &mut || None),
+        0
+    );
+
+    // Each failpoint kills the process (SIGKILL) once inside a checkpoint: after the metrics
+    // flush, after the state file is written, after its fsync, after the rename; in every
+    // training stage, at first, middle and last steps.
+    let tmp = tempfile::tempdir().unwrap();
+    let points = [
+        "checkpoint.flushed@vae:2",
+        "checkpoint.written@vae:3",
+        "checkpoint.synced@teacher:1",
+        "checkpoint.renamed@teacher:3",
+        "checkpoint.written@student:2",
+        "checkpoint.flushed@student:3",
+        "checkpoint.renamed@acd:1",
+        "checkpoint.synced@acd:2",
+        "checkpoint.written@data:2",
+    ];
+    let env = [
+        ("ONESTEP_FAILPOINT", points.join(",")),
+        (
+            "ONESTEP_FAILPOINT_ONCE",
+            tmp.path().join("fired").display().to_string(),
+        ),
+    ];
+    let results = tmp.path().join("results");
+    let killed = run_until_finished(&results, &spec, &env, &mut || None);
+    assert_eq!(killed, points.len(), "every failpoint fires once");
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("fired")).unwrap().count(),
+        points.len()
+    );
+    let (want, got) = (cache_files(reference.path()), cache_files(&results));
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>(),
+        "the same files (no temporary file left behind)"
+    );
+    for (k, v) in &want {
+        assert!(&got[k] == v, "{k} differs from the uninterrupted run's");
+    }
+    assert_eq!(metric_rows(reference.path()), metric_rows(&results));
+}
+
+#[test]
+fn training_chain_killed_at_random_moments_ends_as_the_uninterrupted_run() {
+    let spec = fixture("good/resume_chain.toml");
+    let reference = tempfile::tempdir().unwrap();
+    assert_eq!(
+        run_until_finished(reference.path(), &spec, &[], &mut || None),
+        0
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    // Kill times from a fixed sequence (xorshift), 0.15 to 2 s after the start: a process
+    // start takes most of that, so kills land in model loading, steps, checkpoints, exports
+    // and the store's writes alike. The seed can be changed to explore other moments.
+    let mut state: u64 = std::env::var("ONESTEP_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    let mut kills = 0;
+    let killed = run_until_finished(tmp.path(), &spec, &[], &mut || {
+        if kills == 12 {
+            return None;
+        }
+        kills += 1;
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        Some(Duration::from_millis(150 + state % 1850))
+    });
+    assert!(killed >= 6, "only {killed} runs were killed before the end");
+    let (want, got) = (cache_files(reference.path()), cache_files(tmp.path()));
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &want {
+        assert!(&got[k] == v, "{k} differs from the uninterrupted run's");
+    }
+    assert_eq!(metric_rows(reference.path()), metric_rows(tmp.path()));
+}

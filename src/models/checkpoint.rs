@@ -123,12 +123,8 @@ pub fn save_component<C: Serialize>(dir: &Path, cfg: &C, varmap: &VarMap) -> Res
         .collect();
     drop(vars);
     save_tensors(&dir.join(WEIGHTS_FILE), &tensors)?;
-    let cfg_path = dir.join(CONFIG_FILE);
-    let tmp = tmp_path(&cfg_path);
     let text = serde_json::to_string_pretty(cfg).map_err(|e| Error::Other(e.to_string()))?;
-    std::fs::write(&tmp, text + "\n").at(&tmp)?;
-    std::fs::rename(&tmp, &cfg_path).at(&cfg_path)?;
-    Ok(())
+    crate::util::atomic_write(&dir.join(CONFIG_FILE), (text + "\n").as_bytes())
 }
 
 /// Writes tensors (moved to the CPU) as safetensors atomically.
@@ -138,17 +134,14 @@ pub fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
         .collect::<candle_core::Result<_>>()
         .map_err(|e| Error::Other(e.to_string()))?;
-    let tmp = tmp_path(path);
+    let tmp = crate::util::temp_path(path);
     candle_core::safetensors::save(&cpu, &tmp)
         .map_err(|e| Error::Other(format!("{}: {e}", tmp.display())))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .at(&tmp)?;
     std::fs::rename(&tmp, path).at(path)?;
     Ok(())
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// The variables of a component folder, loaded (for re-exporting a component unchanged).
@@ -326,7 +319,7 @@ pub fn copy_component(from: &Path, to: &Path) -> Result<()> {
     for entry in std::fs::read_dir(from).at(from)? {
         let entry = entry.at(from)?;
         let name = entry.file_name();
-        if !entry.path().is_file() || name.to_string_lossy().ends_with(".tmp") {
+        if !entry.path().is_file() || crate::util::is_temp_name(&name.to_string_lossy()) {
             continue;
         }
         let (a, b) = (entry.path(), to.join(&name));

@@ -15,6 +15,7 @@ use crate::data::ClipSet;
 use crate::error::{Error, Result};
 use crate::models::{load_component, save_component, AutoencoderKLTemporalDecoder, VaeConfig};
 use crate::train::optim::named_vars;
+use crate::train::state::TrainState;
 use crate::train::{
     ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig,
 };
@@ -192,13 +193,13 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
     }
     let vars = named_vars(&varmap);
     let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
-    let state_dir = ctx.dir.join("train_state");
+    let mut vars = vars;
     let mut start = 0;
-    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
-        crate::models::checkpoint::load_weights(&varmap, &state_dir.join("vae.safetensors"))?;
-        opt.load(&state_dir.join("optimizer.safetensors"), step)?;
-        start = step;
-        ctx.note(&format!("resuming from step {step}"));
+    if let Some(mut state) = ctx.resume(&dev)? {
+        state.restore("vae", &mut vars)?;
+        state.restore("optimizer", &mut opt)?;
+        start = state.finish()?;
+        ctx.note(&format!("resuming from step {start}"));
     }
 
     for step in start..p.steps {
@@ -249,16 +250,10 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
             ctx.metric("psnr_test", step + 1, psnr)?;
         }
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
-            std::fs::create_dir_all(&state_dir).map_err(|e| Error::io(&state_dir, e))?;
-            crate::models::checkpoint::save_tensors(
-                &state_dir.join("vae.safetensors"),
-                &vars
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                    .collect(),
-            )?;
-            opt.save(&state_dir.join("optimizer.safetensors"))?;
-            ctx.save_checkpoint(step + 1, &())?;
+            let state = TrainState::new(step + 1)
+                .with("vae", &vars)
+                .with("optimizer", &opt);
+            ctx.checkpoint(&state)?;
         }
     }
 

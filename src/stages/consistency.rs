@@ -34,13 +34,14 @@ use crate::diffusion::sampler::guided_denoise_sigmas;
 use crate::diffusion::{
     karras_sigmas, ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser,
 };
-use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{load_weights, save_tensors, WEIGHTS_FILE};
+use crate::error::{Error, Result};
+use crate::models::checkpoint::{load_weights, WEIGHTS_FILE};
 use crate::models::{UNetConfig, UNetSpatioTemporal};
 use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
 use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{distance, Distance};
 use crate::train::optim::named_vars;
+use crate::train::state::TrainState;
 use crate::train::{ce, clip_batch, device, random_windows, step_rng, AdamW, AdamWConfig};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -457,25 +458,14 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     ));
     let latents = encode_all(&teacher.vae, &train_set, &dev)?;
 
-    let state_dir = ctx.dir.join("train_state");
+    let (mut vars, mut target_vars) = (vars, target_vars);
     let mut start = 0;
-    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
-        let f = state_dir.join("weights.safetensors");
-        let all = candle_core::safetensors::load(&f, &dev)
-            .map_err(|e| Error::Data(format!("{}: {e}", f.display())))?;
-        let get = |k: &str| {
-            all.get(k)
-                .ok_or_else(|| Error::Data(format!("{}: lacks `{k}`", f.display())))
-        };
-        for (n, v) in &vars {
-            v.set(get(n)?).map_err(ce("resume"))?;
-        }
-        for (n, t) in &target_vars {
-            t.set(get(&format!("target.{n}"))?).map_err(ce("resume"))?;
-        }
-        opt.load(&state_dir.join("optimizer.safetensors"), step)?;
-        start = step;
-        ctx.note(&format!("resuming from step {step}"));
+    if let Some(mut state) = ctx.resume(&dev)? {
+        state.restore("student", &mut vars)?;
+        state.restore("target", &mut target_vars)?;
+        state.restore("optimizer", &mut opt)?;
+        start = state.finish()?;
+        ctx.note(&format!("resuming from step {start}"));
     }
 
     let grid = PairGrid::new(p.sigma_grid(), p.solver_steps);
@@ -535,17 +525,11 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.5}"));
         let done = step + 1 == p.steps;
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
-            std::fs::create_dir_all(&state_dir).at(&state_dir)?;
-            let mut all: HashMap<String, Tensor> = HashMap::new();
-            for (n, v) in &vars {
-                all.insert(n.clone(), v.as_tensor().clone());
-            }
-            for (n, t) in &target_vars {
-                all.insert(format!("target.{n}"), t.as_tensor().clone());
-            }
-            save_tensors(&state_dir.join("weights.safetensors"), &all)?;
-            opt.save(&state_dir.join("optimizer.safetensors"))?;
-            ctx.save_checkpoint(step + 1, &())?;
+            let state = TrainState::new(step + 1)
+                .with("student", &vars)
+                .with("target", &target_vars)
+                .with("optimizer", &opt);
+            ctx.checkpoint(&state)?;
         }
     }
 

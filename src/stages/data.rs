@@ -10,6 +10,7 @@ use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::synthetic::{render_clip, Motion};
 use crate::data::{registry, video, ClipSet, ClipStats};
 use crate::error::{Error, IoContext, Result};
+use crate::train::state::TrainState;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -237,7 +238,7 @@ fn part_path(dir: &Path, step: u64, split: &str) -> PathBuf {
 
 /// Resume point: the checkpointed step, provided every part before it is still there.
 fn resume_step(ctx: &StageContext<'_>, steps: u64) -> Result<u64> {
-    let Some((step, ())) = ctx.load_checkpoint::<()>()? else {
+    let Some(step) = ctx.checkpointed_step()? else {
         return Ok(0);
     };
     let complete = (0..step).all(|s| {
@@ -281,7 +282,7 @@ fn synthetic(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<Vec<SourceRec
         )?;
         ctx.progress(step + 1, steps, &format!("motion={motion:.4}"));
         if (step + 1) % p.checkpoint_every == 0 || step + 1 == steps {
-            ctx.save_checkpoint(step + 1, &())?;
+            ctx.checkpoint(&TrainState::new(step + 1))?;
         }
     }
     Ok(vec![SourceRecord {
@@ -434,7 +435,7 @@ fn real(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<RealOut> {
             &serde_json::to_vec(&records).map_err(|e| Error::Other(e.to_string()))?,
         )?;
         if (step + 1) % p.checkpoint_every == 0 || step + 1 == steps {
-            ctx.save_checkpoint(step + 1, &())?;
+            ctx.checkpoint(&TrainState::new(step + 1))?;
         }
     }
     if records.iter().all(|r| r.frames == 0) {
@@ -547,7 +548,7 @@ fn finish(
     ctx.artifact("manifest.json", "manifest")?;
     ctx.artifact("preview.png", "filmstrip")?;
     std::fs::remove_dir_all(ctx.dir.join("parts")).at(ctx.dir.join("parts"))?;
-    let _ = std::fs::remove_file(ctx.dir.join(super::CHECKPOINT_FILE));
+    ctx.drop_checkpoint()?;
     Ok(())
 }
 

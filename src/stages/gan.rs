@@ -27,8 +27,8 @@ use super::consistency::{
 use super::teacher::{data_fps, encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
-use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{save_tensors, WEIGHTS_FILE};
+use crate::error::{Error, Result};
+use crate::models::checkpoint::WEIGHTS_FILE;
 use crate::models::discriminator::{Backbone, ConvBackbone, DiscInput};
 use crate::models::efficientnet::EfficientNetLite0;
 use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig};
@@ -36,6 +36,7 @@ use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
 use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{approx_r1, d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
 use crate::train::optim::named_vars;
+use crate::train::state::TrainState;
 use crate::train::{ce, device, seeded_varbuilder, step_rng, AdamW, AdamWConfig};
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -358,29 +359,16 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     ctx.note(&format!("encoding {} training clips", train_set.len()));
     let latents = encode_all(&gen_pipe.vae, &train_set, &dev)?;
 
-    let state_dir = ctx.dir.join("train_state");
+    let (mut g_vars, mut t_vars, mut d_vars) = (g_vars, t_vars, d_vars);
     let mut start = 0;
-    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
-        let f = state_dir.join("weights.safetensors");
-        let all = candle_core::safetensors::load(&f, &dev)
-            .map_err(|e| Error::Data(format!("{}: {e}", f.display())))?;
-        let get = |k: &str| {
-            all.get(k)
-                .ok_or_else(|| Error::Data(format!("{}: lacks `{k}`", f.display())))
-        };
-        for (n, v) in &g_vars {
-            v.set(get(&format!("g.{n}"))?).map_err(ce("resume"))?;
-        }
-        for (n, t) in &t_vars {
-            t.set(get(&format!("target.{n}"))?).map_err(ce("resume"))?;
-        }
-        for (n, v) in &d_vars {
-            v.set(get(&format!("d.{n}"))?).map_err(ce("resume"))?;
-        }
-        opt_g.load(&state_dir.join("optimizer_g.safetensors"), step)?;
-        opt_d.load(&state_dir.join("optimizer_d.safetensors"), step)?;
-        start = step;
-        ctx.note(&format!("resuming from step {step}"));
+    if let Some(mut state) = ctx.resume(&dev)? {
+        state.restore("generator", &mut g_vars)?;
+        state.restore("target", &mut t_vars)?;
+        state.restore("discriminator", &mut d_vars)?;
+        state.restore("optimizer_g", &mut opt_g)?;
+        state.restore("optimizer_d", &mut opt_d)?;
+        start = state.finish()?;
+        ctx.note(&format!("resuming from step {start}"));
     }
 
     let m = if p.mode == GanMode::Acd {
@@ -484,21 +472,13 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         ctx.progress(step + 1, p.steps, &format!("loss_g {lg:.4}"));
         let done = step + 1 == p.steps;
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
-            std::fs::create_dir_all(&state_dir).at(&state_dir)?;
-            let mut all: HashMap<String, Tensor> = HashMap::new();
-            for (n, v) in &g_vars {
-                all.insert(format!("g.{n}"), v.as_tensor().clone());
-            }
-            for (n, t) in &t_vars {
-                all.insert(format!("target.{n}"), t.as_tensor().clone());
-            }
-            for (n, v) in &d_vars {
-                all.insert(format!("d.{n}"), v.as_tensor().clone());
-            }
-            save_tensors(&state_dir.join("weights.safetensors"), &all)?;
-            opt_g.save(&state_dir.join("optimizer_g.safetensors"))?;
-            opt_d.save(&state_dir.join("optimizer_d.safetensors"))?;
-            ctx.save_checkpoint(step + 1, &())?;
+            let state = TrainState::new(step + 1)
+                .with("generator", &g_vars)
+                .with("target", &t_vars)
+                .with("discriminator", &d_vars)
+                .with("optimizer_g", &opt_g)
+                .with("optimizer_d", &opt_d);
+            ctx.checkpoint(&state)?;
         }
     }
 

@@ -12,8 +12,9 @@ pub mod fvd;
 pub mod gan;
 pub mod teacher;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::spec::Device;
+use crate::train::state::{TrainState, STATE_FILE};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -116,14 +117,8 @@ pub struct StageContext<'a> {
     pub log: &'a mut dyn StageLog,
 }
 
-/// A stage's checkpoint: the step it reached and the stage's own state.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Checkpoint<T> {
-    step: u64,
-    state: T,
-}
-
-pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+/// The checkpoint of earlier onestep versions (a JSON step record beside `train_state/`).
+const LEGACY_CHECKPOINT: &str = "checkpoint.json";
 
 impl StageContext<'_> {
     pub fn params<T: DeserializeOwned>(&self) -> Result<T> {
@@ -176,29 +171,56 @@ impl StageContext<'_> {
         Ok(())
     }
 
-    /// Save a checkpoint atomically. Metrics logged so far are flushed first, so a resumed
-    /// stage never lacks the metrics of steps before its checkpoint.
-    pub fn save_checkpoint<T: Serialize>(&mut self, step: u64, state: &T) -> Result<()> {
+    /// Save the training state as the stage's checkpoint. Metrics logged so far are flushed
+    /// first, so a resumed stage never lacks the metrics of steps before its checkpoint; the
+    /// state itself replaces the previous checkpoint in one atomic rename
+    /// ([`TrainState::save`]), so a kill at any point leaves one whole checkpoint or the other.
+    pub fn checkpoint(&mut self, state: &TrainState) -> Result<()> {
         self.log.flush()?;
-        let bytes = serde_json::to_vec(&Checkpoint { step, state })
-            .map_err(|e| Error::Other(e.to_string()))?;
-        crate::util::atomic_write(&self.dir.join(CHECKPOINT_FILE), &bytes)
+        let (stage, step) = (self.name.clone(), state.step);
+        crate::util::failpoint("checkpoint.flushed", &stage, step);
+        state.save(&self.dir.join(STATE_FILE), &|point| {
+            crate::util::failpoint(point, &stage, step)
+        })
     }
 
-    /// The last checkpoint, if the stage was interrupted before; a corrupt one is an error.
-    pub fn load_checkpoint<T: DeserializeOwned>(&self) -> Result<Option<(u64, T)>> {
-        let p = self.dir.join(CHECKPOINT_FILE);
+    /// The last checkpoint, if the stage was interrupted before, its tensors on `dev`: the
+    /// stage restores its parts from it ([`TrainState::restore`]) and checks that nothing is
+    /// left ([`TrainState::finish`]). A corrupt checkpoint is an error.
+    pub fn resume(&self, dev: &candle_core::Device) -> Result<Option<TrainState>> {
+        let legacy = self.dir.join(LEGACY_CHECKPOINT);
+        if legacy.exists() {
+            return Err(Error::Data(format!(
+                "{}: a checkpoint written by an older onestep, which this one cannot resume; \
+                 delete {} to restart the stage",
+                legacy.display(),
+                self.dir.display()
+            )));
+        }
+        let p = self.dir.join(STATE_FILE);
         if !p.exists() {
             return Ok(None);
         }
-        let bytes = std::fs::read(&p).at(&p)?;
-        let c: Checkpoint<T> = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Other(format!(
-                "{}: corrupt checkpoint ({e}); delete it to restart the stage",
-                p.display()
-            ))
-        })?;
-        Ok(Some((c.step, c.state)))
+        TrainState::load(&p, dev).map(Some)
+    }
+
+    /// The step of the last checkpoint, if any, without loading it.
+    pub fn checkpointed_step(&self) -> Result<Option<u64>> {
+        let p = self.dir.join(STATE_FILE);
+        if !p.exists() {
+            return Ok(None);
+        }
+        TrainState::step_of(&p).map(Some)
+    }
+
+    /// Remove the checkpoint once the stage's outputs are complete (for stages whose
+    /// checkpoint is only a resume point, not an output).
+    pub fn drop_checkpoint(&self) -> Result<()> {
+        let p = self.dir.join(STATE_FILE);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&p, e)),
+            _ => Ok(()),
+        }
     }
 
     pub fn upstream_of_kind(&self, kind: &str) -> Option<&Upstream> {
@@ -208,9 +230,7 @@ impl StageContext<'_> {
 
 /// Step of the checkpoint in a stage folder, if any (for the runner's bookkeeping).
 pub fn checkpoint_step(dir: &Path) -> Option<u64> {
-    let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v.get("step")?.as_u64()
+    TrainState::step_of(&dir.join(STATE_FILE)).ok()
 }
 
 #[cfg(test)]
@@ -257,18 +277,24 @@ mod tests {
             "{e}"
         );
         assert!(ctx.metric("loss", 12, f64::INFINITY).is_err());
-        assert!(ctx.load_checkpoint::<Vec<u32>>().unwrap().is_none());
-        ctx.save_checkpoint(5, &vec![1u32, 2]).unwrap();
-        assert_eq!(
-            ctx.load_checkpoint::<Vec<u32>>().unwrap(),
-            Some((5, vec![1, 2]))
-        );
+        assert!(ctx.resume(&candle_core::Device::Cpu).unwrap().is_none());
+        ctx.checkpoint(&TrainState::new(5)).unwrap();
+        let st = ctx.resume(&candle_core::Device::Cpu).unwrap().unwrap();
+        assert_eq!(st.finish().unwrap(), 5);
         assert_eq!(checkpoint_step(d.path()), Some(5));
-        std::fs::write(d.path().join(CHECKPOINT_FILE), b"{").unwrap();
+        std::fs::write(d.path().join(STATE_FILE), b"{").unwrap();
         assert!(ctx
-            .load_checkpoint::<Vec<u32>>()
-            .unwrap_err()
+            .resume(&candle_core::Device::Cpu)
+            .err()
+            .unwrap()
             .to_string()
             .contains("corrupt checkpoint"));
+        std::fs::write(d.path().join(LEGACY_CHECKPOINT), b"{}").unwrap();
+        assert!(ctx
+            .resume(&candle_core::Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("older onestep"));
     }
 }

@@ -19,7 +19,7 @@ use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, IoContext, Result};
-use crate::models::checkpoint::{load_weights, load_weights_files, save_tensors, weight_files};
+use crate::models::checkpoint::{load_weights, load_weights_files, weight_files};
 use crate::models::{
     load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder, ImageEncoderConfig,
     UNetConfig, UNetSpatioTemporal,
@@ -28,13 +28,13 @@ use crate::pipeline::{
     is_clip_folder, GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE,
 };
 use crate::train::optim::named_vars;
+use crate::train::state::TrainState;
 use crate::train::{
     ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig, Ema,
 };
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// How the motion bucket id of a training clip is chosen.
@@ -373,31 +373,14 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     let latents = encode_all(&vae, &train_set, &dev)?;
     let buckets = motion_buckets(&train_set, p);
 
-    let state_dir = ctx.dir.join("train_state");
+    let mut vars = vars;
     let mut start = 0;
-    if let Some((step, ())) = ctx.load_checkpoint::<()>()? {
-        let all = candle_core::safetensors::load(state_dir.join("weights.safetensors"), &dev)
-            .map_err(|e| {
-                Error::Data(format!(
-                    "{}: {e}",
-                    state_dir.join("weights.safetensors").display()
-                ))
-            })?;
-        for (n, v) in &vars {
-            let t = all
-                .get(n)
-                .ok_or_else(|| Error::Data(format!("train state lacks `{n}`")))?;
-            v.set(t).map_err(ce("resume"))?;
-        }
-        for (n, s) in ema.shadow.iter_mut() {
-            *s = all
-                .get(&format!("ema.{n}"))
-                .ok_or_else(|| Error::Data(format!("train state lacks `ema.{n}`")))?
-                .clone();
-        }
-        opt.load(&state_dir.join("optimizer.safetensors"), step)?;
-        start = step;
-        ctx.note(&format!("resuming from step {step}"));
+    if let Some(mut state) = ctx.resume(&dev)? {
+        state.restore("model", &mut vars)?;
+        state.restore("ema", &mut ema)?;
+        state.restore("optimizer", &mut opt)?;
+        start = state.finish()?;
+        ctx.note(&format!("resuming from step {start}"));
     }
 
     let den = SvdDenoiser { unet: &unet };
@@ -482,17 +465,11 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
         let done = step + 1 == p.steps;
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
-            std::fs::create_dir_all(&state_dir).at(&state_dir)?;
-            let mut all: HashMap<String, Tensor> = vars
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect();
-            for (n, s) in &ema.shadow {
-                all.insert(format!("ema.{n}"), s.clone());
-            }
-            save_tensors(&state_dir.join("weights.safetensors"), &all)?;
-            opt.save(&state_dir.join("optimizer.safetensors"))?;
-            ctx.save_checkpoint(step + 1, &())?;
+            let state = TrainState::new(step + 1)
+                .with("model", &vars)
+                .with("ema", &ema)
+                .with("optimizer", &opt);
+            ctx.checkpoint(&state)?;
         }
     }
 

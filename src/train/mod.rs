@@ -4,8 +4,10 @@
 pub mod lora;
 pub mod losses;
 pub mod optim;
+pub mod state;
 
 pub use optim::{AdamW, AdamWConfig, Ema};
+pub use state::{Stateful, TrainState};
 
 use crate::data::clips::ClipSet;
 use crate::error::{Error, Result};
@@ -40,9 +42,9 @@ pub fn cuda_compiled() -> bool {
     cfg!(feature = "cuda")
 }
 
-/// Converts a candle error into the library's error with context.
+/// Converts a candle error into the library's error with context (keeping it as the source).
 pub fn ce(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
-    move |e| Error::Other(format!("{context}: {e}"))
+    move |e| Error::candle(context, e)
 }
 
 /// Frames `[start, start + len)` of clips `idx` as a float tensor in [-1, 1]:

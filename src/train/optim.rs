@@ -3,11 +3,8 @@
 //! resumed stage continues exactly; and an exponential moving average of parameters.
 
 use crate::error::{Error, Result};
-use crate::models::checkpoint::save_tensors;
 use candle_core::{backprop::GradStore, Tensor, Var};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -99,36 +96,38 @@ impl AdamW {
         Ok(norm)
     }
 
-    /// Writes the moments (`m.NAME`, `v.NAME`) to a safetensors file.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut t = HashMap::new();
+    /// The moments by name (`m.NAME`, `v.NAME`), for the training state.
+    pub fn moments(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.vars.len());
         for (i, (name, _)) in self.vars.iter().enumerate() {
-            t.insert(format!("m.{name}"), self.m[i].clone());
-            t.insert(format!("v.{name}"), self.v[i].clone());
+            out.push((format!("m.{name}"), self.m[i].clone()));
+            out.push((format!("v.{name}"), self.v[i].clone()));
         }
-        save_tensors(path, &t)
+        out
     }
 
-    /// Restores moments saved by [`AdamW::save`] at optimizer step `step`.
-    pub fn load(&mut self, path: &Path, step: u64) -> Result<()> {
-        let dev = self.vars.first().map(|(_, v)| v.device().clone());
-        let Some(dev) = dev else { return Ok(()) };
-        let t = candle_core::safetensors::load(path, &dev)
-            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    /// Restores the moments (`take(name)` gives each saved one) and the update count.
+    pub fn set_moments(
+        &mut self,
+        take: &mut dyn FnMut(&str) -> Result<Tensor>,
+        step: u64,
+    ) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            let get = |k: String| {
-                t.get(&k)
-                    .filter(|x| x.dims() == var.dims())
-                    .cloned()
-                    .ok_or_else(|| {
-                        Error::Data(format!(
-                            "{}: no moment `{k}` of the right shape",
-                            path.display()
-                        ))
-                    })
-            };
-            self.m[i] = get(format!("m.{name}"))?;
-            self.v[i] = get(format!("v.{name}"))?;
+            for (k, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{k}.{name}");
+                let t = take(&key)?;
+                if t.dims() != var.dims() {
+                    return Err(Error::Data(format!(
+                        "training state: moment `{key}` has shape {:?}, the variable's is {:?}",
+                        t.dims(),
+                        var.dims()
+                    )));
+                }
+                *slot = t
+                    .to_dtype(var.dtype())
+                    .and_then(|t| t.to_device(var.device()))
+                    .map_err(|e| Error::candle(format!("training state: `{key}`"), e))?;
+            }
         }
         self.step = step;
         Ok(())
