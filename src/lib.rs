@@ -7,7 +7,9 @@
 
 pub mod alloc;
 pub mod data;
+pub mod device;
 pub mod diffusion;
+pub mod distill;
 pub mod error;
 pub mod export;
 pub mod metrics;

@@ -57,6 +57,15 @@ pub struct PipelineSettings {
     pub decode_chunk_size: Option<usize>,
 }
 
+impl PipelineSettings {
+    /// Write `onestep.json` into a pipeline folder (atomically).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Other(format!("{}: {e}", dir.join(SETTINGS_FILE).display())))?;
+        crate::util::atomic_write(&dir.join(SETTINGS_FILE), text.as_bytes())
+    }
+}
+
 /// The image encoder of a pipeline: onestep's small CNN (trained with a toy teacher) or SVD's
 /// CLIP vision tower.
 pub enum ImageEmbedder {

@@ -3,8 +3,9 @@
 //! stage identities, the run seed (for seeded kinds) and any external content it reads.
 //! Stages with equal identities are computed once and shared by every run that needs them.
 
+use crate::device::Device;
 use crate::error::Result;
-use crate::spec::{Device, Spec};
+use crate::spec::Spec;
 use crate::stages;
 use crate::util::{canonical_toml, sha256_hex};
 use std::path::{Path, PathBuf};

@@ -1418,8 +1418,8 @@ sampler.steps = 2
 kind = "consistency"
 steps = 1
 batch_clips = 1
-grid = 10
-solver_steps = 1
+grid.points = 10
+grid.solver_steps = 1
 sample_clips = 1
 "#,
             vae = svd.join("vae").display(),

@@ -422,13 +422,13 @@ fn dinov2_matches_transformers_with_interpolated_positions() {
 #[test]
 fn dinov2_discriminator_trains_its_heads_and_upsampler_through_the_frozen_vit() {
     use onestep::models::discriminator::{
-        Backbone, BackboneConfig, Discriminator, DiscriminatorConfig,
+        Backbone, BackboneConfig, BackboneKind, Discriminator, DiscriminatorConfig,
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dinov2");
     let dev = Device::Cpu;
     let cfg = DiscriminatorConfig {
         backbone: BackboneConfig {
-            kind: "dinov2".into(),
+            kind: BackboneKind::Dinov2,
             path: dir.display().to_string(),
             image_size: 16,
             ..Default::default()
@@ -475,7 +475,7 @@ fn dinov2_discriminator_trains_its_heads_and_upsampler_through_the_frozen_vit() 
     // Validation names the missing folder.
     let bad = DiscriminatorConfig {
         backbone: BackboneConfig {
-            kind: "dinov2".into(),
+            kind: BackboneKind::Dinov2,
             ..Default::default()
         },
         ..Default::default()
@@ -487,7 +487,7 @@ fn dinov2_discriminator_trains_its_heads_and_upsampler_through_the_frozen_vit() 
 fn sfv_discriminator_reads_the_frozen_teacher_unet_encoder_with_conditioning() {
     use onestep::diffusion::Conditioning;
     use onestep::models::discriminator::{
-        Backbone, BackboneConfig, DiscInput, Discriminator, DiscriminatorConfig,
+        Backbone, BackboneConfig, BackboneKind, DiscInput, Discriminator, DiscriminatorConfig,
     };
     let dev = Device::Cpu;
     let ucfg = UNetConfig::tiny();
@@ -514,7 +514,7 @@ fn sfv_discriminator_reads_the_frozen_teacher_unet_encoder_with_conditioning() {
     let cfg = DiscriminatorConfig {
         input: DiscInput::Latent,
         backbone: BackboneConfig {
-            kind: "teacher_unet".into(),
+            kind: BackboneKind::TeacherUnet,
             noise_sigma: 0.5,
             ..Default::default()
         },
@@ -565,7 +565,7 @@ fn sfv_discriminator_reads_the_frozen_teacher_unet_encoder_with_conditioning() {
     bad.input = DiscInput::Upsampler;
     assert!(bad.validate().unwrap_err().contains("input = \"latent\""));
     let mut bad = cfg;
-    bad.backbone.kind = "conv".into();
+    bad.backbone.kind = BackboneKind::Conv;
     assert!(bad.validate().unwrap_err().contains("teacher_unet"));
 }
 

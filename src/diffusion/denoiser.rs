@@ -3,8 +3,7 @@
 //! students implement the same trait, so every sampler and metric runs on all of them.
 
 use super::edm::scaling_tensors;
-use crate::models::UNetSpatioTemporal;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// SVD's conditioning of one batch.
 #[derive(Debug, Clone)]
@@ -50,10 +49,40 @@ pub trait Denoiser {
     fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor>;
 }
 
+/// The network inside SVD's preconditioning: diffusers' `UNetSpatioTemporalConditionModel`
+/// call (implemented by [`crate::models::UNetSpatioTemporal`]). A trait, so that the
+/// preconditioning and the samplers do not depend on one concrete network.
+pub trait SvdBackbone {
+    /// The dtype the network computes in (its inputs are cast to it).
+    fn dtype(&self) -> DType;
+    /// # Shapes
+    /// - `sample`: `[b, t, in_channels, h, w]`
+    /// - `timestep`: `[b]` (SVD passes `c_noise = 0.25 ln sigma`)
+    /// - `encoder_hidden_states`: `[b, m, cross_attention_dim]`
+    /// - `added_time_ids`: `[b, 3]`
+    /// - returns `[b, t, out_channels, h, w]`
+    fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Tensor>;
+    /// The encoder's feature maps (every down block, then the mid block), for the SF-V-style
+    /// discriminator.
+    fn encoder_features(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Vec<Tensor>>;
+}
+
 /// The SVD teacher: EDM v-prediction preconditioning around a spatio-temporal UNet, with the
 /// first-frame latent concatenated to every frame's scaled noisy latent.
 pub struct SvdDenoiser<'a> {
-    pub unet: &'a UNetSpatioTemporal,
+    pub unet: &'a dyn SvdBackbone,
 }
 
 impl SvdDenoiser<'_> {
@@ -72,8 +101,8 @@ impl SvdDenoiser<'_> {
         Ok((model_in, c_skip, c_out, c_noise))
     }
 
-    /// The UNet encoder's features of `x` at `sigma` (see
-    /// [`UNetSpatioTemporal::encoder_features`]): the SF-V-style discriminator backbone.
+    /// The UNet encoder's features of `x` at `sigma` (see [`SvdBackbone::encoder_features`]):
+    /// the SF-V-style discriminator backbone.
     pub fn encoder_features(
         &self,
         x: &Tensor,
@@ -98,7 +127,7 @@ impl SvdDenoiser<'_> {
         x: &Tensor,
         sigma: &Tensor,
         cond: &Conditioning,
-        dt: candle_core::DType,
+        dt: DType,
         unet: &dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         // The sampler's state (x, sigma, scalings) stays in its own dtype (f32); only the

@@ -9,6 +9,6 @@ pub mod noise;
 pub mod sampler;
 
 pub use consistency::{ConsistencyDenoiser, ConsistencyParam};
-pub use denoiser::{Conditioning, Denoiser, SvdDenoiser};
+pub use denoiser::{Conditioning, Denoiser, SvdBackbone, SvdDenoiser};
 pub use edm::{EdmLoss, Scalings};
 pub use sampler::{karras_sigmas, sample, SamplerConfig, SamplerMethod};

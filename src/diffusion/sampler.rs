@@ -126,56 +126,99 @@ pub fn karras_sigmas(n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Nfe(pub usize);
 
-/// The guided denoiser `D_w = D_u + w_f (D_c - D_u)` with a per-frame scale `w_f`; with every
-/// scale equal to 1 this is a single conditional evaluation.
-pub fn guided_denoise(
-    den: &dyn Denoiser,
+/// Classifier-free guidance as a denoiser: `D_w = D_u + w_f (D_c - D_u)` with a per-frame
+/// scale `w_f` (SVD's ramp, [`SamplerConfig::guidance`]); the unconditional branch is
+/// [`Conditioning::unconditional`]. Both branches run as one batch of `2b`. With every scale
+/// equal to 1 it is the inner denoiser itself, one conditional evaluation. The one guidance
+/// implementation of the crate: the samplers and the distillation stages' teacher use it.
+pub struct Guided<'a> {
+    pub inner: &'a dyn Denoiser,
+    /// One scale per frame.
+    pub guidance: Vec<f64>,
+}
+
+impl Guided<'_> {
+    /// Whether guidance is off (every scale 1): one evaluation instead of two.
+    pub fn is_identity(&self) -> bool {
+        self.guidance.iter().all(|&g| (g - 1.0).abs() < 1e-12)
+    }
+
+    /// Network evaluations per call, as the papers count NFE.
+    pub fn evaluations(&self) -> usize {
+        if self.is_identity() {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+impl Denoiser for Guided<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        if self.is_identity() {
+            return self.inner.denoise(x, sigma, cond);
+        }
+        let (b, t, _, _, _) = x.dims5()?;
+        if self.guidance.len() != t {
+            candle_core::bail!("guidance has {} scales for {t} frames", self.guidance.len());
+        }
+        let both = cond.with_unconditional()?;
+        let xx = Tensor::cat(&[x, x], 0)?;
+        let ss = Tensor::cat(&[sigma, sigma], 0)?;
+        let d = self.inner.denoise(&xx, &ss, &both)?;
+        let du = d.narrow(0, 0, b)?;
+        let dc = d.narrow(0, b, b)?;
+        let w: Vec<f32> = self.guidance.iter().map(|&g| g as f32).collect();
+        let w = Tensor::from_vec(w, (1, t, 1, 1, 1), x.device())?;
+        du.broadcast_add(&(dc - &du)?.broadcast_mul(&w)?)
+    }
+}
+
+/// `den` at one sigma for the whole batch, counting evaluations in `nfe`.
+fn denoise_at(
+    den: &Guided<'_>,
     x: &Tensor,
     sigma: f64,
     cond: &Conditioning,
-    guidance: &[f64],
     nfe: &mut Nfe,
 ) -> Result<Tensor> {
-    let (b, t, _, _, _) = x.dims5()?;
-    let dev = x.device();
-    if guidance.iter().all(|&g| (g - 1.0).abs() < 1e-12) {
-        nfe.0 += 1;
-        let s = Tensor::full(sigma as f32, b, dev)?;
-        return den.denoise(x, &s, cond);
-    }
-    nfe.0 += 2;
-    let both = cond.with_unconditional()?;
-    let xx = Tensor::cat(&[x, x], 0)?;
-    let s = Tensor::full(sigma as f32, 2 * b, dev)?;
-    let d = den.denoise(&xx, &s, &both)?;
-    let du = d.narrow(0, 0, b)?;
-    let dc = d.narrow(0, b, b)?;
-    let w: Vec<f32> = guidance.iter().map(|&g| g as f32).collect();
-    let w = Tensor::from_vec(w, (1, t, 1, 1, 1), dev)?;
-    du.broadcast_add(&(dc - &du)?.broadcast_mul(&w)?)
+    nfe.0 += den.evaluations();
+    let s = Tensor::full(sigma as f32, x.dim(0)?, x.device())?;
+    den.denoise(x, &s, cond)
 }
 
-/// [`guided_denoise`] with one sigma per sample (`[b]`), as training stages need.
-pub fn guided_denoise_sigmas(
+/// One Euler step of the probability-flow ODE `dx/dsigma = (x - D(x; sigma)) / sigma` from
+/// `sigma` to `sigma_next` given the denoised `d` (Karras et al. 2022, Algorithm 1 line 5).
+/// The sigmas are scalars or one per sample (`[b]`).
+pub fn euler_update(x: &Tensor, d: &Tensor, sigma: &Tensor, sigma_next: &Tensor) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let shape = |s: &Tensor| -> Result<Tensor> {
+        if s.rank() == 0 {
+            Ok(s.clone())
+        } else {
+            s.reshape((b, 1, 1, 1, 1))
+        }
+    };
+    let (s, sn) = (shape(sigma)?, shape(sigma_next)?);
+    let deriv = (x - d)?.broadcast_div(&s)?;
+    x + deriv.broadcast_mul(&(sn - &s)?)?
+}
+
+/// Euler steps of `den` from `sigmas[0]` through `sigmas[1..]`, one schedule per sample
+/// (`sigmas[k]` is `[b]`), without gradient: the teacher's ODE solve of consistency
+/// distillation (`m` steps down the training grid).
+pub fn euler_solve(
     den: &dyn Denoiser,
     x: &Tensor,
-    sigma: &Tensor,
+    sigmas: &[Tensor],
     cond: &Conditioning,
-    guidance: &[f64],
 ) -> Result<Tensor> {
-    let (b, t, _, _, _) = x.dims5()?;
-    if guidance.iter().all(|&g| (g - 1.0).abs() < 1e-12) {
-        return den.denoise(x, sigma, cond);
+    let mut x = x.detach();
+    for w in sigmas.windows(2) {
+        let d = den.denoise(&x, &w[0], cond)?.detach();
+        x = euler_update(&x, &d, &w[0], &w[1])?.detach();
     }
-    let both = cond.with_unconditional()?;
-    let xx = Tensor::cat(&[x, x], 0)?;
-    let ss = Tensor::cat(&[sigma, sigma], 0)?;
-    let d = den.denoise(&xx, &ss, &both)?;
-    let du = d.narrow(0, 0, b)?;
-    let dc = d.narrow(0, b, b)?;
-    let w: Vec<f32> = guidance.iter().map(|&g| g as f32).collect();
-    let w = Tensor::from_vec(w, (1, t, 1, 1, 1), x.device())?;
-    du.broadcast_add(&(dc - &du)?.broadcast_mul(&w)?)
+    Ok(x)
 }
 
 /// Samples from noise `noise` (standard normal, `[b, t, c, h, w]`): starts at
@@ -194,14 +237,17 @@ pub fn sample(
     cfg.validate().map_err(candle_core::Error::Msg)?;
     let (_, t, _, _, _) = noise.dims5()?;
     let sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho);
-    let guidance = cfg.guidance(t);
+    let den = Guided {
+        inner: den,
+        guidance: cfg.guidance(t),
+    };
     let mut nfe = Nfe::default();
     let mut x = (noise * sigmas[0])?;
     match cfg.method {
         SamplerMethod::Consistency => {
             let mut x0 = x.clone();
             for i in 0..cfg.steps {
-                x0 = guided_denoise(den, &x, sigmas[i], cond, &guidance, &mut nfe)?.detach();
+                x0 = denoise_at(&den, &x, sigmas[i], cond, &mut nfe)?.detach();
                 if i + 1 < cfg.steps {
                     let s = (sigmas[i + 1].powi(2) - cfg.sigma_min.powi(2))
                         .max(0.0)
@@ -215,11 +261,11 @@ pub fn sample(
         SamplerMethod::TimeTravel => {
             let s0 = cfg.sigma_max;
             let s1 = cfg.travel_sigma.unwrap_or(1.0);
-            let f = guided_denoise(den, &x, s0, cond, &guidance, &mut nfe)?.detach();
+            let f = denoise_at(&den, &x, s0, cond, &mut nfe)?.detach();
             on_step(1, 2);
             let eps_hat = ((&x - &f)? / s0)?;
             let x1 = (&f + ((fresh_noise()? + eps_hat)? * (s1 / 2.0))?)?;
-            let out = guided_denoise(den, &x1, s1, cond, &guidance, &mut nfe)?.detach();
+            let out = denoise_at(&den, &x1, s1, cond, &mut nfe)?.detach();
             on_step(2, 2);
             return Ok((out, nfe.0));
         }
@@ -227,15 +273,19 @@ pub fn sample(
     }
     for i in 0..cfg.steps {
         let (s, s_next) = (sigmas[i], sigmas[i + 1]);
-        let d = guided_denoise(den, &x, s, cond, &guidance, &mut nfe)?;
-        let deriv = ((&x - d)? / s)?;
-        let dt = s_next - s;
-        let x_euler = (&x + (&deriv * dt)?)?;
+        let d = denoise_at(&den, &x, s, cond, &mut nfe)?;
+        let (st, snt) = (
+            Tensor::new(s as f32, x.device())?,
+            Tensor::new(s_next as f32, x.device())?,
+        );
+        let x_euler = euler_update(&x, &d, &st, &snt)?;
         x = match cfg.method {
             SamplerMethod::Heun if s_next > 0.0 => {
-                let d2 = guided_denoise(den, &x_euler, s_next, cond, &guidance, &mut nfe)?;
+                // Heun's correction: the mean of the slopes at both ends.
+                let d2 = denoise_at(&den, &x_euler, s_next, cond, &mut nfe)?;
+                let deriv = ((&x - d)? / s)?;
                 let deriv2 = ((&x_euler - d2)? / s_next)?;
-                (&x + ((deriv + deriv2)? * (dt / 2.0))?)?
+                (&x + ((deriv + deriv2)? * ((s_next - s) / 2.0))?)?
             }
             _ => x_euler,
         }

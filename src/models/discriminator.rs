@@ -51,12 +51,25 @@ pub enum HeadKinds {
     Both,
 }
 
+/// The discriminator's feature network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackboneKind {
+    /// Strided convolution stages, randomly initialised (frozen or trained).
+    Conv,
+    /// The pretrained ImageNet EfficientNet-Lite0, frozen.
+    #[serde(rename = "efficientnet_lite0")]
+    EfficientNetLite0,
+    /// A pretrained DINOv2 ViT from `path`, frozen (the paper's backbone).
+    Dinov2,
+    /// The frozen teacher UNet's encoder on noised latents (SF-V).
+    TeacherUnet,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackboneConfig {
-    /// `"conv"` (strided convolution stages, randomly initialised), `"efficientnet_lite0"`
-    /// (pretrained, frozen) or `"dinov2"` (pretrained, frozen, from `path`).
-    pub kind: String,
+    pub kind: BackboneKind,
     /// `dinov2`: the model folder (`config.json` + `model.safetensors`, Hugging Face layout).
     /// (Keys added after the first release are left out of the resolved spec while at their
     /// defaults, so existing stages keep their identity and cache.)
@@ -86,7 +99,7 @@ fn is_default_noise_sigma(v: &f64) -> bool {
 impl Default for BackboneConfig {
     fn default() -> Self {
         Self {
-            kind: "conv".into(),
+            kind: BackboneKind::Conv,
             path: String::new(),
             image_size: 224,
             noise_sigma: 1.0,
@@ -127,14 +140,14 @@ impl DiscriminatorConfig {
     /// Channels of each backbone layer (`dinov2` reads them from the model's `config.json`;
     /// `teacher_unet`'s depend on the teacher and are known only when it is loaded: `None`).
     pub fn layer_channels(&self) -> std::result::Result<Option<Vec<usize>>, String> {
-        Ok(Some(match self.backbone.kind.as_str() {
-            "teacher_unet" => return Ok(None),
-            "efficientnet_lite0" => super::efficientnet::block_channels(),
-            "dinov2" => {
+        Ok(Some(match self.backbone.kind {
+            BackboneKind::TeacherUnet => return Ok(None),
+            BackboneKind::EfficientNetLite0 => super::efficientnet::block_channels(),
+            BackboneKind::Dinov2 => {
                 let c = self.dinov2_config()?;
                 vec![c.hidden_size; c.num_hidden_layers]
             }
-            _ => self.backbone.channels.clone(),
+            BackboneKind::Conv => self.backbone.channels.clone(),
         }))
     }
 
@@ -151,13 +164,13 @@ impl DiscriminatorConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        match self.backbone.kind.as_str() {
-            "conv" => {
+        match self.backbone.kind {
+            BackboneKind::Conv => {
                 if self.backbone.channels.is_empty() {
                     return Err("backbone.channels is empty".into());
                 }
             }
-            "efficientnet_lite0" => {
+            BackboneKind::EfficientNetLite0 => {
                 if self.backbone.trainable {
                     return Err(
                         "backbone.trainable = true: the pretrained EfficientNet-Lite0 is frozen"
@@ -165,7 +178,7 @@ impl DiscriminatorConfig {
                     );
                 }
             }
-            "dinov2" => {
+            BackboneKind::Dinov2 => {
                 if self.backbone.trainable {
                     return Err("backbone.trainable = true: the pretrained DINOv2 is frozen".into());
                 }
@@ -178,29 +191,27 @@ impl DiscriminatorConfig {
                     ));
                 }
             }
-            "teacher_unet" => {
+            BackboneKind::TeacherUnet => {
                 if self.backbone.trainable {
-                    return Err("backbone.trainable = true: the teacher's UNet encoder is frozen".into());
+                    return Err(
+                        "backbone.trainable = true: the teacher's UNet encoder is frozen".into(),
+                    );
                 }
                 if self.input != DiscInput::Latent {
                     return Err(
-                        "backbone.kind = \"teacher_unet\" sees latents: set input = \"latent\"".into(),
+                        "backbone.kind = \"teacher_unet\" sees latents: set input = \"latent\""
+                            .into(),
                     );
                 }
                 if !(self.backbone.noise_sigma >= 0.0 && self.backbone.noise_sigma.is_finite()) {
                     return Err("backbone.noise_sigma must be a finite sigma >= 0".into());
                 }
             }
-            k => {
-                return Err(format!(
-                    "backbone.kind = \"{k}\": expected \"conv\", \"efficientnet_lite0\", \"dinov2\" or \"teacher_unet\""
-                ))
-            }
         }
         if self.feature_layers.is_empty() {
             return Err("feature_layers is empty: no head would see anything".into());
         }
-        if self.input == DiscInput::Latent && self.backbone.kind != "teacher_unet" {
+        if self.input == DiscInput::Latent && self.backbone.kind != BackboneKind::TeacherUnet {
             return Err("input = \"latent\" needs backbone.kind = \"teacher_unet\"".into());
         }
         if let Some(chans) = self.layer_channels()? {
@@ -455,7 +466,7 @@ impl Discriminator {
                 })?;
                 let x = (z + (noise * *sigma)?)?;
                 let s = Tensor::full(sigma.max(1e-3) as f32, b, z.device())?;
-                SvdDenoiser { unet }.encoder_features(&x, &s, cond)?
+                SvdDenoiser { unet: &**unet }.encoder_features(&x, &s, cond)?
             }
             _ => self.backbone.features(&self.images(z, vae)?)?,
         };

@@ -582,3 +582,39 @@ struct Encoded {
     /// The output of every down block and of the mid block.
     blocks: Vec<Tensor>,
 }
+
+impl crate::diffusion::SvdBackbone for UNetSpatioTemporal {
+    fn dtype(&self) -> DType {
+        UNetSpatioTemporal::dtype(self)
+    }
+    fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        UNetSpatioTemporal::forward(
+            self,
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_time_ids,
+        )
+    }
+    fn encoder_features(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added_time_ids: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        UNetSpatioTemporal::encoder_features(
+            self,
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_time_ids,
+        )
+    }
+}

@@ -140,23 +140,10 @@ impl StageKind for AutoencoderStage {
     }
 }
 
-/// Loads the train and test clip sets of the nearest upstream `data` stage.
-pub fn upstream_clips(ctx: &StageContext<'_>) -> Result<(ClipSet, ClipSet)> {
-    let up = ctx.upstream_of_kind("data").ok_or_else(|| {
-        Error::Other(format!(
-            "stage `{}` needs a `data` stage before it (add one, or set `after`)",
-            ctx.name
-        ))
-    })?;
-    Ok((
-        ClipSet::load(&up.dir.join("train.safetensors"))?,
-        ClipSet::load(&up.dir.join("test.safetensors"))?,
-    ))
-}
-
 fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
     let dev = device(ctx.device)?;
-    let (train_set, test_set) = upstream_clips(ctx)?;
+    let data = ctx.data()?;
+    let (train_set, test_set) = (&data.train, &data.test);
     if train_set.is_empty() {
         return Err(Error::Data("the training clip set is empty".into()));
     }

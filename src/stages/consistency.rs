@@ -6,8 +6,8 @@
 //! x`, see [`crate::diffusion::consistency`]). Each step, per sample:
 //!
 //! 1. an index `n` is drawn uniformly from `0..N-m` on an ascending discrete Karras grid of `N`
-//!    sigmas (`sigma_min .. sigma_max`, exponent `rho`); `t_n = sigma_n`, `t_{n+m} =
-//!    sigma_{n+m}`;
+//!    sigmas (the `grid` table: `points` N, `solver_steps` m, `sigma_min .. sigma_max`,
+//!    exponent `rho`; [`crate::distill::GridConfig`]); `t_n = sigma_n`, `t_{n+m} = sigma_{n+m}`;
 //! 2. `x_{n+m} = x0 + t_{n+m} z` from a clean latent clip `x0` and fresh noise `z`;
 //! 3. the frozen teacher solves the probability-flow ODE from `t_{n+m}` down to `t_n` with `m`
 //!    Euler steps on the grid, with classifier-free guidance rising across frames from
@@ -28,34 +28,26 @@
 //! 1-step consistency sampler. Metrics: `loss`, `grad_norm`, `sigma` (mean `t_{n+m}`) per
 //! step; the preview metrics of the teacher stage at the end.
 
-use super::teacher::{data_fps, encode_all, write_samples};
+use super::teacher::{encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
-use crate::diffusion::sampler::guided_denoise_sigmas;
-use crate::diffusion::{
-    karras_sigmas, ConsistencyParam, Denoiser, SamplerConfig, SamplerMethod, SvdDenoiser,
+use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
+use crate::distill::{
+    check_loss, ema_update, export_student, moved_grid_keys, student_sampler,
+    student_sampler_default, teacher_solve, unet_from, Batch, BatchSource, GridConfig, PairGrid,
+    Weighting,
 };
 use crate::error::{Error, Result};
-use crate::models::checkpoint::{load_weights, WEIGHTS_FILE};
-use crate::models::{UNetConfig, UNetSpatioTemporal};
-use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::models::checkpoint::WEIGHTS_FILE;
+use crate::models::UNetConfig;
+use crate::pipeline::{PipelineSettings, VideoPipeline};
 use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{distance, Distance};
 use crate::train::optim::named_vars;
 use crate::train::state::TrainState;
-use crate::train::{ce, clip_batch, device, random_windows, step_rng, AdamW, AdamWConfig};
-use candle_core::{DType, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use crate::train::{ce, device, step_rng, AdamW, AdamWConfig};
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Weighting {
-    /// iCT: `1 / (t_{n+m} - t_n)`, normalised to mean 1 over the grid.
-    Ict,
-    Uniform,
-}
 
 /// Parameters of the `consistency` stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,13 +62,8 @@ pub struct ConsistencyParams {
     pub optimizer: AdamWConfig,
     /// Decay of the EMA target network (AnimateLCM: 0.95).
     pub ema_decay: f64,
-    /// Points of the discrete Karras grid (the paper samples from 100).
-    pub grid: usize,
-    /// Teacher ODE steps between the two points, m (paper: 5 best, 1 in its ablation).
-    pub solver_steps: usize,
-    pub sigma_min: f64,
-    pub sigma_max: f64,
-    pub rho: f64,
+    /// The training grid and the teacher's solver steps m between a pair's points.
+    pub grid: GridConfig,
     /// Teacher guidance at the first and last frame.
     pub min_guidance: f64,
     pub max_guidance: f64,
@@ -114,11 +101,7 @@ impl Default for ConsistencyParams {
                 ..Default::default()
             },
             ema_decay: 0.95,
-            grid: 100,
-            solver_steps: 5,
-            sigma_min: 0.002,
-            sigma_max: 700.0,
-            rho: 7.0,
+            grid: GridConfig::default(),
             min_guidance: 1.0,
             max_guidance: 3.0,
             distance: Distance::Huber,
@@ -134,80 +117,15 @@ impl Default for ConsistencyParams {
     }
 }
 
-/// The student samplers' defaults: 1-step consistency sampling without guidance.
-pub fn student_sampler_default() -> SamplerConfig {
-    SamplerConfig {
-        method: SamplerMethod::Consistency,
-        steps: 1,
-        min_guidance: 1.0,
-        max_guidance: 1.0,
-        ..Default::default()
-    }
-}
-
-/// Deserialize a (possibly partial) sampler table over [`student_sampler_default`], so that
-/// `sampler.method = "time_travel"` alone does not inherit the teacher's 25 steps and CFG.
-pub fn student_sampler<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<SamplerConfig, D::Error> {
-    use serde::de::Error as _;
-    let given = toml::Value::deserialize(d)?;
-    let mut base = toml::Value::try_from(student_sampler_default()).map_err(D::Error::custom)?;
-    match (&mut base, given) {
-        (toml::Value::Table(b), toml::Value::Table(g)) => {
-            for (k, v) in g {
-                b.insert(k, v);
-            }
-        }
-        (_, other) => {
-            return Err(D::Error::custom(format!(
-                "sampler must be a table, got {other}"
-            )))
-        }
-    }
-    base.try_into().map_err(D::Error::custom)
-}
-
 impl ConsistencyParams {
     fn check(&self) -> std::result::Result<(), ParamError> {
-        let bad = |path: &str, message: String| ParamError {
-            path: path.into(),
-            message,
-        };
-        if self.grid < 2 {
-            return Err(bad("grid", "needs at least 2 points".into()));
-        }
-        if self.solver_steps == 0 || self.solver_steps >= self.grid {
-            return Err(bad(
-                "solver_steps",
-                format!(
-                    "must be in 1..{} (the grid has {} points)",
-                    self.grid, self.grid
-                ),
-            ));
-        }
-        if !(self.sigma_min > 0.0 && self.sigma_max > self.sigma_min) {
-            return Err(bad("sigma_min", "need 0 < sigma_min < sigma_max".into()));
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(bad("ema_decay", "must be in [0, 1)".into()));
-        }
-        if self.batch_clips == 0 {
-            return Err(bad("batch_clips", "must be at least 1".into()));
-        }
-        if self.huber_c <= 0.0 {
-            return Err(bad("huber_c", "must be positive".into()));
-        }
-        self.sampler.validate().map_err(|m| bad("sampler", m))?;
+        let bad = |(path, message): (String, String)| ParamError { path, message };
+        self.grid.check(true).map_err(bad)?;
+        check_loss(self.huber_c, self.ema_decay, self.batch_clips).map_err(bad)?;
+        self.sampler
+            .validate()
+            .map_err(|m| bad(("sampler".into(), m)))?;
         Ok(())
-    }
-
-    /// Ascending Karras grid `sigma_min .. sigma_max` of `grid` points.
-    pub fn sigma_grid(&self) -> Vec<f64> {
-        let mut g = karras_sigmas(self.grid, self.sigma_min, self.sigma_max, self.rho);
-        g.pop();
-        g.reverse();
-        g
     }
 }
 
@@ -224,6 +142,7 @@ impl StageKind for ConsistencyStage {
         true
     }
     fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
+        moved_grid_keys(&params).map_err(|(path, message)| ParamError { path, message })?;
         let (p, v) = resolve_typed::<ConsistencyParams>(params)?;
         p.check()?;
         Ok(v)
@@ -234,202 +153,18 @@ impl StageKind for ConsistencyStage {
     }
 }
 
-/// The model folder of the teacher: the named upstream stage, or the nearest one with a model.
-pub(crate) fn teacher_dir(ctx: &StageContext<'_>, name: Option<&str>) -> Result<PathBuf> {
-    model_dir(ctx, name, "a teacher: put a `teacher` stage before it")
-}
-
-/// The model folder of a named upstream stage, or of the nearest one that wrote one; `needs`
-/// completes "stage X needs ..." in the error.
-pub(crate) fn model_dir(
-    ctx: &StageContext<'_>,
-    name: Option<&str>,
-    needs: &str,
-) -> Result<PathBuf> {
-    let found = match name {
-        Some(n) => ctx.upstream.iter().find(|u| u.name == n),
-        None => ctx
-            .upstream
-            .iter()
-            .rev()
-            .find(|u| u.dir.join(SETTINGS_FILE).is_file()),
-    };
-    match found {
-        Some(u) if u.dir.join(SETTINGS_FILE).is_file() => Ok(u.dir.clone()),
-        Some(u) => Err(Error::Other(format!(
-            "stage `{}`: stage `{}` ({}) wrote no model folder to distil",
-            ctx.name, u.name, u.kind
-        ))),
-        None => Err(Error::Other(format!(
-            "stage `{}` needs {needs}{}",
-            ctx.name,
-            name.map(|n| format!(" (no stage `{n}` upstream)"))
-                .unwrap_or_default()
-        ))),
-    }
-}
-
-/// The ascending sigma grid with the pair spacing `m` that both distillation stages draw from:
-/// per sample an index `n` in `0..len - m`, the pair `(grid[n], grid[n + m])`.
-pub(crate) struct PairGrid {
-    pub sigmas: Vec<f64>,
-    pub m: usize,
-    /// Mean of `1 / (grid[n + m] - grid[n])`, iCT's weighting normaliser (1 when `m = 0`).
-    mean_inv_gap: f64,
-}
-
-impl PairGrid {
-    pub fn new(sigmas: Vec<f64>, m: usize) -> Self {
-        let top = sigmas.len() - m;
-        let mean_inv_gap = if m == 0 {
-            1.0
-        } else {
-            (0..top)
-                .map(|n| 1.0 / (sigmas[n + m] - sigmas[n]))
-                .sum::<f64>()
-                / top as f64
-        };
-        Self {
-            sigmas,
-            m,
-            mean_inv_gap,
-        }
-    }
-
-    /// One index per sample, uniform over `0..len - m`.
-    pub fn draw(&self, rng: &mut crate::diffusion::noise::NormalRng, b: usize) -> Vec<usize> {
-        let top = self.sigmas.len() - self.m;
-        (0..b)
-            .map(|_| ((rng.uniform() * top as f64) as usize).min(top - 1))
-            .collect()
-    }
-
-    /// `grid[n + k]` per sample, `[b]`.
-    pub fn at(
-        &self,
-        ns: &[usize],
-        k: usize,
-        dev: &candle_core::Device,
-    ) -> candle_core::Result<Tensor> {
-        let v: Vec<f32> = ns.iter().map(|&n| self.sigmas[n + k] as f32).collect();
-        Tensor::from_vec(v, ns.len(), dev)
-    }
-
-    /// `lambda(t_n)` per sample, `[b]`.
-    pub fn lambda(
-        &self,
-        ns: &[usize],
-        weighting: Weighting,
-        dev: &candle_core::Device,
-    ) -> candle_core::Result<Tensor> {
-        let m = self.m;
-        let v: Vec<f32> = ns
-            .iter()
-            .map(|&n| match weighting {
-                Weighting::Ict => {
-                    (1.0 / (self.sigmas[n + m] - self.sigmas[n]) / self.mean_inv_gap) as f32
-                }
-                Weighting::Uniform => 1.0,
-            })
-            .collect();
-        Tensor::from_vec(v, ns.len(), dev)
-    }
-}
-
-/// `m` guided Euler steps of the teacher's probability-flow ODE from `grid[n + m]` down to
-/// `grid[n]` (one `n` per sample), without gradient.
-pub(crate) fn teacher_solve(
-    teacher: &dyn Denoiser,
-    x_hi: &Tensor,
-    ns: &[usize],
-    grid: &PairGrid,
-    cond: &crate::diffusion::Conditioning,
-    guidance: &[f64],
-) -> candle_core::Result<Tensor> {
-    let b = ns.len();
-    let dev = x_hi.device();
-    let mut x = x_hi.detach();
-    for k in (0..grid.m).rev() {
-        let (sk, sn) = (grid.at(ns, k + 1, dev)?, grid.at(ns, k, dev)?);
-        let d = guided_denoise_sigmas(teacher, &x, &sk, cond, guidance)?.detach();
-        let (sk, sn) = (sk.reshape((b, 1, 1, 1, 1))?, sn.reshape((b, 1, 1, 1, 1))?);
-        let deriv = (&x - d)?.broadcast_div(&sk)?;
-        x = (&x + deriv.broadcast_mul(&(sn - &sk)?)?)?.detach();
-    }
-    Ok(x)
-}
-
-/// One training batch: clean latent windows `[b, t, c, h, w]` and the teacher's conditioning of
-/// their first frames (the model's noise augmentation, fps and motion bucket).
-pub(crate) struct Batch {
-    pub x0: Tensor,
-    pub cond: crate::diffusion::Conditioning,
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn make_batch(
-    rng: &mut crate::diffusion::noise::NormalRng,
-    teacher: &VideoPipeline,
-    set: &crate::data::ClipSet,
-    latents: &[Tensor],
-    frames: usize,
-    b: usize,
-    fps: f64,
-    dev: &candle_core::Device,
-) -> candle_core::Result<Batch> {
-    let (idx, starts) = random_windows(rng, set.len(), set.frames, frames, b);
-    let x0 = Tensor::stack(
-        &idx.iter()
-            .zip(&starts)
-            .map(|(&i, &st)| latents[i].narrow(0, st, frames))
-            .collect::<candle_core::Result<Vec<_>>>()?,
-        0,
-    )?;
-    let (h, w) = (set.height, set.width);
-    let first = clip_batch(set, &idx, &starts, 1, dev)?.reshape((b, 3, h, w))?;
-    let aug = rng.tensor(&[b, 3, h, w], dev)?;
-    let s = &teacher.settings;
-    let cond = teacher.conditioning(&first, &aug, s.noise_aug_strength, fps, s.motion_bucket_id)?;
-    Ok(Batch { x0, cond })
-}
-
-/// `target <- decay target + (1 - decay) student`, by name.
-pub(crate) fn ema_update(
-    target: &HashMap<String, Var>,
-    student: &HashMap<String, Tensor>,
-    decay: f64,
-) -> candle_core::Result<()> {
-    for (n, t) in target {
-        let s = student
-            .get(n)
-            .ok_or_else(|| candle_core::Error::Msg(format!("EMA: student lacks `{n}`")))?;
-        let upd = ((t.as_tensor() * decay)? + (s * (1.0 - decay))?)?;
-        t.set(&upd.detach())?;
-    }
-    Ok(())
-}
-
-/// A UNet with its own variables, initialised from the teacher folder's weights.
-pub(crate) fn unet_from(
-    dir: &Path,
-    cfg: &UNetConfig,
-    dev: &candle_core::Device,
-) -> Result<(VarMap, UNetSpatioTemporal)> {
-    let vm = VarMap::new();
-    let unet = UNetSpatioTemporal::new(VarBuilder::from_varmap(&vm, DType::F32, dev), cfg)
-        .map_err(ce("student UNet"))?;
-    load_weights(&vm, &dir.join("unet").join(WEIGHTS_FILE))?;
-    Ok((vm, unet))
-}
-
 fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     let dev = device(ctx.device)?;
-    let tdir = teacher_dir(ctx, p.teacher.as_deref())?;
+    let tdir = ctx.model_dir(
+        p.teacher.as_deref(),
+        "a teacher: put a `teacher` stage before it",
+    )?;
     let teacher = VideoPipeline::load(&tdir, &dev)?;
     if teacher.settings.consistency.is_some() {
         ctx.note("the teacher folder is itself a consistency student; distilling it anyway");
     }
-    let (train_set, test_set) = super::autoencoder::upstream_clips(ctx)?;
+    let data = ctx.data()?;
+    let (train_set, test_set) = (&data.train, &data.test);
     if train_set.is_empty() {
         return Err(Error::Data("the training clip set is empty".into()));
     }
@@ -450,13 +185,19 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     let vars = student.vars();
     let target_vars: HashMap<String, Var> = named_vars(&target_map).into_iter().collect();
     let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
-    let fps = data_fps(ctx).unwrap_or(teacher.settings.fps);
+    let fps = data.fps();
 
     ctx.note(&format!(
         "encoding {} training clips with the teacher's VAE",
         train_set.len()
     ));
-    let latents = encode_all(&teacher.vae, &train_set, &dev)?;
+    let latents = encode_all(&teacher.vae, train_set, &dev)?;
+    let source = BatchSource {
+        set: train_set,
+        latents: &latents,
+        frames,
+        fps,
+    };
 
     let (mut vars, mut target_vars) = (vars, target_vars);
     let mut start = 0;
@@ -468,7 +209,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         ctx.note(&format!("resuming from step {start}"));
     }
 
-    let grid = PairGrid::new(p.sigma_grid(), p.solver_steps);
+    let grid = PairGrid::new(p.grid.sigmas(), p.grid.solver_steps);
     let m = grid.m;
     let guidance = SamplerConfig {
         min_guidance: p.min_guidance,
@@ -487,10 +228,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let e = ce("consistency step");
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
-        let Batch { x0, cond } = make_batch(
-            &mut rng, &teacher, &train_set, &latents, frames, b, fps, &dev,
-        )
-        .map_err(&e)?;
+        let Batch { x0, cond } = source.draw(&mut rng, &teacher, b, &dev).map_err(&e)?;
         let ns = grid.draw(&mut rng, b);
         let bcast = |t: &Tensor| t.reshape((b, 1, 1, 1, 1));
         let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
@@ -534,30 +272,13 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     }
 
     // Export: the teacher's VAE and image encoder, the student's UNet, consistency settings.
-    student.export(&ctx.dir.join("unet"), &unet_cfg)?;
-    crate::models::checkpoint::copy_frozen_components(&tdir, &ctx.dir)?;
     let settings = PipelineSettings {
         frames,
         sampler: p.sampler.clone(),
         consistency: Some(p.boundary.clone()),
         ..teacher.settings.clone()
     };
-    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
-    crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
+    export_student(&ctx.dir, &student, &unet_cfg, &tdir, &settings)?;
     drop(teacher);
-    write_samples(ctx, p.sample_clips, p.steps, &test_set)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grid_ascends_from_sigma_min_to_sigma_max() {
-        let p = ConsistencyParams::default();
-        let g = p.sigma_grid();
-        assert_eq!(g.len(), 100);
-        assert!((g[0] - 0.002).abs() < 1e-12 && (g[99] - 700.0).abs() < 1e-9);
-        assert!(g.windows(2).all(|w| w[0] < w[1]));
-    }
+    write_samples(ctx, p.sample_clips, p.steps, test_set)
 }

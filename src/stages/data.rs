@@ -149,6 +149,10 @@ pub struct SourceRecord {
     pub test_clips: usize,
 }
 
+/// File name of the manifest in a data stage's folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// What a data stage made, and from what (`manifest.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub params: DataParams,
@@ -516,7 +520,7 @@ fn finish(
         ffmpeg,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?;
-    crate::util::atomic_write(&ctx.dir.join("manifest.json"), &json)?;
+    crate::util::atomic_write(&ctx.dir.join(MANIFEST_FILE), &json)?;
 
     let mut strip = if train.is_empty() {
         test.filmstrip(4)

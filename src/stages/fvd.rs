@@ -37,7 +37,6 @@
 //! Per-clip features go to `features.safetensors` (the report's paired comparisons between
 //! methods read them) and the generated clips to `generated.safetensors`.
 
-use super::autoencoder::upstream_clips;
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::diffusion::SamplerConfig;
@@ -327,7 +326,7 @@ fn log_interval(ctx: &mut StageContext<'_>, fast: bool, name: &str, iv: Interval
 }
 
 fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
-    let (_, test) = upstream_clips(ctx)?;
+    let test = ctx.data()?.test;
     let n = if p.clips == 0 {
         test.len()
     } else {
@@ -358,8 +357,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         None
     } else {
         let dev = device(ctx.device)?;
-        let dir = super::consistency::model_dir(
-            ctx,
+        let dir = ctx.model_dir(
             p.model.as_deref(),
             "a model to evaluate: put a `teacher` (or student) stage before it, or set model = \"static\"",
         )?;

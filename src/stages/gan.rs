@@ -20,19 +20,20 @@
 //! `loss_d`, `loss_adv`, `loss_distill`, `d_real`, `d_fake` (mean logits), `grad_norm_g`,
 //! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
 
-use super::consistency::{
-    ema_update, make_batch, model_dir, teacher_dir, teacher_solve, unet_from, Batch, PairGrid,
-    Weighting,
-};
-use super::teacher::{data_fps, encode_all, write_samples};
+use super::teacher::{encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
+use crate::distill::{
+    check_loss, ema_update, export_student, moved_grid_keys, student_sampler,
+    student_sampler_default, teacher_solve, unet_from, unit_weights, Batch, BatchSource,
+    GridConfig, PairGrid, Weighting,
+};
 use crate::error::{Error, Result};
 use crate::models::checkpoint::WEIGHTS_FILE;
-use crate::models::discriminator::{Backbone, ConvBackbone, DiscInput};
+use crate::models::discriminator::{Backbone, BackboneKind, ConvBackbone, DiscInput};
 use crate::models::efficientnet::EfficientNetLite0;
 use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig};
-use crate::pipeline::{PipelineSettings, VideoPipeline, SETTINGS_FILE};
+use crate::pipeline::{PipelineSettings, VideoPipeline};
 use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{approx_r1, d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
 use crate::train::optim::named_vars;
@@ -79,12 +80,9 @@ pub struct GanParams {
     pub weighting: Weighting,
     /// ACD: decay of the EMA target.
     pub ema_decay: f64,
-    pub grid: usize,
-    /// ACD: teacher ODE steps m.
-    pub solver_steps: usize,
-    pub sigma_min: f64,
-    pub sigma_max: f64,
-    pub rho: f64,
+    /// The training grid; ACD's teacher solves `grid.solver_steps` steps between a pair's
+    /// points, LGP draws single points from it.
+    pub grid: GridConfig,
     /// ACD: teacher guidance at the first and last frame.
     pub min_guidance: f64,
     pub max_guidance: f64,
@@ -99,7 +97,7 @@ pub struct GanParams {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gradient_checkpointing: bool,
     /// As in `consistency`: missing keys take the student defaults.
-    #[serde(deserialize_with = "super::consistency::student_sampler")]
+    #[serde(deserialize_with = "student_sampler")]
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
     pub checkpoint_every: u64,
@@ -136,17 +134,13 @@ impl Default for GanParams {
             weighting: c.weighting,
             ema_decay: c.ema_decay,
             grid: c.grid,
-            solver_steps: c.solver_steps,
-            sigma_min: c.sigma_min,
-            sigma_max: c.sigma_max,
-            rho: c.rho,
             min_guidance: c.min_guidance,
             max_guidance: c.max_guidance,
             discriminator: DiscriminatorConfig::default(),
             boundary: ConsistencyParam::default(),
             lora: LoraConfig::default(),
             gradient_checkpointing: false,
-            sampler: super::consistency::student_sampler_default(),
+            sampler: student_sampler_default(),
             sample_clips: 4,
             checkpoint_every: 100,
         }
@@ -154,44 +148,25 @@ impl Default for GanParams {
 }
 
 impl GanParams {
-    fn grid_params(&self) -> super::consistency::ConsistencyParams {
-        super::consistency::ConsistencyParams {
-            grid: self.grid,
-            solver_steps: self.solver_steps,
-            sigma_min: self.sigma_min,
-            sigma_max: self.sigma_max,
-            rho: self.rho,
-            ..Default::default()
-        }
-    }
-
     fn check(&self) -> std::result::Result<(), ParamError> {
-        let bad = |path: &str, message: String| ParamError {
-            path: path.into(),
-            message,
-        };
-        if self.grid < 2 {
-            return Err(bad("grid", "needs at least 2 points".into()));
+        let bad = |(path, message): (String, String)| ParamError { path, message };
+        self.grid.check(self.mode == GanMode::Acd).map_err(bad)?;
+        check_loss(self.huber_c, self.ema_decay, self.batch_clips).map_err(bad)?;
+        if !(self.r1_weight >= 0.0) {
+            return Err(bad(("r1_weight".into(), "must be >= 0".into())));
         }
-        if self.mode == GanMode::Acd && (self.solver_steps == 0 || self.solver_steps >= self.grid) {
-            return Err(bad("solver_steps", format!("must be in 1..{}", self.grid)));
+        if !(self.r1_sigma > 0.0) {
+            return Err(bad(("r1_sigma".into(), "must be positive".into())));
         }
-        if self.batch_clips == 0 {
-            return Err(bad("batch_clips", "must be at least 1".into()));
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(bad("ema_decay", "must be in [0, 1)".into()));
-        }
-        if self.r1_weight < 0.0 || self.r1_sigma <= 0.0 {
-            return Err(bad(
-                "r1_weight",
-                "need r1_weight >= 0 and r1_sigma > 0".into(),
-            ));
+        if !(self.adv_weight >= 0.0) {
+            return Err(bad(("adv_weight".into(), "must be >= 0".into())));
         }
         self.discriminator
             .validate()
-            .map_err(|m| bad("discriminator", m))?;
-        self.sampler.validate().map_err(|m| bad("sampler", m))?;
+            .map_err(|m| bad(("discriminator".into(), m)))?;
+        self.sampler
+            .validate()
+            .map_err(|m| bad(("sampler".into(), m)))?;
         Ok(())
     }
 }
@@ -209,6 +184,7 @@ impl StageKind for GanStage {
         true
     }
     fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
+        moved_grid_keys(&params).map_err(|(path, message)| ParamError { path, message })?;
         let (p, v) = resolve_typed::<GanParams>(params)?;
         p.check()?;
         Ok(v)
@@ -231,8 +207,8 @@ fn build_discriminator(
 ) -> Result<(VarMap, Discriminator)> {
     let map = VarMap::new();
     let vb = seeded_varbuilder(&map, seed, dev);
-    let backbone = match cfg.backbone.kind.as_str() {
-        "teacher_unet" => {
+    let backbone = match cfg.backbone.kind {
+        BackboneKind::TeacherUnet => {
             let ucfg: UNetConfig = crate::models::checkpoint::load_config(&teacher.join("unet"))?;
             let (m, _) = unet_from(teacher, &ucfg, dev)?;
             let unet = crate::models::UNetSpatioTemporal::new(
@@ -242,21 +218,21 @@ fn build_discriminator(
             .map_err(ce("discriminator backbone (teacher UNet)"))?;
             Backbone::TeacherUnet(Box::new(unet), cfg.backbone.noise_sigma)
         }
-        "dinov2" => Backbone::Dinov2(
+        BackboneKind::Dinov2 => Backbone::Dinov2(
             Box::new(crate::models::dinov2::Dinov2::load(
                 std::path::Path::new(&cfg.backbone.path),
                 dev,
             )?),
             cfg.backbone.image_size,
         ),
-        "efficientnet_lite0" => {
+        BackboneKind::EfficientNetLite0 => {
             Backbone::EfficientNet(Box::new(EfficientNetLite0::fetch(assets, dev)?))
         }
-        _ if cfg.backbone.trainable => Backbone::Conv(
+        BackboneKind::Conv if cfg.backbone.trainable => Backbone::Conv(
             ConvBackbone::new(vb.pp("backbone"), &cfg.backbone.channels)
                 .map_err(ce("discriminator backbone"))?,
         ),
-        _ => {
+        BackboneKind::Conv => {
             let bb = VarMap::new();
             ConvBackbone::new(
                 seeded_varbuilder(&bb, seed.wrapping_add(17), dev).pp("backbone"),
@@ -287,8 +263,7 @@ fn constants(map: &VarMap) -> Result<HashMap<String, Tensor>> {
 
 fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let dev = device(ctx.device)?;
-    let gdir = model_dir(
-        ctx,
+    let gdir = ctx.model_dir(
         p.generator.as_deref(),
         "a model to start the generator from (a `teacher` or `consistency` stage before it)",
     )?;
@@ -299,24 +274,14 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         .clone()
         .unwrap_or_else(|| p.boundary.clone());
     let teacher = match p.mode {
-        GanMode::Acd => {
-            let tdir = match &p.teacher {
-                Some(_) => teacher_dir(ctx, p.teacher.as_deref())?,
-                None => ctx
-                    .upstream_of_kind("teacher")
-                    .map(|u| u.dir.clone())
-                    .ok_or_else(|| {
-                        Error::Other(format!(
-                            "stage `{}` (mode = \"acd\") needs a `teacher` stage before it",
-                            ctx.name
-                        ))
-                    })?,
-            };
-            Some(VideoPipeline::load(&tdir, &dev)?)
-        }
+        GanMode::Acd => Some(VideoPipeline::load(
+            &ctx.teacher_dir(p.teacher.as_deref())?,
+            &dev,
+        )?),
         GanMode::Lgp => None,
     };
-    let (train_set, test_set) = super::autoencoder::upstream_clips(ctx)?;
+    let data = ctx.data()?;
+    let (train_set, test_set) = (&data.train, &data.test);
     if train_set.is_empty() {
         return Err(Error::Data("the training clip set is empty".into()));
     }
@@ -340,9 +305,8 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     // The SF-V backbone is the teacher's UNet: the `teacher` stage's (given, or the nearest
     // upstream one), else the generator's starting weights.
     let backbone_dir = match (&p.teacher, ctx.upstream_of_kind("teacher")) {
-        (Some(_), _) => teacher_dir(ctx, p.teacher.as_deref())?,
-        (None, Some(u)) => u.dir.clone(),
         (None, None) => gdir.clone(),
+        _ => ctx.teacher_dir(p.teacher.as_deref())?,
     };
     let (d_map, disc) = build_discriminator(
         &p.discriminator,
@@ -355,9 +319,15 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let d_vars = named_vars(&d_map);
     let mut opt_g = AdamW::new(g_vars.clone(), p.optimizer_g.clone()).map_err(ce("optimizer"))?;
     let mut opt_d = AdamW::new(d_vars.clone(), p.optimizer_d.clone()).map_err(ce("optimizer"))?;
-    let fps = data_fps(ctx).unwrap_or(gen_pipe.settings.fps);
+    let fps = data.fps();
     ctx.note(&format!("encoding {} training clips", train_set.len()));
-    let latents = encode_all(&gen_pipe.vae, &train_set, &dev)?;
+    let latents = encode_all(&gen_pipe.vae, train_set, &dev)?;
+    let source = BatchSource {
+        set: train_set,
+        latents: &latents,
+        frames,
+        fps,
+    };
 
     let (mut g_vars, mut t_vars, mut d_vars) = (g_vars, t_vars, d_vars);
     let mut start = 0;
@@ -372,11 +342,11 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     }
 
     let m = if p.mode == GanMode::Acd {
-        p.solver_steps
+        p.grid.solver_steps
     } else {
         0
     };
-    let grid = PairGrid::new(p.grid_params().sigma_grid(), m);
+    let grid = PairGrid::new(p.grid.sigmas(), m);
     let guidance = SamplerConfig {
         min_guidance: p.min_guidance,
         max_guidance: p.max_guidance,
@@ -394,10 +364,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let e = ce("gan step");
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
-        let Batch { x0, cond } = make_batch(
-            &mut rng, &gen_pipe, &train_set, &latents, frames, b, fps, &dev,
-        )
-        .map_err(&e)?;
+        let Batch { x0, cond } = source.draw(&mut rng, &gen_pipe, b, &dev).map_err(&e)?;
         let ns = grid.draw(&mut rng, b);
         let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
@@ -414,7 +381,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
                     .detach();
                 (real, grid.lambda(&ns, p.weighting, &dev).map_err(&e)?)
             }
-            None => (x0.clone(), Tensor::ones(b, DType::F32, &dev).map_err(&e)?),
+            None => (x0.clone(), unit_weights(b, &dev)?),
         };
         let g_inner = student.for_step(p.gradient_checkpointing)?;
         let fake = boundary
@@ -482,17 +449,14 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         }
     }
 
-    student.export(&ctx.dir.join("unet"), &unet_cfg)?;
-    crate::models::checkpoint::copy_frozen_components(&gdir, &ctx.dir)?;
     let settings = PipelineSettings {
         frames,
         sampler: p.sampler.clone(),
         consistency: Some(boundary),
         ..gen_pipe.settings.clone()
     };
-    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
-    crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
+    export_student(&ctx.dir, &student, &unet_cfg, &gdir, &settings)?;
     drop(gen_pipe);
     drop(teacher);
-    write_samples(ctx, p.sample_clips, p.steps, &test_set)
+    write_samples(ctx, p.sample_clips, p.steps, test_set)
 }

@@ -12,8 +12,10 @@ pub mod fvd;
 pub mod gan;
 pub mod teacher;
 
-use crate::error::{Error, Result};
-use crate::spec::Device;
+use crate::data::ClipSet;
+use crate::device::Device;
+use crate::error::{Error, IoContext, Result};
+use crate::pipeline::SETTINGS_FILE;
 use crate::train::state::{TrainState, STATE_FILE};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -225,6 +227,82 @@ impl StageContext<'_> {
 
     pub fn upstream_of_kind(&self, kind: &str) -> Option<&Upstream> {
         self.upstream.iter().rev().find(|u| u.kind == kind)
+    }
+
+    /// The output of the nearest upstream `data` stage: both clip sets and its manifest.
+    pub fn data(&self) -> Result<DataOutput> {
+        let up = self.upstream_of_kind("data").ok_or_else(|| {
+            Error::Other(format!(
+                "stage `{}` needs a `data` stage before it (add one, or set `after`)",
+                self.name
+            ))
+        })?;
+        DataOutput::load(&up.dir)
+    }
+
+    /// The model folder of a named upstream stage, or of the nearest one that wrote one;
+    /// `needs` completes "stage X needs ..." in the error.
+    pub fn model_dir(&self, name: Option<&str>, needs: &str) -> Result<PathBuf> {
+        let is_model = |u: &&Upstream| u.dir.join(SETTINGS_FILE).is_file();
+        let found = match name {
+            Some(n) => self.upstream.iter().find(|u| u.name == n),
+            None => self.upstream.iter().rev().find(is_model),
+        };
+        match found {
+            Some(u) if is_model(&u) => Ok(u.dir.clone()),
+            Some(u) => Err(Error::Other(format!(
+                "stage `{}`: stage `{}` ({}) wrote no model folder",
+                self.name, u.name, u.kind
+            ))),
+            None => Err(Error::Other(format!(
+                "stage `{}` needs {needs}{}",
+                self.name,
+                name.map(|n| format!(" (no stage `{n}` upstream)"))
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// The teacher's model folder: the named upstream stage, or the nearest `teacher` stage.
+    pub fn teacher_dir(&self, name: Option<&str>) -> Result<PathBuf> {
+        match name {
+            Some(_) => self.model_dir(name, "a teacher"),
+            None => self
+                .upstream_of_kind("teacher")
+                .map(|u| u.dir.clone())
+                .ok_or_else(|| {
+                    Error::Other(format!(
+                        "stage `{}` needs a `teacher` stage before it",
+                        self.name
+                    ))
+                }),
+        }
+    }
+}
+
+/// What a `data` stage leaves, read once: the clip sets and the typed manifest.
+pub struct DataOutput {
+    pub train: ClipSet,
+    pub test: ClipSet,
+    pub manifest: data::Manifest,
+}
+
+impl DataOutput {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join(data::MANIFEST_FILE);
+        let text = std::fs::read_to_string(&p).at(&p)?;
+        let manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
+        Ok(Self {
+            train: ClipSet::load(&dir.join("train.safetensors"))?,
+            test: ClipSet::load(&dir.join("test.safetensors"))?,
+            manifest,
+        })
+    }
+
+    /// Frames per second the clips were decoded (or rendered) at.
+    pub fn fps(&self) -> f64 {
+        self.manifest.params.fps
     }
 }
 

@@ -14,19 +14,16 @@
 //! clips, pixels in [0, 1]) and `sample_first_frame_psnr` (how well the generated first frame
 //! keeps the conditioning image).
 
-use super::autoencoder::upstream_clips;
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::models::checkpoint::{load_weights, load_weights_files, weight_files};
 use crate::models::{
     load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder, ImageEncoderConfig,
     UNetConfig, UNetSpatioTemporal,
 };
-use crate::pipeline::{
-    is_clip_folder, GenerateOptions, PipelineSettings, VideoPipeline, SETTINGS_FILE,
-};
+use crate::pipeline::{is_clip_folder, GenerateOptions, PipelineSettings, VideoPipeline};
 use crate::train::optim::named_vars;
 use crate::train::state::TrainState;
 use crate::train::{
@@ -284,7 +281,8 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         .clone();
     let vae_dir = up.dir.join("vae");
     let (vae_cfg, vae, _) = load_component(&vae_dir, &dev, AutoencoderKLTemporalDecoder::new)?;
-    let (train_set, test_set) = upstream_clips(ctx)?;
+    let data = ctx.data()?;
+    let (train_set, test_set) = (&data.train, &data.test);
     if train_set.is_empty() || test_set.is_empty() {
         return Err(Error::Data(
             "the teacher needs non-empty train and test clip sets".into(),
@@ -295,7 +293,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     } else {
         p.frames.min(train_set.frames)
     };
-    let fps = data_fps(ctx)?;
+    let fps = data.fps();
 
     // Model configs: from `pretrained` or the spec, checked against the VAE.
     let clip_dir = p
@@ -510,23 +508,10 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         consistency: None,
         decode_chunk_size: None,
     };
-    let text = serde_json::to_string_pretty(&settings).map_err(|e| Error::Other(e.to_string()))?;
-    crate::util::atomic_write(&ctx.dir.join(SETTINGS_FILE), text.as_bytes())?;
+    settings.save(&ctx.dir)?;
     drop(unet);
     drop(encoder);
     write_samples(ctx, p.sample_clips, p.steps, &test_set)
-}
-
-/// Frames per second of the upstream data stage's clips.
-pub(crate) fn data_fps(ctx: &StageContext<'_>) -> Result<f64> {
-    let up = ctx
-        .upstream_of_kind("data")
-        .ok_or_else(|| Error::Other("no data stage".into()))?;
-    let p = up.dir.join("manifest.json");
-    let text = std::fs::read_to_string(&p).at(&p)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Data(format!("{}: {e}", p.display())))?;
-    Ok(v["params"]["fps"].as_f64().unwrap_or(8.0))
 }
 
 /// Posterior means x scaling factor of every clip: `[t, c, h, w]` each.

@@ -452,7 +452,9 @@ impl crate::diffusion::Denoiser for StepUNet<'_> {
         cond: &crate::diffusion::Conditioning,
     ) -> candle_core::Result<Tensor> {
         match self {
-            StepUNet::Plain(unet) => crate::diffusion::SvdDenoiser { unet }.denoise(x, sigma, cond),
+            StepUNet::Plain(unet) => {
+                crate::diffusion::SvdDenoiser { unet: &**unet }.denoise(x, sigma, cond)
+            }
             StepUNet::Checkpointed(c) => c.denoise(x, sigma, cond),
         }
     }

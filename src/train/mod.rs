@@ -10,37 +10,10 @@ pub use optim::{AdamW, AdamWConfig, Ema};
 pub use state::{Stateful, TrainState};
 
 use crate::data::clips::ClipSet;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use candle_core::{DType, Device, Tensor};
 
-/// The candle device for a spec's `device`, or an error that says why CUDA cannot be used.
-pub fn device(d: crate::spec::Device) -> Result<Device> {
-    match d {
-        crate::spec::Device::Cpu => Ok(Device::Cpu),
-        crate::spec::Device::Cuda => cuda_device(),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_device() -> Result<Device> {
-    Device::new_cuda(0).map_err(|e| {
-        Error::Other(format!(
-            "device `cuda`: this build has CUDA support but no GPU could be opened ({e}); use `cpu`"
-        ))
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device() -> Result<Device> {
-    Err(Error::Other(
-        "device `cuda`: this build of onestep has no CUDA backend; rebuild with `cargo build --release --features cuda` (needs nvcc) or use `cpu`".into(),
-    ))
-}
-
-/// Whether `device = "cuda"` can work in this build (checked before a run starts).
-pub fn cuda_compiled() -> bool {
-    cfg!(feature = "cuda")
-}
+pub use crate::device::{candle_device as device, cuda_compiled};
 
 /// Converts a candle error into the library's error with context (keeping it as the source).
 pub fn ce(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
