@@ -636,6 +636,38 @@ fn resolve_variant(
                 None => err(src.origin_of(&path, top), path, msg),
             }
         })?;
+        // Stages named in parameters (a teacher, a generator, a model to evaluate) must run
+        // before this one: found now, not when the stage starts hours into a sweep.
+        let mut upstream: Vec<&str> = Vec::new();
+        let mut todo: Vec<&str> = after.iter().map(String::as_str).collect();
+        while let Some(n) = todo.pop() {
+            if !upstream.contains(&n) {
+                upstream.push(n);
+                if let Some(d) = decls.iter().find(|d| d.name == n) {
+                    todo.extend(d.after.iter().map(String::as_str));
+                }
+            }
+        }
+        for (key, target) in k.references(&params) {
+            if upstream.contains(&target.as_str()) {
+                continue;
+            }
+            let p = format!("{sp}.{key}");
+            let msg = if target == *name {
+                "a stage cannot name itself".to_string()
+            } else if doc.stages.contains_key(&target) {
+                format!(
+                    "stage `{target}` does not run before `{name}`: list it in `after` (or \
+                     declare it earlier and in the chain of stages this one runs after)"
+                )
+            } else {
+                format!(
+                    "no stage named `{target}` (stages: {})",
+                    doc.stages.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            };
+            return Err(err(src.origin_of(&p, top), p, msg));
+        }
         let mut rt = params.as_table().cloned().unwrap_or_default();
         rt.insert("kind".into(), toml::Value::String(kind.clone()));
         rt.insert(

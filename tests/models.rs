@@ -936,3 +936,151 @@ fn gradient_checkpointing_reaches_lora_adapters() {
         vars.len()
     );
 }
+
+/// `D(x; sigma) = x / (1 + sigma^2)`: the exact denoiser of unit Gaussian data.
+struct GaussianData;
+impl onestep::diffusion::Denoiser for GaussianData {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor, _: &Conditioning) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        x.broadcast_div(&(sigma.sqr()? + 1.0)?.reshape((b, 1, 1, 1, 1))?)
+    }
+}
+
+fn scalar_cond(b: usize) -> Conditioning {
+    let dev = Device::Cpu;
+    Conditioning {
+        image_latents: Tensor::ones((b, 1, 1, 1, 1), candle_core::DType::F32, &dev).unwrap(),
+        image_embeds: Tensor::zeros((b, 1, 1), candle_core::DType::F32, &dev).unwrap(),
+        added_time_ids: Tensor::zeros((b, 3), candle_core::DType::F32, &dev).unwrap(),
+    }
+}
+
+#[test]
+fn consistency_and_time_travel_samplers_follow_their_algorithms() {
+    let dev = Device::Cpu;
+    let noise = Tensor::new(&[0.7f32, -1.3], &dev)
+        .unwrap()
+        .reshape((1, 2, 1, 1, 1))
+        .unwrap();
+    let fresh_values = [0.4f64, -0.9, 1.1];
+    let d = |x: f64, s: f64| x / (1.0 + s * s);
+    let run = |cfg: &SamplerConfig| {
+        let mut k = 0;
+        let mut fresh = || {
+            let v = fresh_values[k];
+            k += 1;
+            Tensor::full(v as f32, (1, 2, 1, 1, 1), &dev)
+        };
+        let (x, nfe) = sample(&GaussianData, &scalar_cond(1), &noise, cfg, &mut fresh, |_, _| {}).unwrap();
+        (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), nfe)
+    };
+    let unguided = SamplerConfig {
+        min_guidance: 1.0,
+        max_guidance: 1.0,
+        ..Default::default()
+    };
+    // Song et al. 2023, Algorithm 1 with 3 steps: denoise, re-noise to the next sigma with
+    // std sqrt(sigma^2 - sigma_min^2), denoise again.
+    let cfg = SamplerConfig {
+        method: SamplerMethod::Consistency,
+        steps: 3,
+        ..unguided.clone()
+    };
+    let s = karras_sigmas(3, cfg.sigma_min, cfg.sigma_max, cfg.rho);
+    let (got, nfe) = run(&cfg);
+    assert_eq!(nfe, 3);
+    for (f, &z) in [0.7f64, -1.3].iter().enumerate() {
+        let mut x = z * s[0];
+        let mut x0 = 0.0;
+        for i in 0..3 {
+            x0 = d(x, s[i]);
+            if i + 1 < 3 {
+                x = x0 + fresh_values[i] * (s[i + 1].powi(2) - cfg.sigma_min.powi(2)).max(0.0).sqrt();
+            }
+        }
+        assert!((got[f] as f64 - x0).abs() < 1e-5, "consistency frame {f}: {} vs {x0}", got[f]);
+    }
+    // OSV's Time-Travel Sampler: f = D(x, sigma_max), eps_hat = (x - f) / sigma_max,
+    // x' = f + s (eps_0 + eps_hat) / 2, output D(x', s).
+    let cfg = SamplerConfig {
+        method: SamplerMethod::TimeTravel,
+        travel_sigma: Some(0.8),
+        ..unguided
+    };
+    let (got, nfe) = run(&cfg);
+    assert_eq!(nfe, 2);
+    for (f, &z) in [0.7f64, -1.3].iter().enumerate() {
+        let x = z * cfg.sigma_max;
+        let fx = d(x, cfg.sigma_max);
+        let eps_hat = (x - fx) / cfg.sigma_max;
+        let x1 = fx + 0.8 * (fresh_values[0] + eps_hat) / 2.0;
+        let want = d(x1, 0.8);
+        assert!((got[f] as f64 - want).abs() < 1e-5, "tts frame {f}: {} vs {want}", got[f]);
+    }
+    // Guidance doubles the evaluations of every step (NFE counts both passes).
+    let cfg = SamplerConfig {
+        method: SamplerMethod::TimeTravel,
+        min_guidance: 1.0,
+        max_guidance: 2.0,
+        ..Default::default()
+    };
+    assert_eq!(run(&cfg).1, 4);
+}
+
+#[test]
+fn adamw_follows_pytorch() {
+    // tools/fixtures/adamw_reference.py: torch.optim.AdamW after clip_grad_norm_, 6 steps.
+    use onestep::train::{AdamW, AdamWConfig};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adamw/adamw.json");
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let vec = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let c = &f["config"];
+    let cfg = AdamWConfig {
+        lr: 0.0,
+        beta1: c["beta1"].as_f64().unwrap(),
+        beta2: c["beta2"].as_f64().unwrap(),
+        eps: c["eps"].as_f64().unwrap(),
+        weight_decay: c["weight_decay"].as_f64().unwrap(),
+        warmup: 0,
+        grad_clip: c["grad_clip"].as_f64().unwrap(),
+    };
+    let dev = Device::Cpu;
+    let mut names: Vec<String> = f["shapes"].as_object().unwrap().keys().cloned().collect();
+    names.sort();
+    let vars: Vec<(String, candle_core::Var)> = names
+        .iter()
+        .map(|n| {
+            let shape: Vec<usize> = f["shapes"][n]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            let t = Tensor::from_vec(vec(&f["params0"][n]), shape, &dev).unwrap();
+            (n.clone(), candle_core::Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+    let lrs = vec(&f["lrs"]);
+    for (i, g) in f["grads"].as_array().unwrap().iter().enumerate() {
+        // A loss whose gradient is exactly the fixture's: sum(p * g).
+        let mut loss = Tensor::new(0f32, &dev).unwrap();
+        for (n, v) in &vars {
+            let gt = Tensor::from_vec(vec(&g[n]), v.shape(), &dev).unwrap();
+            loss = (loss + (v.as_tensor() * gt).unwrap().sum_all().unwrap()).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        let norm = opt.step(&grads, lrs[i] as f64).unwrap();
+        let want_norm = f["grad_norms"][i].as_f64().unwrap();
+        assert!((norm - want_norm).abs() < 1e-4 * want_norm, "step {i}: norm {norm} vs {want_norm}");
+        for (n, v) in &vars {
+            let got = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = vec(&f["trajectory"][i][n]);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 2e-6, "step {i} `{n}`: {a} vs {b} (PyTorch)");
+            }
+        }
+    }
+}

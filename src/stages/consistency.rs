@@ -147,6 +147,9 @@ impl StageKind for ConsistencyStage {
         p.check()?;
         Ok(v)
     }
+    fn references(&self, params: &toml::Value) -> Vec<(&'static str, String)> {
+        super::string_params(params, &["teacher"])
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
         let p: ConsistencyParams = ctx.params()?;
         train(ctx, &p)

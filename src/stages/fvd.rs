@@ -102,6 +102,12 @@ impl StageKind for FvdStage {
     fn seeded(&self) -> bool {
         true
     }
+    fn references(&self, params: &toml::Value) -> Vec<(&'static str, String)> {
+        super::string_params(params, &["model"])
+            .into_iter()
+            .filter(|(_, m)| m != STATIC)
+            .collect()
+    }
     fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
         let (p, v) = resolve_typed::<FvdParams>(params)?;
         if p.frames < MIN_FRAMES {

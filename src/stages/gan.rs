@@ -189,6 +189,9 @@ impl StageKind for GanStage {
         p.check()?;
         Ok(v)
     }
+    fn references(&self, params: &toml::Value) -> Vec<(&'static str, String)> {
+        super::string_params(params, &["generator", "teacher"])
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()> {
         let p: GanParams = ctx.params()?;
         train(ctx, &p)

@@ -41,6 +41,12 @@ pub trait StageKind: Sync {
     fn fingerprint(&self, _params: &toml::Value) -> Result<Option<String>> {
         Ok(None)
     }
+    /// The parameters (of the resolved params) that name another stage of the spec, with the
+    /// names: each must be a stage this one runs after, which the spec checks before anything
+    /// runs.
+    fn references(&self, _params: &toml::Value) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()>;
 }
 
@@ -59,6 +65,13 @@ pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
 
 pub fn kind_names() -> Vec<&'static str> {
     KINDS.iter().map(|k| k.name()).collect()
+}
+
+/// The string values of `keys` in a resolved parameter table, as [`StageKind::references`].
+pub fn string_params(params: &toml::Value, keys: &[&'static str]) -> Vec<(&'static str, String)> {
+    keys.iter()
+        .filter_map(|&k| Some((k, params.get(k)?.as_str()?.to_string())))
+        .collect()
 }
 
 /// Deserialize a stage's parameters into its config struct, reporting the failing path.
