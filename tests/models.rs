@@ -971,7 +971,15 @@ fn consistency_and_time_travel_samplers_follow_their_algorithms() {
             k += 1;
             Tensor::full(v as f32, (1, 2, 1, 1, 1), &dev)
         };
-        let (x, nfe) = sample(&GaussianData, &scalar_cond(1), &noise, cfg, &mut fresh, |_, _| {}).unwrap();
+        let (x, nfe) = sample(
+            &GaussianData,
+            &scalar_cond(1),
+            &noise,
+            cfg,
+            &mut fresh,
+            |_, _| {},
+        )
+        .unwrap();
         (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), nfe)
     };
     let unguided = SamplerConfig {
@@ -995,10 +1003,15 @@ fn consistency_and_time_travel_samplers_follow_their_algorithms() {
         for i in 0..3 {
             x0 = d(x, s[i]);
             if i + 1 < 3 {
-                x = x0 + fresh_values[i] * (s[i + 1].powi(2) - cfg.sigma_min.powi(2)).max(0.0).sqrt();
+                x = x0
+                    + fresh_values[i] * (s[i + 1].powi(2) - cfg.sigma_min.powi(2)).max(0.0).sqrt();
             }
         }
-        assert!((got[f] as f64 - x0).abs() < 1e-5, "consistency frame {f}: {} vs {x0}", got[f]);
+        assert!(
+            (got[f] as f64 - x0).abs() < 1e-5,
+            "consistency frame {f}: {} vs {x0}",
+            got[f]
+        );
     }
     // OSV's Time-Travel Sampler: f = D(x, sigma_max), eps_hat = (x - f) / sigma_max,
     // x' = f + s (eps_0 + eps_hat) / 2, output D(x', s).
@@ -1015,7 +1028,11 @@ fn consistency_and_time_travel_samplers_follow_their_algorithms() {
         let eps_hat = (x - fx) / cfg.sigma_max;
         let x1 = fx + 0.8 * (fresh_values[0] + eps_hat) / 2.0;
         let want = d(x1, 0.8);
-        assert!((got[f] as f64 - want).abs() < 1e-5, "tts frame {f}: {} vs {want}", got[f]);
+        assert!(
+            (got[f] as f64 - want).abs() < 1e-5,
+            "tts frame {f}: {} vs {want}",
+            got[f]
+        );
     }
     // Guidance doubles the evaluations of every step (NFE counts both passes).
     let cfg = SamplerConfig {
@@ -1032,9 +1049,14 @@ fn adamw_follows_pytorch() {
     // tools/fixtures/adamw_reference.py: torch.optim.AdamW after clip_grad_norm_, 6 steps.
     use onestep::train::{AdamW, AdamWConfig};
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adamw/adamw.json");
-    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let vec = |v: &serde_json::Value| -> Vec<f32> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
     };
     let c = &f["config"];
     let cfg = AdamWConfig {
@@ -1074,9 +1096,17 @@ fn adamw_follows_pytorch() {
         let grads = loss.backward().unwrap();
         let norm = opt.step(&grads, lrs[i] as f64).unwrap();
         let want_norm = f["grad_norms"][i].as_f64().unwrap();
-        assert!((norm - want_norm).abs() < 1e-4 * want_norm, "step {i}: norm {norm} vs {want_norm}");
+        assert!(
+            (norm - want_norm).abs() < 1e-4 * want_norm,
+            "step {i}: norm {norm} vs {want_norm}"
+        );
         for (n, v) in &vars {
-            let got = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let want = vec(&f["trajectory"][i][n]);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 2e-6, "step {i} `{n}`: {a} vs {b} (PyTorch)");

