@@ -28,6 +28,13 @@ pub struct SpecError {
     pub message: String,
 }
 
+/// A parameter error at a path inside a stage's table (mapped to file and line by the spec).
+#[derive(Debug)]
+pub struct ParamError {
+    pub path: String,
+    pub message: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]

@@ -183,7 +183,11 @@ mod tests {
         let p = d.path().join("s.toml");
         std::fs::write(&p, text).unwrap();
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        plan(&crate::spec::load(&p, &sets).unwrap(), None).unwrap()
+        plan(
+            &crate::spec::load(&p, &sets, &crate::stages::Registry).unwrap(),
+            None,
+        )
+        .unwrap()
     }
 
     const SPEC: &str =

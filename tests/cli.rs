@@ -410,7 +410,7 @@ fn cuda_is_refused_before_anything_is_written() {
 }
 
 fn stage_dir(results: &Path, spec: &Path) -> PathBuf {
-    let s = onestep::spec::load(spec, &[]).unwrap();
+    let s = onestep::spec::load(spec, &[], &onestep::stages::Registry).unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
     onestep::plan::cache_dir(results, &plan.runs[0].stages[0].hash)
 }
@@ -795,7 +795,7 @@ fn teacher_chain_trains_logs_and_generates_from_any_image_size() {
             ) >= 1
         );
     }
-    let s = onestep::spec::load(&spec, &[]).unwrap();
+    let s = onestep::spec::load(&spec, &[], &onestep::stages::Registry).unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
     let teacher = onestep::plan::cache_dir(results, &plan.runs[0].stages[2].hash);
     for f in [
@@ -952,6 +952,7 @@ fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
             "stages.teacher.steps=6".into(),
             "stages.teacher.sample_clips=0".into(),
         ],
+        &onestep::stages::Registry,
     )
     .unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
@@ -1213,7 +1214,7 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
     let o = run(a.path(), None);
     assert!(o.status.success(), "{}", text(&o));
     let store = Store::open(&a.path().join("onestep.sqlite")).unwrap();
-    let s = onestep::spec::load(&spec, &[]).unwrap();
+    let s = onestep::spec::load(&spec, &[], &onestep::stages::Registry).unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
     let student = &plan.runs[0].stages[3];
     assert_eq!(student.kind, "consistency");
@@ -1429,7 +1430,7 @@ sample_clips = 1
     .unwrap();
     let o = onestep(results, &["run", spec.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
-    let s = onestep::spec::load(&spec, &[]).unwrap();
+    let s = onestep::spec::load(&spec, &[], &onestep::stages::Registry).unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();
     let store = Store::open(&results.join("onestep.sqlite")).unwrap();
     let teacher = &plan.runs[0].stages[2];
@@ -1496,14 +1497,22 @@ fn gradient_checkpointing_trains_the_same_students() {
     run(&[]);
     run(&sets);
     let store = Store::open(&results.join("onestep.sqlite")).unwrap();
-    let plain = onestep::plan::plan(&onestep::spec::load(&spec, &[]).unwrap(), None).unwrap();
+    let plain = onestep::plan::plan(
+        &onestep::spec::load(&spec, &[], &onestep::stages::Registry).unwrap(),
+        None,
+    )
+    .unwrap();
     let sets_kv: Vec<String> = sets
         .iter()
         .skip(1)
         .step_by(2)
         .map(|s| s.to_string())
         .collect();
-    let ck = onestep::plan::plan(&onestep::spec::load(&spec, &sets_kv).unwrap(), None).unwrap();
+    let ck = onestep::plan::plan(
+        &onestep::spec::load(&spec, &sets_kv, &onestep::stages::Registry).unwrap(),
+        None,
+    )
+    .unwrap();
     for (name, key) in [("student", "loss"), ("acd", "loss_g")] {
         let hash = |p: &onestep::plan::Plan| {
             p.runs[0]

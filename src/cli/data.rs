@@ -71,7 +71,7 @@ fn fetch(g: &Global, spec_path: &Path, set: &[String]) -> anyhow::Result<ExitCod
         ff.display(),
         onestep::data::video::ffmpeg_version(&ff)
     );
-    let spec = onestep::spec::load(spec_path, set)?;
+    let spec = onestep::spec::load(spec_path, set, &onestep::stages::Registry)?;
     let mut plan = onestep::plan::plan(&spec, None)?;
     for r in &mut plan.runs {
         if r.stages.iter().any(|s| s.kind != "data") {

@@ -14,7 +14,7 @@ pub struct Args {
 }
 
 pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
-    let spec = onestep::spec::load(&a.spec, &a.set)?;
+    let spec = onestep::spec::load(&a.spec, &a.set, &onestep::stages::Registry)?;
     let plan = onestep::plan::plan(&spec, None)?;
     // Read the store only if it exists: planning never creates one.
     let store = g

@@ -20,7 +20,12 @@ pub struct Args {
 
 pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
     let name = if a.experiment.ends_with(".toml") {
-        onestep::spec::load(std::path::Path::new(&a.experiment), &[])?.name
+        onestep::spec::load(
+            std::path::Path::new(&a.experiment),
+            &[],
+            &onestep::stages::Registry,
+        )?
+        .name
     } else {
         a.experiment.clone()
     };

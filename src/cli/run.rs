@@ -35,7 +35,7 @@ pub fn check_device(d: Device) -> anyhow::Result<()> {
 }
 
 pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
-    let spec = onestep::spec::load(&a.spec, &a.set)?;
+    let spec = onestep::spec::load(&a.spec, &a.set, &onestep::stages::Registry)?;
     let device = a.device.map(|d| match d {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda,

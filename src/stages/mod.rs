@@ -21,12 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
-/// A parameter error at a path inside the stage's table (mapped to file and line by the spec).
-#[derive(Debug)]
-pub struct ParamError {
-    pub path: String,
-    pub message: String,
-}
+pub use crate::error::ParamError;
 
 pub trait StageKind: Sync {
     fn name(&self) -> &'static str;
@@ -65,6 +60,21 @@ pub fn kind(name: &str) -> Option<&'static dyn StageKind> {
 
 pub fn kind_names() -> Vec<&'static str> {
     KINDS.iter().map(|k| k.name()).collect()
+}
+
+/// The registry of stage kinds, as the spec layer sees it: `spec::load(path, sets, &Registry)`.
+pub struct Registry;
+
+impl crate::spec::StageKinds for Registry {
+    fn names(&self) -> Vec<&'static str> {
+        kind_names()
+    }
+    fn resolve(&self, kind: &str, params: toml::Value) -> Option<Result<toml::Value, ParamError>> {
+        self::kind(kind).map(|k| k.resolve(params))
+    }
+    fn references(&self, kind: &str, params: &toml::Value) -> Vec<(&'static str, String)> {
+        self::kind(kind).map_or_else(Vec::new, |k| k.references(params))
+    }
 }
 
 /// The string values of `keys` in a resolved parameter table, as [`StageKind::references`].

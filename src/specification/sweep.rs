@@ -3,7 +3,7 @@
 use super::overrides::set_path;
 use super::source::{join, Sourced};
 use super::stages::resolve_variant;
-use super::{err, Variant};
+use super::{err, StageKinds, Variant};
 use crate::error::{Origin, SpecError};
 
 /// One sweep axis: a config path and the values it takes.
@@ -75,7 +75,11 @@ pub(super) fn overridden(base: &Sourced, path: &str, swept_at: &Origin) -> Resul
 }
 
 /// Expand `[sweep]`: named variants x grid (cartesian product) x zip (paired values).
-pub(super) fn expand(src: &Sourced, top: &Origin) -> Result<Vec<Variant>, SpecError> {
+pub(super) fn expand(
+    src: &Sourced,
+    top: &Origin,
+    kinds: &dyn StageKinds,
+) -> Result<Vec<Variant>, SpecError> {
     let mut base = src.clone();
     let sweep = base
         .table
@@ -232,7 +236,7 @@ pub(super) fn expand(src: &Sourced, top: &Origin) -> Result<Vec<Variant>, SpecEr
                 ));
                 assignments.push((axis.path.clone(), val));
             }
-            let (doc, stages, config) = resolve_variant(&v, top)?;
+            let (doc, stages, config) = resolve_variant(&v, top, kinds)?;
             let name = if parts.is_empty() {
                 "base".to_string()
             } else {

@@ -107,8 +107,23 @@ fn err(origin: Origin, key: impl Into<String>, message: impl Into<String>) -> Sp
     }
 }
 
+/// What a spec needs to know of stage kinds. The stage registry ([`crate::stages::Registry`])
+/// is handed to [`load`], so this layer knows no stage.
+pub trait StageKinds {
+    /// Every kind's name (a stage named after a kind may leave `kind` out).
+    fn names(&self) -> Vec<&'static str>;
+    /// The kind's parameters checked and completed with defaults; `None` for an unknown kind.
+    fn resolve(
+        &self,
+        kind: &str,
+        params: toml::Value,
+    ) -> Option<Result<toml::Value, crate::error::ParamError>>;
+    /// The parameters (of the resolved table) that name other stages, with those names.
+    fn references(&self, kind: &str, params: &toml::Value) -> Vec<(&'static str, String)>;
+}
+
 /// Load a spec file (following `extends`), apply `--set` overrides, validate and expand it.
-pub fn load(path: &Path, overrides: &[String]) -> Result<Spec, SpecError> {
+pub fn load(path: &Path, overrides: &[String], kinds: &dyn StageKinds) -> Result<Spec, SpecError> {
     let mut stack = Vec::new();
     let mut src = load_file(path, &mut stack)?;
     let top = Origin::File {
@@ -121,7 +136,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Spec, SpecError> {
     let resolved_text = crate::util::canonical_toml(&toml::Value::Table(src.table.clone()));
     // Validate the shared part once, so errors point at the spec rather than at a variant.
     let doc = validate_doc(&src, &top)?;
-    let variants = expand(&src, &top)?;
+    let variants = expand(&src, &top, kinds)?;
     Ok(Spec {
         path: path.to_path_buf(),
         name: doc.name,
@@ -210,6 +225,39 @@ fn validate_doc(src: &Sourced, top: &Origin) -> Result<SpecDoc, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stand-in registry with one kind, `data`, so the spec layer is tested alone: `motion`
+    /// defaults to "mixed", `frames` must be an integer.
+    struct Kinds;
+    impl StageKinds for Kinds {
+        fn names(&self) -> Vec<&'static str> {
+            vec!["data"]
+        }
+        fn resolve(
+            &self,
+            kind: &str,
+            params: toml::Value,
+        ) -> Option<Result<toml::Value, crate::error::ParamError>> {
+            (kind == "data").then(|| {
+                let mut t = params.as_table().cloned().unwrap_or_default();
+                if t.get("frames").is_some_and(|f| !f.is_integer()) {
+                    return Err(crate::error::ParamError {
+                        path: "frames".into(),
+                        message: "invalid type: expected an integer".into(),
+                    });
+                }
+                t.entry("motion").or_insert("mixed".into());
+                Ok(toml::Value::Table(t))
+            })
+        }
+        fn references(&self, _: &str, _: &toml::Value) -> Vec<(&'static str, String)> {
+            Vec::new()
+        }
+    }
+
+    fn load(path: &Path, sets: &[String]) -> Result<Spec, SpecError> {
+        super::load(path, sets, &Kinds)
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);

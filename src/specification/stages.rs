@@ -3,14 +3,14 @@
 //! checked to run before the stage that names them.
 
 use super::source::Sourced;
-use super::{err, validate_doc, SpecDoc, StageDecl};
+use super::{err, validate_doc, SpecDoc, StageDecl, StageKinds};
 use crate::error::{Origin, SpecError};
-use crate::stages;
 
 /// Validate a merged (variant) table and resolve every stage's parameters.
 pub(super) fn resolve_variant(
     src: &Sourced,
     top: &Origin,
+    kinds: &dyn StageKinds,
 ) -> Result<(SpecDoc, Vec<StageDecl>, toml::Table), SpecError> {
     let doc = validate_doc(src, top)?;
     let mut decls: Vec<StageDecl> = Vec::new();
@@ -36,28 +36,28 @@ pub(super) fn resolve_variant(
                     "must be a string",
                 ))
             }
-            None if stages::kind(name).is_some() => name.clone(),
+            None if kinds.names().contains(&name.as_str()) => name.clone(),
             None => {
                 return Err(err(
                     src.origin_of(&sp, top),
                     format!("{sp}.kind"),
                     format!(
                         "stage `{name}` needs a `kind` (one of: {})",
-                        stages::kind_names().join(", ")
+                        kinds.names().join(", ")
                     ),
                 ))
             }
         };
-        let Some(k) = stages::kind(&kind) else {
+        if !kinds.names().contains(&kind.as_str()) {
             return Err(err(
                 src.origin_of(&format!("{sp}.kind"), top),
                 format!("{sp}.kind"),
                 format!(
                     "unknown stage kind `{kind}` (known: {})",
-                    stages::kind_names().join(", ")
+                    kinds.names().join(", ")
                 ),
             ));
-        };
+        }
         let after: Vec<String> = match t.remove("after") {
             None => decls
                 .last()
@@ -105,7 +105,10 @@ pub(super) fn resolve_variant(
                 ));
             }
         }
-        let params = k.resolve(toml::Value::Table(t)).map_err(|e| {
+        let resolved = kinds
+            .resolve(&kind, toml::Value::Table(t))
+            .unwrap_or_else(|| unreachable!("kind `{kind}` was checked above"));
+        let params = resolved.map_err(|e| {
             let path = if e.path.is_empty() {
                 sp.clone()
             } else {
@@ -141,7 +144,7 @@ pub(super) fn resolve_variant(
                 }
             }
         }
-        for (key, target) in k.references(&params) {
+        for (key, target) in kinds.references(&kind, &params) {
             if upstream.contains(&target.as_str()) {
                 continue;
             }
