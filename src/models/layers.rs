@@ -258,9 +258,39 @@ impl GroupNorm {
         })
     }
 
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+
+    /// `silu(group_norm(x))`, the pair every resnet block and output head runs.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        // f32 on the CPU: one fused kernel with its backward (`super::fused`); elsewhere the
+        // composition below (candle's CUDA kernels, half-precision autocast).
+        if super::fused::fused_available(x, &self.weight) {
+            return super::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let y = self.composed(x)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
     /// Statistics in f32 whatever the input's dtype (as PyTorch's autocast runs `group_norm`),
     /// the affine part in the weights' dtype.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn composed(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let xg = x.reshape((b, self.groups, ()))?.to_dtype(DType::F32)?;
@@ -299,6 +329,19 @@ impl Module for LayerNorm {
         let dims = x.dims().to_vec();
         let dim = dims[dims.len() - 1];
         let rows = x.elem_count() / dim;
+        // f32 on the CPU: LayerNorm is GroupNorm with one group over `[rows, dim, 1]`, so the
+        // fused kernel serves it (`super::fused`).
+        if super::fused::fused_available(x, &self.weight) {
+            return super::fused::group_norm(
+                &x.reshape((rows, dim, 1))?,
+                &self.weight,
+                &self.bias,
+                1,
+                self.eps,
+                false,
+            )?
+            .reshape(dims);
+        }
         // Statistics in f32 (autocast's `layer_norm`), the affine part in the weights' dtype.
         let x = x.reshape((rows, dim))?.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -313,9 +356,13 @@ impl Module for LayerNorm {
     }
 }
 
-/// Softmax over the last axis from primitive ops (candle's fused CPU softmax has no backward),
-/// computed in f32 and returned in the input's dtype.
+/// Softmax over the last axis: on the CPU in f32 the fused kernel with its backward
+/// (`super::fused`; candle's own CPU softmax has none), elsewhere primitive ops computed in f32
+/// and returned in the input's dtype.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return super::fused::softmax_last(x);
+    }
     let dt = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?;
@@ -487,6 +534,9 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if super::fused::fused_available(&h, &self.out.weight) {
+            return self.out.forward(&super::fused::geglu(&h)?);
+        }
         let half = h.dim(D::Minus1)? / 2;
         let hidden = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?;

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod dinov2;
 pub mod discriminator;
 pub mod efficientnet;
+pub mod fused;
 pub mod grad_checkpoint;
 pub mod image_encoder;
 pub mod layers;

@@ -46,7 +46,7 @@ impl ResnetBlock2D {
     /// # Shapes
     /// `x`: `[n, c_in, h, w]`, `temb`: `[n, temb_ch]` -> `[n, c_out, h, w]`
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&t.silu()?)?;
@@ -54,7 +54,7 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -91,7 +91,7 @@ impl TemporalResnetBlock {
     /// # Shapes
     /// `x`: `[b, c, t, h, w]`, `temb`: `[b, t, temb_ch]` -> `[b, c, t, h, w]`
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 // [b, t, c] -> [b, c, t, 1, 1]
@@ -100,7 +100,7 @@ impl TemporalResnetBlock {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         x + h
     }
 }

@@ -556,7 +556,7 @@ impl UNetSpatioTemporal {
         }
         let x = self
             .conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)?;
+            .forward(&self.conv_norm_out.forward_silu(&x)?)?;
         let (_, co, ho, wo) = x.dims4()?;
         x.reshape((b, t, co, ho, wo))
     }

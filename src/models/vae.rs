@@ -208,8 +208,7 @@ impl Encoder {
         x = self.mid_resnets[0].forward(&x, None)?;
         x = self.mid_attention.forward_image(&x)?;
         x = self.mid_resnets[1].forward(&x, None)?;
-        self.conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 
@@ -294,7 +293,7 @@ impl TemporalDecoder {
         }
         let x = self
             .conv_out
-            .forward(&self.conv_norm_out.forward(&x)?.silu()?)?;
+            .forward(&self.conv_norm_out.forward_silu(&x)?)?;
         let (bt, c, h, w) = x.dims4()?;
         let b = bt / frames;
         let x = x
