@@ -360,7 +360,7 @@ impl Module for LayerNorm {
 /// (`super::fused`; candle's own CPU softmax has none), elsewhere primitive ops computed in f32
 /// and returned in the input's dtype.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused::fused_available(x, x) {
         return super::fused::softmax_last(x);
     }
     let dt = x.dtype();

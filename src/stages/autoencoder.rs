@@ -191,6 +191,7 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
 
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
+        let t0 = std::time::Instant::now();
         let mut rng = step_rng(ctx.seed, step);
         let (idx, starts) = random_windows(
             &mut rng,
@@ -230,6 +231,7 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         )?;
         ctx.metric("kl", step + 1, kl.to_scalar::<f32>().map_err(&e)? as f64)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
+        ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
         let done = step + 1 == p.steps;
         if p.eval_every > 0 && (step + 1) % p.eval_every == 0 && !done {

@@ -228,6 +228,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
 
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
+        let t0 = std::time::Instant::now();
         let e = ce("consistency step");
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
@@ -262,6 +263,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let mean_sigma = ns.iter().map(|&n| grid.sigmas[n + m]).sum::<f64>() / b as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
+        ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.metric("sigma", step + 1, mean_sigma)?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.5}"));
         let done = step + 1 == p.steps;

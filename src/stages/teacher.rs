@@ -385,6 +385,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     let (h, w) = (train_set.height, train_set.width);
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
+        let t0 = std::time::Instant::now();
         let e = ce("teacher step");
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
@@ -460,6 +461,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
+        ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
         let done = step + 1 == p.steps;
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
