@@ -5,13 +5,14 @@
 //!
 //! `cargo bench --bench unet_step` (PyTorch side via $ONESTEP_BENCH_PYTHON, default `python3`;
 //! skipped with a note when torch is not importable). Sizes: `-- B T HW`.
+//! `ONESTEP_FUSED=0` runs onestep without its fused kernels (the before/after comparison).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use onestep::models::{UNetConfig, UNetSpatioTemporal};
 
 mod common;
-use common::best_of;
+use common::{best_of, torch_side};
 
 fn main() -> candle_core::Result<()> {
     onestep::alloc::tune_for_tensors();
@@ -29,28 +30,22 @@ fn main() -> candle_core::Result<()> {
         .unwrap_or(5);
     // The PyTorch side runs first, before candle's worker threads exist, so neither side
     // competes with the other's idle threads.
-    let python = std::env::var("ONESTEP_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/unet_step_torch.py");
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .args([b.to_string(), t.to_string(), hw.to_string()])
-        .env("ONESTEP_BENCH_REPS", reps.to_string())
-        .output();
-    let torch: Result<serde_json::Value, String> = match out {
-        Ok(o) if o.status.success() => Ok(serde_json::from_slice(&o.stdout).unwrap_or_default()),
-        Ok(o) => Err(format!(
-            "{python} {script} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
-        )),
-        Err(e) => Err(format!("{python}: {e}")),
-    };
+    let torch = torch_side("unet_step_torch.py", &[b, t, hw], reps);
     let dev = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let unet = UNetSpatioTemporal::new(vb, &UNetConfig::tiny())?;
+    // `ONESTEP_BENCH_PRESET=small`: block channels 64/128 (about 5 M parameters), otherwise
+    // the tiny preset's settings; the PyTorch side reads the same variable.
+    let small = std::env::var("ONESTEP_BENCH_PRESET").is_ok_and(|p| p == "small");
+    let cfg = if small {
+        UNetConfig {
+            block_out_channels: vec![64, 128],
+            ..UNetConfig::tiny()
+        }
+    } else {
+        UNetConfig::tiny()
+    };
+    let unet = UNetSpatioTemporal::new(vb, &cfg)?;
     let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     let x = Tensor::randn(0f32, 1.0, (b, t, 8, hw, hw), &dev)?;
     let ts = Tensor::full(0.1f32, b, &dev)?;
@@ -77,7 +72,12 @@ fn main() -> candle_core::Result<()> {
             .expect("loss");
         opt.backward_step(&loss).expect("step");
     });
-    println!("tiny UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}");
+    let fused = std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "0");
+    println!(
+        "{} UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}, fused kernels {}",
+        if small { "small" } else { "tiny" },
+        if fused { "on" } else { "off" }
+    );
     println!("onestep (candle, CPU):  forward {fwd:.3} s   train step {step:.3} s");
 
     match torch {

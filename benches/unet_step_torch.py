@@ -21,7 +21,7 @@ unet = UNetSpatioTemporalConditionModel(
     out_channels=4,
     down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
     up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-    block_out_channels=(32, 64),
+    block_out_channels=(64, 128) if os.environ.get("ONESTEP_BENCH_PRESET") == "small" else (32, 64),
     addition_time_embed_dim=32,
     projection_class_embeddings_input_dim=96,
     layers_per_block=1,

@@ -13,3 +13,27 @@ pub fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+/// Run the PyTorch side of a benchmark (`benches/SCRIPT` with `args`) through
+/// `$ONESTEP_BENCH_PYTHON` (default `python3`); its one JSON line, or why it could not run.
+#[allow(dead_code)]
+pub fn torch_side(script: &str, args: &[usize], reps: usize) -> Result<serde_json::Value, String> {
+    let python = std::env::var("ONESTEP_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = format!("{}/benches/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args(args.iter().map(|a| a.to_string()))
+        .env("ONESTEP_BENCH_REPS", reps.to_string())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(serde_json::from_slice(&o.stdout).unwrap_or_default()),
+        Ok(o) => Err(format!(
+            "{python} {script} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )),
+        Err(e) => Err(format!("{python}: {e}")),
+    }
+}

@@ -1,5 +1,6 @@
-//! Fused CPU kernels with their backward passes, as candle custom ops: what dominates a
-//! training step of the UNet and the VAE once it is written as many small candle operations.
+//! Fused CPU kernels with their backward passes, as candle custom ops: what dominates a training
+//! step of the UNet and the VAE once it is written as many small candle operations. The loops
+//! themselves live in the `onestep-kernels` crate (`kernels/`), which is always built optimised.
 //!
 //! - [`group_norm`]: GroupNorm (Wu & He 2018) with its affine part and an optional SiLU, one
 //!   pass over each group forward and two backward (diffusers' `GroupNorm` -> `SiLU`, as every
@@ -28,7 +29,9 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
-use rayon::prelude::*;
+use onestep_kernels::{
+    geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd, softmax_fwd, Groups,
+};
 
 /// `silu(group_norm(x) * weight + bias)` (or without the SiLU) over `[b, c, ...]` with
 /// `groups` groups of `c / groups` channels; `weight`, `bias`: `[c]`.
@@ -83,32 +86,17 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
-fn sigmoid(y: f32) -> f32 {
-    1.0 / (1.0 + (-y).exp())
-}
-
-/// Mean and `1 / sqrt(var + eps)` of a group (biased variance, as PyTorch).
-fn moments(xs: &[f32], eps: f64) -> (f32, f32) {
-    let n = xs.len() as f64;
-    let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = xs
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-}
-
 impl GroupNormOp {
-    /// (channels per group, elements per channel) of input `l`.
-    fn sizes(&self, l: &Layout) -> (usize, usize, usize) {
+    /// The kernel's view of input `l`: `[n, c, spatial...]`.
+    fn groups(&self, l: &Layout) -> Groups {
         let dims = l.dims();
-        let c = dims[1];
-        let spatial: usize = dims[2..].iter().product();
-        (dims[0], c, spatial)
+        Groups {
+            groups: self.groups,
+            cpg: dims[1] / self.groups,
+            spatial: dims[2..].iter().product(),
+            eps: self.eps,
+            silu: self.silu,
+        }
     }
 }
 
@@ -129,36 +117,8 @@ impl CustomOp3 for GroupNormOp {
         let x = f32_slice(s1, l1, "input")?;
         let w = f32_slice(s2, l2, "weight")?;
         let b = f32_slice(s3, l3, "bias")?;
-        let (_, c, spatial) = self.sizes(l1);
-        let cpg = c / self.groups;
-        let chunk = (cpg * spatial).max(1);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .enumerate()
-            .for_each(|(i, (o, xs))| {
-                let g = i % self.groups;
-                let (mean, rstd) = moments(xs, self.eps);
-                for k in 0..cpg {
-                    let ch = g * cpg + k;
-                    let scale = rstd * w[ch];
-                    let shift = b[ch] - mean * scale;
-                    let (o, xs) = (
-                        &mut o[k * spatial..(k + 1) * spatial],
-                        &xs[k * spatial..(k + 1) * spatial],
-                    );
-                    if self.silu {
-                        for (o, &v) in o.iter_mut().zip(xs) {
-                            let y = v * scale + shift;
-                            *o = y * sigmoid(y);
-                        }
-                    } else {
-                        for (o, &v) in o.iter_mut().zip(xs) {
-                            *o = v * scale + shift;
-                        }
-                    }
-                }
-            });
+        group_norm_fwd(x, w, b, self.groups(l1), &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -203,63 +163,13 @@ impl CustomOp3 for GroupNormBwd {
         let x = f32_slice(s1, l1, "input")?;
         let wb = f32_slice(s2, l2, "weight and bias")?;
         let go = f32_slice(s3, l3, "output gradient")?;
-        let (_, c, spatial) = op.sizes(l1);
+        let c = l1.dims()[1];
         let (w, b) = wb.split_at(c);
-        let cpg = c / op.groups;
-        let chunk = (cpg * spatial).max(1);
-        let mut out = vec![0f32; x.len() + 2 * c];
-        let (dx, _) = out.split_at_mut(x.len());
-        // Per group: d weight and d bias of its channels (summed over samples below).
-        let partial: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk).zip(go.par_chunks(chunk)))
-            .enumerate()
-            .map(|(i, (dx, (xs, gs)))| {
-                let g = i % op.groups;
-                let (mean, rstd) = moments(xs, op.eps);
-                let (mut dw, mut db) = (vec![0f32; cpg], vec![0f32; cpg]);
-                // Pass 1: d xhat into dx, the parameter gradients, and the two group sums.
-                let (mut sum_d, mut sum_dx) = (0f64, 0f64);
-                for k in 0..cpg {
-                    let ch = g * cpg + k;
-                    let r = k * spatial..(k + 1) * spatial;
-                    let (mut acc_w, mut acc_b) = (0f64, 0f64);
-                    for ((d, &v), &go) in dx[r.clone()].iter_mut().zip(&xs[r.clone()]).zip(&gs[r]) {
-                        let xhat = (v - mean) * rstd;
-                        let gy = if op.silu {
-                            let y = xhat * w[ch] + b[ch];
-                            let s = sigmoid(y);
-                            go * s * (1.0 + y * (1.0 - s))
-                        } else {
-                            go
-                        };
-                        acc_b += gy as f64;
-                        acc_w += (gy * xhat) as f64;
-                        let dxhat = gy * w[ch];
-                        sum_d += dxhat as f64;
-                        sum_dx += (dxhat * xhat) as f64;
-                        *d = dxhat;
-                    }
-                    dw[k] = acc_w as f32;
-                    db[k] = acc_b as f32;
-                }
-                // Pass 2: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
-                let m = xs.len() as f64;
-                let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
-                for (d, &v) in dx.iter_mut().zip(xs) {
-                    let xhat = (v - mean) * rstd;
-                    *d = rstd * (*d - mean_d - xhat * mean_dx);
-                }
-                (g, dw, db)
-            })
-            .collect();
         let n = x.len();
-        for (g, dw, db) in partial {
-            for k in 0..cpg {
-                out[n + g * cpg + k] += dw[k];
-                out[n + c + g * cpg + k] += db[k];
-            }
-        }
+        let mut out = vec![0f32; n + 2 * c];
+        let (dx, dwb) = out.split_at_mut(n);
+        let (dw, db) = dwb.split_at_mut(c);
+        group_norm_bwd(x, w, b, go, op.groups(l1), dx, dw, db);
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * c)))
     }
 }
@@ -278,22 +188,8 @@ impl CustomOp1 for SoftmaxLast {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "softmax input")?;
-        let dim = l.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(dim)
-            .zip(x.par_chunks(dim))
-            .for_each(|(o, xs)| {
-                let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                for o in o.iter_mut() {
-                    *o *= inv;
-                }
-            });
+        softmax_fwd(x, l.dims().last().copied().unwrap_or(1), &mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -321,16 +217,8 @@ impl CustomOp2 for SoftmaxLastBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let y = f32_slice(s1, l1, "softmax output")?;
         let g = f32_slice(s2, l2, "softmax gradient")?;
-        let dim = l1.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(dim)
-            .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
-            .for_each(|(o, (ys, gs))| {
-                let dot: f32 = ys.iter().zip(gs).map(|(a, b)| a * b).sum();
-                for ((o, &y), &g) in o.iter_mut().zip(ys).zip(gs) {
-                    *o = y * (g - dot);
-                }
-            });
+        softmax_bwd(y, g, l1.dims().last().copied().unwrap_or(1), &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -342,13 +230,6 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 }
 
 struct Geglu;
-
-/// `(gelu(g), gelu'(g))` with `gelu(g) = g Phi(g)`.
-fn gelu_and_slope(g: f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f32(g * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * g * g).exp() * 0.398_942_3; // 1 / sqrt(2 pi)
-    (g * cdf, cdf + g * pdf)
-}
 
 impl CustomOp1 for Geglu {
     fn name(&self) -> &'static str {
@@ -365,16 +246,7 @@ impl CustomOp1 for Geglu {
         let n = two / 2;
         dims.push(n);
         let mut out = vec![0f32; x.len() / 2];
-        if n > 0 {
-            out.par_chunks_mut(n)
-                .zip(x.par_chunks(two))
-                .for_each(|(o, xs)| {
-                    let (h, g) = xs.split_at(n);
-                    for ((o, &h), &g) in o.iter_mut().zip(h).zip(g) {
-                        *o = h * gelu_and_slope(g).0;
-                    }
-                });
-        }
+        geglu_fwd(x, n, candle_core::cpu::erf::erf_f32, &mut out);
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
@@ -400,22 +272,9 @@ impl CustomOp2 for GegluBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "GEGLU input")?;
         let go = f32_slice(s2, l2, "GEGLU gradient")?;
-        let two = l1.dims().last().copied().unwrap_or(0);
-        let n = two / 2;
+        let n = l1.dims().last().copied().unwrap_or(0) / 2;
         let mut out = vec![0f32; x.len()];
-        if n > 0 {
-            out.par_chunks_mut(two)
-                .zip(x.par_chunks(two).zip(go.par_chunks(n)))
-                .for_each(|(o, (xs, gs))| {
-                    let (dh, dg) = o.split_at_mut(n);
-                    let (h, g) = xs.split_at(n);
-                    for i in 0..n {
-                        let (gelu, slope) = gelu_and_slope(g[i]);
-                        dh[i] = gs[i] * gelu;
-                        dg[i] = gs[i] * h[i] * slope;
-                    }
-                });
-        }
+        geglu_bwd(x, go, n, candle_core::cpu::erf::erf_f32, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

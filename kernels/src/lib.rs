@@ -1,0 +1,217 @@
+//! onestep's fused CPU kernels over f32 slices, forward and backward, parallel with rayon.
+//!
+//! A crate of its own so that it is always compiled with optimisations: onestep itself builds
+//! at opt-level 1 in tests (quick to compile), where these loops would run several times
+//! slower than candle's own (optimised) kernels they replace. `src/models/fused.rs` wraps them
+//! as candle custom ops; the maths is documented there.
+
+use rayon::prelude::*;
+
+fn sigmoid(y: f32) -> f32 {
+    1.0 / (1.0 + (-y).exp())
+}
+
+/// Mean and `1 / sqrt(var + eps)` of a group (biased variance, as PyTorch), accumulated in f64.
+fn moments(xs: &[f32], eps: f64) -> (f32, f32) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = xs
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// The layout of a GroupNorm input `[n, c, spatial...]` in C order: each (sample, group) is one
+/// contiguous block of `channels_per_group * spatial` values.
+#[derive(Debug, Clone, Copy)]
+pub struct Groups {
+    pub groups: usize,
+    /// Channels per group.
+    pub cpg: usize,
+    /// Elements per channel (product of the trailing axes).
+    pub spatial: usize,
+    pub eps: f64,
+    /// Apply SiLU after the affine part.
+    pub silu: bool,
+}
+
+impl Groups {
+    fn chunk(&self) -> usize {
+        (self.cpg * self.spatial).max(1)
+    }
+}
+
+/// `out = [silu](group_norm(x) * w + b)`; `w`, `b`: one value per channel.
+pub fn group_norm_fwd(x: &[f32], w: &[f32], b: &[f32], g: Groups, out: &mut [f32]) {
+    let (cpg, spatial) = (g.cpg, g.spatial);
+    out.par_chunks_mut(g.chunk())
+        .zip(x.par_chunks(g.chunk()))
+        .enumerate()
+        .for_each(|(i, (o, xs))| {
+            let grp = i % g.groups;
+            let (mean, rstd) = moments(xs, g.eps);
+            for k in 0..cpg {
+                let ch = grp * cpg + k;
+                let scale = rstd * w[ch];
+                let shift = b[ch] - mean * scale;
+                let r = k * spatial..(k + 1) * spatial;
+                let (o, xs) = (&mut o[r.clone()], &xs[r]);
+                if g.silu {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        let y = v * scale + shift;
+                        *o = y * sigmoid(y);
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        *o = v * scale + shift;
+                    }
+                }
+            }
+        });
+}
+
+/// Gradients of [`group_norm_fwd`] from the output gradient `go`: `dx` (like `x`), and `dw`,
+/// `db` (one per channel, overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_bwd(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    go: &[f32],
+    g: Groups,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (cpg, spatial) = (g.cpg, g.spatial);
+    // Per (sample, group): d weight and d bias of its channels, summed over samples below.
+    let partial: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(g.chunk())
+        .zip(x.par_chunks(g.chunk()).zip(go.par_chunks(g.chunk())))
+        .enumerate()
+        .map(|(i, (dx, (xs, gs)))| {
+            let grp = i % g.groups;
+            let (mean, rstd) = moments(xs, g.eps);
+            let (mut pw, mut pb) = (vec![0f32; cpg], vec![0f32; cpg]);
+            // Pass 1: d xhat into dx, the parameter gradients, and the two group sums.
+            let (mut sum_d, mut sum_dx) = (0f64, 0f64);
+            for k in 0..cpg {
+                let ch = grp * cpg + k;
+                let r = k * spatial..(k + 1) * spatial;
+                let (mut acc_w, mut acc_b) = (0f64, 0f64);
+                for ((d, &v), &go) in dx[r.clone()].iter_mut().zip(&xs[r.clone()]).zip(&gs[r]) {
+                    let xhat = (v - mean) * rstd;
+                    let gy = if g.silu {
+                        let y = xhat * w[ch] + b[ch];
+                        let s = sigmoid(y);
+                        go * s * (1.0 + y * (1.0 - s))
+                    } else {
+                        go
+                    };
+                    acc_b += gy as f64;
+                    acc_w += (gy * xhat) as f64;
+                    let dxhat = gy * w[ch];
+                    sum_d += dxhat as f64;
+                    sum_dx += (dxhat * xhat) as f64;
+                    *d = dxhat;
+                }
+                pw[k] = acc_w as f32;
+                pb[k] = acc_b as f32;
+            }
+            // Pass 2: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+            let m = xs.len() as f64;
+            let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
+            for (d, &v) in dx.iter_mut().zip(xs) {
+                let xhat = (v - mean) * rstd;
+                *d = rstd * (*d - mean_d - xhat * mean_dx);
+            }
+            (grp, pw, pb)
+        })
+        .collect();
+    dw.fill(0.0);
+    db.fill(0.0);
+    for (grp, pw, pb) in partial {
+        for k in 0..cpg {
+            dw[grp * cpg + k] += pw[k];
+            db[grp * cpg + k] += pb[k];
+        }
+    }
+}
+
+/// Softmax over rows of `dim` values.
+pub fn softmax_fwd(x: &[f32], dim: usize, out: &mut [f32]) {
+    let dim = dim.max(1);
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, xs)| {
+            let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in o.iter_mut().zip(xs) {
+                *o = (v - max).exp();
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        });
+}
+
+/// `dx = y (g - <g, y>)` per row, from the softmax output `y` and its gradient `g`.
+pub fn softmax_bwd(y: &[f32], g: &[f32], dim: usize, dx: &mut [f32]) {
+    let dim = dim.max(1);
+    dx.par_chunks_mut(dim)
+        .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
+        .for_each(|(o, (ys, gs))| {
+            let dot: f32 = ys.iter().zip(gs).map(|(a, b)| a * b).sum();
+            for ((o, &y), &g) in o.iter_mut().zip(ys).zip(gs) {
+                *o = y * (g - dot);
+            }
+        });
+}
+
+/// `(gelu(g), gelu'(g))` of the exact GELU `g Phi(g)`, with `erf` from candle's CPU backend
+/// passed in (this crate has no dependency on candle).
+fn gelu_and_slope(g: f32, erf: fn(f32) -> f32) -> (f32, f32) {
+    let cdf = 0.5 * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = (-0.5 * g * g).exp() * 0.398_942_3; // 1 / sqrt(2 pi)
+    (g * cdf, cdf + g * pdf)
+}
+
+/// GEGLU over rows of `2n` values: `out[.., i] = x[.., i] * gelu(x[.., n + i])`.
+pub fn geglu_fwd(x: &[f32], n: usize, erf: fn(f32) -> f32, out: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    out.par_chunks_mut(n)
+        .zip(x.par_chunks(2 * n))
+        .for_each(|(o, xs)| {
+            let (h, g) = xs.split_at(n);
+            for ((o, &h), &g) in o.iter_mut().zip(h).zip(g) {
+                *o = h * gelu_and_slope(g, erf).0;
+            }
+        });
+}
+
+/// Gradient of [`geglu_fwd`]: `dx = [go gelu(g), go h gelu'(g)]` per row.
+pub fn geglu_bwd(x: &[f32], go: &[f32], n: usize, erf: fn(f32) -> f32, dx: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    dx.par_chunks_mut(2 * n)
+        .zip(x.par_chunks(2 * n).zip(go.par_chunks(n)))
+        .for_each(|(o, (xs, gs))| {
+            let (dh, dg) = o.split_at_mut(n);
+            let (h, g) = xs.split_at(n);
+            for i in 0..n {
+                let (gelu, slope) = gelu_and_slope(g[i], erf);
+                dh[i] = gs[i] * gelu;
+                dg[i] = gs[i] * h[i] * slope;
+            }
+        });
+}
