@@ -34,6 +34,10 @@ pub fn efficientnet_lite0_pth(path: &Path, dev: &Device) -> Result<EfficientNetL
         .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
     let mut map = FloatArrays::new();
     for (name, a) in arrays {
+        // Integer entries (BatchNorm's `num_batches_tracked`) are no weights.
+        if !a.dtype.starts_with('f') {
+            continue;
+        }
         let v = a
             .to_f32()
             .map_err(|e| Error::Data(format!("{}: `{name}`: {e}", path.display())))?;
