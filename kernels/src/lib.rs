@@ -215,3 +215,61 @@ pub fn geglu_bwd(x: &[f32], go: &[f32], n: usize, erf: fn(f32) -> f32, dx: &mut 
             }
         });
 }
+
+/// `out = y + b[c]` over `y` laid out `[outer, c, inner]` (a per-channel bias).
+pub fn bias_add_fwd(y: &[f32], b: &[f32], c: usize, inner: usize, out: &mut [f32]) {
+    let inner = inner.max(1);
+    if inner == 1 {
+        // `[rows, c]`: one bias row per output row.
+        out.par_chunks_mut(c.max(1))
+            .zip(y.par_chunks(c.max(1)))
+            .for_each(|(o, ys)| {
+                for ((o, &v), &bb) in o.iter_mut().zip(ys).zip(b) {
+                    *o = v + bb;
+                }
+            });
+        return;
+    }
+    out.par_chunks_mut(inner)
+        .zip(y.par_chunks(inner))
+        .enumerate()
+        .for_each(|(i, (o, ys))| {
+            let bb = b[i % c];
+            for (o, &v) in o.iter_mut().zip(ys) {
+                *o = v + bb;
+            }
+        });
+}
+
+/// The bias gradient of [`bias_add_fwd`]: `db[c] = sum over outer and inner of g`.
+pub fn bias_add_grad(g: &[f32], c: usize, inner: usize, db: &mut [f32]) {
+    let inner = inner.max(1);
+    let row = c * inner;
+    if row == 0 {
+        return;
+    }
+    // Partial sums over blocks of outer rows, in f64, then one reduction.
+    let outer = g.len() / row;
+    let per = outer.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let partial: Vec<Vec<f64>> = g
+        .par_chunks(per * row)
+        .map(|block| {
+            let mut acc = vec![0f64; c];
+            for r in block.chunks(row) {
+                if inner == 1 {
+                    for (a, &v) in acc.iter_mut().zip(r) {
+                        *a += v as f64;
+                    }
+                } else {
+                    for (a, ch) in acc.iter_mut().zip(r.chunks(inner)) {
+                        *a += ch.iter().map(|&v| v as f64).sum::<f64>();
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    for (k, d) in db.iter_mut().enumerate() {
+        *d = partial.iter().map(|p| p[k]).sum::<f64>() as f32;
+    }
+}

@@ -20,6 +20,10 @@
 //!   diffusers' `GEGLU` with the exact erf GELU) in one pass forward and backward, where the
 //!   composition copies both strided halves, the GELU and the product.
 //!
+//! - [`add_bias`]: a per-channel bias added to `[outer, c, inner]` (convolutions, linear layers)
+//!   in one pass, and its gradient as one reduction, where candle broadcasts the bias into a
+//!   fresh tensor and reduces its gradient with per-element index arithmetic.
+//!
 //! LayerNorm over the last axis is the same kernel with one group over `[rows, dim, 1]`
 //! (`layers::LayerNorm` calls it so).
 //!
@@ -30,7 +34,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use onestep_kernels::{
-    geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd, softmax_fwd, Groups,
+    bias_add_fwd, bias_add_grad, geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd,
+    softmax_fwd, Groups,
 };
 
 /// `silu(group_norm(x) * weight + bias)` (or without the SiLU) over `[b, c, ...]` with
@@ -279,6 +284,71 @@ impl CustomOp2 for GegluBwd {
     }
 }
 
+/// `y + bias` with `bias: [c]` broadcast over `y: [outer, c, inner]` (given as `y`'s shape and
+/// the axis of `c`), f32 on the CPU, with backward.
+pub fn add_bias(y: &Tensor, bias: &Tensor, axis: usize) -> Result<Tensor> {
+    let dims = y.dims();
+    let c = dims[axis];
+    if bias.dims() != [c] {
+        candle_core::bail!("add_bias: bias {:?} for {c} channels", bias.dims());
+    }
+    let inner: usize = dims[axis + 1..].iter().product();
+    y.contiguous()?
+        .apply_op2(&bias.contiguous()?, AddBias { c, inner })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AddBias {
+    c: usize,
+    inner: usize,
+}
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "input")?;
+        let b = f32_slice(s2, l2, "bias")?;
+        let mut out = vec![0f32; y.len()];
+        bias_add_fwd(y, b, self.c, self.inner, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad.contiguous()?.apply_op1_no_bwd(&BiasGrad(*self))?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+struct BiasGrad(AddBias);
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "add-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "gradient")?;
+        let mut db = vec![0f32; self.0.c];
+        bias_add_grad(g, self.0.c, self.0.inner, &mut db);
+        Ok((CpuStorage::F32(db), Shape::from(self.0.c)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +552,43 @@ mod tests {
                 "{shape:?}: {}",
                 max_diff(&fused.1, &plain.1)
             );
+        }
+    }
+
+    #[test]
+    fn fused_bias_add_matches_broadcasting() {
+        let dev = Device::Cpu;
+        for (shape, axis) in [
+            (vec![5usize, 7], 1),
+            (vec![6, 33], 0),
+            (vec![3, 4, 10], 1),
+            (vec![2, 3, 1], 1),
+        ] {
+            let c = shape[axis];
+            let y =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, shape.clone(), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, shape.clone(), &dev).unwrap();
+            let grads = |out: Tensor| {
+                let g = (&out * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (
+                    out,
+                    g.get(y.as_tensor()).unwrap().clone(),
+                    g.get(b.as_tensor()).unwrap().clone(),
+                )
+            };
+            let fused = grads(add_bias(&y, &b, axis).unwrap());
+            let mut bshape = vec![1usize; shape.len()];
+            bshape[axis] = c;
+            let plain = grads(y.broadcast_add(&b.reshape(bshape).unwrap()).unwrap());
+            assert!(max_diff(&fused.0, &plain.0) < 1e-6, "{shape:?}");
+            assert!(max_diff(&fused.1, &plain.1) < 1e-6, "{shape:?}");
+            assert!(max_diff(&fused.2, &plain.2) < 1e-4, "{shape:?}");
         }
     }
 

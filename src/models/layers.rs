@@ -69,6 +69,7 @@ impl Module for Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
+            Some(b) if super::fused::fused_available(&y, b) => super::fused::add_bias(&y, b, 1)?,
             Some(b) => (y + expand_param(b, rows, 1)?.squeeze(2)?)?,
             None => y,
         };
@@ -180,6 +181,9 @@ impl Conv2d {
         };
         let y = self.weight.reshape((cout, cin * kh * kw))?.matmul(&cols)?;
         let y = match &self.bias {
+            Some(bias) if super::fused::fused_available(&y, bias) => {
+                super::fused::add_bias(&y, bias, 0)?
+            }
             Some(bias) => y.broadcast_add(&bias.unsqueeze(1)?)?,
             None => y,
         };
@@ -225,7 +229,11 @@ impl TemporalConv {
         };
         let w2 = self.weight.reshape((cout, cin * kt))?;
         let y = w2.broadcast_left(b)?.matmul(&cols)?;
-        let y = (y + expand_param(&self.bias, b, t * h * w)?)?;
+        let y = if super::fused::fused_available(&y, &self.bias) {
+            super::fused::add_bias(&y, &self.bias, 1)?
+        } else {
+            (y + expand_param(&self.bias, b, t * h * w)?)?
+        };
         y.reshape((b, cout, t, h, w))
     }
 }
