@@ -21,5 +21,11 @@ pub fn tune_for_tensors() {
         libc::mallopt(-3, 32 << 20);
         // M_TRIM_THRESHOLD = -1: keep freed memory at the top of the heap instead of trimming it.
         libc::mallopt(-1, 1 << 30);
+        // M_MMAP_MAX = -4: no mmap at all, so blocks over the 32 MiB threshold (the im2col
+        // columns of a convolution, attention scores) are reused from the heap too instead of
+        // being mapped, faulted in page by page and zeroed by the kernel on every call.
+        if std::env::var_os("ONESTEP_MALLOC_MMAP").is_none() {
+            libc::mallopt(-4, 0);
+        }
     }
 }
