@@ -281,3 +281,205 @@ pub fn bias_add_grad(g: &[f32], c: usize, inner: usize, db: &mut [f32]) {
         *d = partial.iter().map(|p| p[k]).sum::<f64>() as f32;
     }
 }
+
+/// The geometry of a 2-D convolution over `[b, cin, h, w]` images with `[cout, cin, kh, kw]`
+/// weights (no dilation or groups): stride, padding (top, left; bottom and right only shape
+/// `ho`, `wo`), output size.
+#[derive(Debug, Clone, Copy)]
+pub struct Conv {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Conv {
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+    fn p(&self) -> usize {
+        self.ho * self.wo
+    }
+    /// A 1x1 stride-1 unpadded convolution reads the image itself as its columns.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad_top == 0 && self.pad_left == 0
+    }
+
+    /// `cols[(c kh + ky) kw + kx, oy wo + ox] = x[c, oy s + ky - pt, ox s + kx - pl]` (0 outside).
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        let (p, wo) = (self.p(), self.wo);
+        for c in 0..self.cin {
+            let xc = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let r = (c * self.kh + ky) * self.kw + kx;
+                    let row = &mut cols[r * p..(r + 1) * p];
+                    for oy in 0..self.ho {
+                        let iy = (oy * self.stride + ky) as isize - self.pad_top as isize;
+                        let out = &mut row[oy * wo..(oy + 1) * wo];
+                        if iy < 0 || iy >= self.h as isize {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let src = &xc[iy as usize * self.w..(iy as usize + 1) * self.w];
+                        for (ox, o) in out.iter_mut().enumerate() {
+                            let ix = (ox * self.stride + kx) as isize - self.pad_left as isize;
+                            *o = if ix < 0 || ix >= self.w as isize {
+                                0.0
+                            } else {
+                                src[ix as usize]
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of [`Conv::im2col`]: adds every column entry back to its input pixel.
+    fn col2im_add(&self, cols: &[f32], dx: &mut [f32]) {
+        let (p, wo) = (self.p(), self.wo);
+        for c in 0..self.cin {
+            let dxc = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let r = (c * self.kh + ky) * self.kw + kx;
+                    let row = &cols[r * p..(r + 1) * p];
+                    for oy in 0..self.ho {
+                        let iy = (oy * self.stride + ky) as isize - self.pad_top as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let dst = &mut dxc[iy as usize * self.w..(iy as usize + 1) * self.w];
+                        for (ox, &v) in row[oy * wo..(oy + 1) * wo].iter().enumerate() {
+                            let ix = (ox * self.stride + kx) as isize - self.pad_left as isize;
+                            if ix >= 0 && (ix as usize) < self.w {
+                                dst[ix as usize] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m, n] (+)= a[m, k] b[k, n]` with row and column strides, single-threaded (the caller
+/// parallelises over images).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    (d_rs, d_cs): (usize, usize),
+    accumulate: bool,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let span = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    assert!(dst.len() >= span(m, d_rs, n, d_cs));
+    if k > 0 {
+        assert!(a.len() >= span(m, a_rs, k, a_cs) && b.len() >= span(k, b_rs, n, b_cs));
+    }
+    // SAFETY: the asserts bound every element the GEMM reads or writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            d_cs as isize,
+            d_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `y[i] = W cols(x[i])` for every image `i` of `x` (`[b, cin, h, w]`), written in
+/// `[b, cout, ho, wo]` order: one GEMM per image, images in parallel.
+pub fn conv2d_fwd(x: &[f32], wt: &[f32], g: Conv, y: &mut [f32]) {
+    let (k, p, cout) = (g.k(), g.p(), g.cout);
+    let img = g.cin * g.h * g.w;
+    y.par_chunks_mut((cout * p).max(1))
+        .zip(x.par_chunks(img.max(1)))
+        .for_each_init(
+            || vec![0f32; if g.pointwise() { 0 } else { k * p }],
+            |cols, (y, x)| {
+                let b: &[f32] = if g.pointwise() {
+                    x
+                } else {
+                    g.im2col(x, cols);
+                    cols
+                };
+                gemm_into(cout, p, k, y, (p, 1), false, wt, (k, 1), b, (p, 1));
+            },
+        );
+}
+
+/// Gradients of [`conv2d_fwd`] from `dy` (`[b, cout, ho, wo]`): `dx` (overwritten) and `dw`
+/// (`[cout, cin kh kw]`, overwritten).
+pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw: &mut [f32]) {
+    let (k, p, cout) = (g.k(), g.p(), g.cout);
+    let img = g.cin * g.h * g.w;
+    let partial = dx
+        .par_chunks_mut(img.max(1))
+        .zip(x.par_chunks(img.max(1)).zip(dy.par_chunks((cout * p).max(1))))
+        .fold(
+            || (vec![0f32; k * p], vec![0f32; k * p], vec![0f32; cout * k]),
+            |(mut cols, mut dcols, mut dw), (dx, (x, dy))| {
+                // d W += dy[i] cols(x[i])^T.
+                let b: &[f32] = if g.pointwise() {
+                    x
+                } else {
+                    g.im2col(x, &mut cols);
+                    &cols
+                };
+                gemm_into(cout, k, p, &mut dw, (k, 1), true, dy, (p, 1), b, (1, p));
+                // d cols = W^T dy[i], then back onto the image.
+                if g.pointwise() {
+                    gemm_into(k, p, cout, dx, (p, 1), false, wt, (1, k), dy, (p, 1));
+                } else {
+                    gemm_into(k, p, cout, &mut dcols, (p, 1), false, wt, (1, k), dy, (p, 1));
+                    dx.fill(0.0);
+                    g.col2im_add(&dcols, dx);
+                }
+                (cols, dcols, dw)
+            },
+        )
+        .map(|(_, _, dw)| dw)
+        .reduce(
+            || vec![0f32; cout * k],
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(&b) {
+                    *a += b;
+                }
+                a
+            },
+        );
+    dw.copy_from_slice(&partial);
+}

@@ -24,6 +24,12 @@
 //!   in one pass, and its gradient as one reduction, where candle broadcasts the bias into a
 //!   fresh tensor and reduces its gradient with per-element index arithmetic.
 //!
+//! - [`conv2d`]: a 2-D convolution as one GEMM per image on its im2col columns, images in
+//!   parallel, written straight in `[b, c, h, w]` order; backward: `dW = sum dy cols^T` and
+//!   `dx = col2im(W^T dy)`, recomputing each image's columns. The candle composition it
+//!   replaces transposes the batch to channels-first, pads by concatenation, stacks the taps
+//!   into one columns tensor for the whole batch and transposes back: copies in both passes.
+//!
 //! LayerNorm over the last axis is the same kernel with one group over `[rows, dim, 1]`
 //! (`layers::LayerNorm` calls it so).
 //!
@@ -34,8 +40,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use onestep_kernels::{
-    bias_add_fwd, bias_add_grad, geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd,
-    softmax_fwd, Groups,
+    bias_add_fwd, bias_add_grad, conv2d_bwd, conv2d_fwd, geglu_bwd, geglu_fwd, group_norm_bwd,
+    group_norm_fwd, softmax_bwd, softmax_fwd, Conv, Groups,
 };
 
 /// `silu(group_norm(x) * weight + bias)` (or without the SiLU) over `[b, c, ...]` with
@@ -79,6 +85,12 @@ struct GroupNormOp {
     groups: usize,
     eps: f64,
     silu: bool,
+}
+
+/// A gradient for `arg` only if autograd tracks it: candle's backward pass would otherwise
+/// record gradients for constants (frozen weights) too.
+fn tracked(arg: &Tensor, grad: Tensor) -> Option<Tensor> {
+    arg.track_op().then_some(grad)
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -142,7 +154,7 @@ impl CustomOp3 for GroupNormOp {
         let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
         let dw = out.narrow(0, n, c)?;
         let db = out.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((tracked(x, dx), tracked(weight, dw), tracked(bias, db)))
     }
 }
 
@@ -324,13 +336,17 @@ impl CustomOp2 for AddBias {
 
     fn bwd(
         &self,
-        _y: &Tensor,
-        _bias: &Tensor,
+        y: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = grad.contiguous()?.apply_op1_no_bwd(&BiasGrad(*self))?;
-        Ok((Some(grad.clone()), Some(db)))
+        let db = if bias.track_op() {
+            Some(grad.contiguous()?.apply_op1_no_bwd(&BiasGrad(*self))?)
+        } else {
+            None
+        };
+        Ok((tracked(y, grad.clone()), db))
     }
 }
 
@@ -346,6 +362,105 @@ impl CustomOp1 for BiasGrad {
         let mut db = vec![0f32; self.0.c];
         bias_add_grad(g, self.0.c, self.0.inner, &mut db);
         Ok((CpuStorage::F32(db), Shape::from(self.0.c)))
+    }
+}
+
+/// `conv2d(x, weight)` without bias: `x [b, cin, h, w]`, `weight [cout, cin, kh, kw]`, stride
+/// `stride`, padding `[top, bottom, left, right]` -> `[b, cout, ho, wo]`; f32 on the CPU, with
+/// backward for both inputs.
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+    let (_, cin, h, w) = x.dims4()?;
+    let (cout, wcin, kh, kw) = weight.dims4()?;
+    if wcin != cin {
+        candle_core::bail!("conv2d: input has {cin} channels, weight {wcin}");
+    }
+    let [pt, pb, pl, pr] = pad;
+    if h + pt + pb < kh || w + pl + pr < kw || stride == 0 {
+        candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded input {h}x{w}");
+    }
+    let g = Conv {
+        cin,
+        h,
+        w,
+        cout,
+        kh,
+        kw,
+        stride,
+        pad_top: pt,
+        pad_left: pl,
+        ho: (h + pt + pb - kh) / stride + 1,
+        wo: (w + pl + pr - kw) / stride + 1,
+    };
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Conv2dOp(g))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Conv2dOp(Conv);
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "conv input")?;
+        let w = f32_slice(s2, l2, "conv weight")?;
+        let g = self.0;
+        let b = l1.dims()[0];
+        let mut y = vec![0f32; b * g.cout * g.ho * g.wo];
+        conv2d_fwd(x, w, g, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((b, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &Conv2dBwd(self.0))?;
+        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = out
+            .narrow(0, n, weight.elem_count())?
+            .reshape(weight.shape())?;
+        Ok((tracked(x, dx), tracked(weight, dw)))
+    }
+}
+
+/// Inputs `x`, `weight`, `dy`; output `[dx (flat); d weight (flat)]`.
+struct Conv2dBwd(Conv);
+
+impl CustomOp3 for Conv2dBwd {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "conv input")?;
+        let w = f32_slice(s2, l2, "conv weight")?;
+        let dy = f32_slice(s3, l3, "conv output gradient")?;
+        let (n, nw) = (x.len(), w.len());
+        let mut out = vec![0f32; n + nw];
+        let (dx, dw) = out.split_at_mut(n);
+        conv2d_bwd(x, w, dy, self.0, dx, dw);
+        Ok((CpuStorage::F32(out), Shape::from(n + nw)))
     }
 }
 
@@ -589,6 +704,65 @@ mod tests {
             assert!(max_diff(&fused.0, &plain.0) < 1e-6, "{shape:?}");
             assert!(max_diff(&fused.1, &plain.1) < 1e-6, "{shape:?}");
             assert!(max_diff(&fused.2, &plain.2) < 1e-4, "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn fused_conv2d_matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        // (b, cin, h, w, cout, k, stride, pad [t, b, l, r]): 3x3 same, strided with the VAE's
+        // asymmetric padding, 1x1, odd sizes, a kernel wider than the unpadded image.
+        let cases = [
+            (2, 3, 5, 7, 4, 3, 1, [1, 1, 1, 1]),
+            (2, 4, 8, 6, 3, 3, 2, [0, 1, 0, 1]),
+            (3, 5, 4, 4, 6, 1, 1, [0, 0, 0, 0]),
+            (1, 2, 7, 5, 2, 3, 2, [1, 1, 1, 1]),
+            (1, 1, 2, 2, 1, 3, 1, [1, 1, 1, 1]),
+        ];
+        for (b, cin, h, w, cout, k, s, pad) in cases {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap()).unwrap();
+            let wt = Var::from_tensor(&Tensor::randn(0f32, 0.5, (cout, cin, k, k), &dev).unwrap())
+                .unwrap();
+            let y1 = conv2d(&x, &wt, s, pad).unwrap();
+            // candle's own conv2d on an explicitly padded input.
+            let xp = x
+                .pad_with_zeros(2, pad[0], pad[1])
+                .unwrap()
+                .pad_with_zeros(3, pad[2], pad[3])
+                .unwrap();
+            let y0 = xp.conv2d(&wt, 0, s, 1, 1).unwrap();
+            assert_eq!(
+                y1.dims(),
+                y0.dims(),
+                "case {b} {cin} {h} {w} {cout} {k} {s} {pad:?}"
+            );
+            let probe = Tensor::randn(0f32, 1.0, y0.dims(), &dev).unwrap();
+            let grads = |y: &Tensor| {
+                let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    g.get(x.as_tensor()).unwrap().clone(),
+                    g.get(wt.as_tensor()).unwrap().clone(),
+                )
+            };
+            let (dx1, dw1) = grads(&y1);
+            let (dx0, dw0) = grads(&y0);
+            let what = format!("case {b} {cin} {h} {w} {cout} {k} {s} {pad:?}");
+            assert!(
+                max_diff(&y1, &y0) < 1e-4,
+                "forward {what}: {}",
+                max_diff(&y1, &y0)
+            );
+            assert!(
+                max_diff(&dx1, &dx0) < 1e-4,
+                "dx {what}: {}",
+                max_diff(&dx1, &dx0)
+            );
+            assert!(
+                max_diff(&dw1, &dw0) < 1e-4,
+                "dw {what}: {}",
+                max_diff(&dw1, &dw0)
+            );
         }
     }
 

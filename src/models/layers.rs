@@ -134,6 +134,15 @@ impl Conv2d {
     /// One GEMM `W [c_out, c_in k k] x cols [c_in k k, b h_out w_out]`: the weight gradient is
     /// then one GEMM as well, and the bias gradient a sum over the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // f32 on the CPU: one GEMM per image in its own layout (`super::fused::conv2d`), no
+        // transposes or batch-wide column tensor; elsewhere the composition below.
+        if super::fused::fused_available(x, &self.weight) {
+            let y = super::fused::conv2d(x, &self.weight, self.stride, self.pad)?;
+            return match &self.bias {
+                Some(b) => super::fused::add_bias(&y, b, 1),
+                None => Ok(y),
+            };
+        }
         let (b, cin, h, w) = x.dims4()?;
         let (cout, _, kh, kw) = self.weight.dims4()?;
         let s = self.stride;
@@ -181,9 +190,6 @@ impl Conv2d {
         };
         let y = self.weight.reshape((cout, cin * kh * kw))?.matmul(&cols)?;
         let y = match &self.bias {
-            Some(bias) if super::fused::fused_available(&y, bias) => {
-                super::fused::add_bias(&y, bias, 0)?
-            }
             Some(bias) => y.broadcast_add(&bias.unsqueeze(1)?)?,
             None => y,
         };
