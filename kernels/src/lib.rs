@@ -483,3 +483,35 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
         );
     dw.copy_from_slice(&partial);
 }
+
+/// `out = a s + (1 - a) t` (SVD's `AlphaBlender` with the blend factor `a` already computed).
+pub fn blend_fwd(s: &[f32], t: &[f32], a: f32, out: &mut [f32]) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(s.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)))
+        .for_each(|(o, (s, t))| {
+            for ((o, &s), &t) in o.iter_mut().zip(s).zip(t) {
+                *o = a * s + (1.0 - a) * t;
+            }
+        });
+}
+
+/// Gradients of [`blend_fwd`] from `g`: `ds = a g`, `dt = (1 - a) g` (written), and the
+/// returned `da = sum g (s - t)`.
+pub fn blend_bwd(s: &[f32], t: &[f32], g: &[f32], a: f32, ds: &mut [f32], dt: &mut [f32]) -> f32 {
+    const CHUNK: usize = 1 << 14;
+    ds.par_chunks_mut(CHUNK)
+        .zip(dt.par_chunks_mut(CHUNK))
+        .zip(s.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)))
+        .map(|((ds, dt), ((s, t), g))| {
+            let mut acc = [0f32; 16];
+            for (i, (((ds, dt), &s), &t)) in ds.iter_mut().zip(dt.iter_mut()).zip(s).zip(t).enumerate() {
+                let gi = g[i];
+                *ds = a * gi;
+                *dt = (1.0 - a) * gi;
+                acc[i % 16] += gi * (s - t);
+            }
+            acc.iter().map(|&v| v as f64).sum::<f64>()
+        })
+        .sum::<f64>() as f32
+}

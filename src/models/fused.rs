@@ -30,6 +30,9 @@
 //!   replaces transposes the batch to channels-first, pads by concatenation, stacks the taps
 //!   into one columns tensor for the whole batch and transposes back: copies in both passes.
 //!
+//! - [`blend`]: SVD's `AlphaBlender`, `a s + (1 - a) t` with a learned scalar `a`, in one pass
+//!   (two scalar broadcasts, a product and a sum in candle), backward in one pass too.
+//!
 //! LayerNorm over the last axis is the same kernel with one group over `[rows, dim, 1]`
 //! (`layers::LayerNorm` calls it so).
 //!
@@ -40,8 +43,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use onestep_kernels::{
-    bias_add_fwd, bias_add_grad, conv2d_bwd, conv2d_fwd, geglu_bwd, geglu_fwd, group_norm_bwd,
-    group_norm_fwd, softmax_bwd, softmax_fwd, Conv, Groups,
+    bias_add_fwd, bias_add_grad, blend_bwd, blend_fwd, conv2d_bwd, conv2d_fwd, geglu_bwd,
+    geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd, softmax_fwd, Conv, Groups,
 };
 
 /// `silu(group_norm(x) * weight + bias)` (or without the SiLU) over `[b, c, ...]` with
@@ -464,6 +467,108 @@ impl CustomOp3 for Conv2dBwd {
     }
 }
 
+/// `alpha * spatial + (1 - alpha) * temporal` with `alpha` a one-element tensor, f32 on the
+/// CPU, with backward for all three.
+pub fn blend(spatial: &Tensor, temporal: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    if spatial.dims() != temporal.dims() || alpha.elem_count() != 1 {
+        candle_core::bail!(
+            "blend: {:?} and {:?} with alpha {:?}",
+            spatial.dims(),
+            temporal.dims(),
+            alpha.dims()
+        );
+    }
+    spatial
+        .contiguous()?
+        .apply_op3(&temporal.contiguous()?, &alpha.flatten_all()?, Blend)
+}
+
+struct Blend;
+
+fn scalar_of(s: &CpuStorage, l: &Layout) -> Result<f32> {
+    Ok(f32_slice(s, l, "blend factor")?[0])
+}
+
+impl CustomOp3 for Blend {
+    fn name(&self) -> &'static str {
+        "alpha-blend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, t) = (
+            f32_slice(s1, l1, "spatial")?,
+            f32_slice(s2, l2, "temporal")?,
+        );
+        let mut out = vec![0f32; s.len()];
+        blend_fwd(s, t, scalar_of(s3, l3)?, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        spatial: &Tensor,
+        temporal: &Tensor,
+        alpha: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = spatial.elem_count();
+        let out = spatial.apply_op3_no_bwd(
+            temporal,
+            &Tensor::cat(&[&grad.contiguous()?.flatten_all()?, alpha], 0)?,
+            &BlendBwd,
+        )?;
+        let ds = out.narrow(0, 0, n)?.reshape(spatial.shape())?;
+        let dt = out.narrow(0, n, n)?.reshape(temporal.shape())?;
+        let da = out.narrow(0, 2 * n, 1)?.reshape(alpha.shape())?;
+        Ok((
+            tracked(spatial, ds),
+            tracked(temporal, dt),
+            tracked(alpha, da),
+        ))
+    }
+}
+
+/// Inputs `spatial`, `temporal`, `[grad (flat); alpha]`; output `[ds; dt; da]`.
+struct BlendBwd;
+
+impl CustomOp3 for BlendBwd {
+    fn name(&self) -> &'static str {
+        "alpha-blend-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, t) = (
+            f32_slice(s1, l1, "spatial")?,
+            f32_slice(s2, l2, "temporal")?,
+        );
+        let ga = f32_slice(s3, l3, "gradient and alpha")?;
+        let n = s.len();
+        let (g, a) = (&ga[..n], ga[n]);
+        let mut out = vec![0f32; 2 * n + 1];
+        let (ds, rest) = out.split_at_mut(n);
+        let (dt, da) = rest.split_at_mut(n);
+        da[0] = blend_bwd(s, t, g, a, ds, dt);
+        Ok((CpuStorage::F32(out), Shape::from(2 * n + 1)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -764,6 +869,40 @@ mod tests {
                 max_diff(&dw1, &dw0)
             );
         }
+    }
+
+    #[test]
+    fn fused_blend_matches_the_composition() {
+        let dev = Device::Cpu;
+        let shape = (3usize, 5, 7, 11);
+        let sp = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+        let te = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap()).unwrap();
+        let mix = Var::from_tensor(&Tensor::new(&[0.3f32], &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let grads = |y: Tensor| {
+            let g = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+            (y, get(&sp), get(&te), get(&mix))
+        };
+        let alpha = candle_nn::ops::sigmoid(&mix).unwrap();
+        let fused = grads(blend(&sp, &te, &alpha).unwrap());
+        let one_minus = (1.0 - &alpha).unwrap();
+        let plain = grads(
+            (sp.broadcast_mul(&alpha).unwrap() + te.broadcast_mul(&one_minus).unwrap()).unwrap(),
+        );
+        assert!(max_diff(&fused.0, &plain.0) < 1e-6);
+        assert!(max_diff(&fused.1, &plain.1) < 1e-6);
+        assert!(max_diff(&fused.2, &plain.2) < 1e-6);
+        assert!(
+            max_diff(&fused.3, &plain.3) < 1e-3,
+            "{}",
+            max_diff(&fused.3, &plain.3)
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl ResnetBlock2D {
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&t.silu()?)?;
-                h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?
+                add_per_channel(&h, &t)?
             }
             _ => h,
         };
@@ -96,7 +96,7 @@ impl TemporalResnetBlock {
             (Some(proj), Some(t)) => {
                 // [b, t, c] -> [b, c, t, 1, 1]
                 let t = proj.forward(&t.silu()?)?.transpose(1, 2)?;
-                h.broadcast_add(&t.unsqueeze(3)?.unsqueeze(4)?)?
+                add_per_channel(&h, &t)?
             }
             _ => h,
         };
@@ -126,6 +126,9 @@ impl AlphaBlender {
         let mut alpha = candle_nn::ops::sigmoid(&self.mix_factor)?;
         if self.switch {
             alpha = (1.0 - alpha)?;
+        }
+        if super::fused::fused_available(spatial, &alpha) {
+            return super::fused::blend(spatial, temporal, &alpha);
         }
         let one_minus = (1.0 - &alpha)?;
         spatial
@@ -208,4 +211,17 @@ impl SpatioTemporalResBlock {
         let mixed = self.time_mixer.forward(&spatial, &temporal)?;
         mixed.permute((0, 2, 1, 3, 4))?.reshape((bt, c, hh, ww))
     }
+}
+
+/// `h + e` with `e` (`[n, c]` or `[b, c, t]`) broadcast over `h`'s remaining (spatial) axes:
+/// on the CPU in f32 one pass of the fused bias kernel over `h` viewed as `[1, rows, pixels]`.
+fn add_per_channel(h: &Tensor, e: &Tensor) -> Result<Tensor> {
+    if super::fused::fused_available(h, e) {
+        let rows = e.elem_count();
+        let h2 = h.reshape((1, rows, h.elem_count() / rows))?;
+        return super::fused::add_bias(&h2, &e.contiguous()?.flatten_all()?, 1)?.reshape(h.shape());
+    }
+    let mut shape = e.dims().to_vec();
+    shape.resize(h.rank(), 1);
+    h.broadcast_add(&e.reshape(shape)?)
 }
