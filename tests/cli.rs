@@ -1694,14 +1694,17 @@ fn training_chain_killed_between_any_two_checkpoint_writes_resumes_bit_identical
 fn training_chain_killed_at_random_moments_ends_as_the_uninterrupted_run() {
     let spec = fixture("good/resume_chain.toml");
     let reference = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
     assert_eq!(
         run_until_finished(reference.path(), &spec, &[], &mut || None),
         0
     );
+    let full = t0.elapsed().as_millis() as u64;
     let tmp = tempfile::tempdir().unwrap();
-    // Kill times from a fixed sequence (xorshift), 0.15 to 2 s after the start: a process
-    // start takes most of that, so kills land in model loading, steps, checkpoints, exports
-    // and the store's writes alike. The seed can be changed to explore other moments.
+    // Kill times from a fixed sequence (xorshift), 2 to 25 % of an uninterrupted run's time
+    // after each start (so the test means the same on a fast and a slow machine): kills land
+    // in process start, model loading, steps, checkpoints, exports and the store's writes
+    // alike. The seed can be changed to explore other moments.
     let mut state: u64 = std::env::var("ONESTEP_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1715,9 +1718,11 @@ fn training_chain_killed_at_random_moments_ends_as_the_uninterrupted_run() {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        Some(Duration::from_millis(150 + state % 1850))
+        Some(Duration::from_millis(
+            full / 50 + state % (full * 23 / 100).max(1),
+        ))
     });
-    assert!(killed >= 6, "only {killed} runs were killed before the end");
+    assert!(killed >= 4, "only {killed} runs were killed before the end");
     let (want, got) = (cache_files(reference.path()), cache_files(tmp.path()));
     assert_eq!(
         want.keys().collect::<Vec<_>>(),

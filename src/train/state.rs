@@ -52,31 +52,37 @@ fn set_var(name: &str, var: &Var, t: Tensor) -> Result<()> {
         .map_err(|e| Error::candle(format!("training state: `{name}`"), e))
 }
 
+/// Variables by name, as a `Vec` or a `HashMap` holds them.
+fn var_tensors<'a>(vars: impl Iterator<Item = (&'a String, &'a Var)>) -> Vec<(String, Tensor)> {
+    vars.map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+fn load_vars<'a>(
+    vars: impl Iterator<Item = (&'a String, &'a Var)>,
+    take: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<()> {
+    for (n, v) in vars {
+        set_var(n, v, take(n)?)?;
+    }
+    Ok(())
+}
+
 impl Stateful for Vec<(String, Var)> {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect()
+        var_tensors(self.iter().map(|(n, v)| (n, v)))
     }
     fn load_state(&mut self, take: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<()> {
-        for (n, v) in self.iter() {
-            set_var(n, v, take(n)?)?;
-        }
-        Ok(())
+        load_vars(self.iter().map(|(n, v)| (n, v)), take)
     }
 }
 
 impl Stateful for HashMap<String, Var> {
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect()
+        var_tensors(self.iter())
     }
     fn load_state(&mut self, take: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<()> {
-        for (n, v) in self.iter() {
-            set_var(n, v, take(n)?)?;
-        }
-        Ok(())
+        load_vars(self.iter(), take)
     }
 }
 
