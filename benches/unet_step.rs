@@ -12,7 +12,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use onestep::models::{UNetConfig, UNetSpatioTemporal};
 
 mod common;
-use common::{best_of, torch_side};
+use common::{best_of, report, torch_side};
 
 fn main() -> candle_core::Result<()> {
     onestep::alloc::tune_for_tensors();
@@ -72,31 +72,12 @@ fn main() -> candle_core::Result<()> {
             .expect("loss");
         opt.backward_step(&loss).expect("step");
     });
-    let fused = std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "0");
+    let fused = onestep::models::fused::enabled();
     println!(
         "{} UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}, fused kernels {}",
         if small { "small" } else { "tiny" },
         if fused { "on" } else { "off" }
     );
-    println!("onestep (candle, CPU):  forward {fwd:.3} s   train step {step:.3} s");
-
-    match torch {
-        Ok(v) => {
-            let pf = v["forward_s"].as_f64().unwrap_or(f64::NAN);
-            let ps = v["train_step_s"].as_f64().unwrap_or(f64::NAN);
-            println!(
-                "PyTorch {} ({} threads): forward {pf:.3} s   train step {ps:.3} s   ({} parameters)",
-                v["torch"].as_str().unwrap_or("?"),
-                v["threads"],
-                v["params"]
-            );
-            println!(
-                "ratio onestep/PyTorch:  forward {:.2}   train step {:.2}",
-                fwd / pf,
-                step / ps
-            );
-        }
-        Err(e) => println!("PyTorch side skipped ({e})"),
-    }
+    report(&torch, "forward", fwd, step);
     Ok(())
 }

@@ -37,3 +37,28 @@ pub fn torch_side(script: &str, args: &[usize], reps: usize) -> Result<serde_jso
         Err(e) => Err(format!("{python}: {e}")),
     }
 }
+
+/// Print onestep's forward (named `what`) and train-step times, PyTorch's from its JSON line,
+/// and their ratios.
+#[allow(dead_code)]
+pub fn report(torch: &Result<serde_json::Value, String>, what: &str, fwd: f64, step: f64) {
+    println!("onestep (candle, CPU):  {what} {fwd:.3} s   train step {step:.3} s");
+    match torch {
+        Ok(v) => {
+            let pf = v["forward_s"].as_f64().unwrap_or(f64::NAN);
+            let ps = v["train_step_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "PyTorch {} ({} threads): {what} {pf:.3} s   train step {ps:.3} s   ({} parameters)",
+                v["torch"].as_str().unwrap_or("?"),
+                v["threads"],
+                v["params"]
+            );
+            println!(
+                "ratio onestep/PyTorch:  {what} {:.2}   train step {:.2}",
+                fwd / pf,
+                step / ps
+            );
+        }
+        Err(e) => println!("PyTorch side skipped ({e})"),
+    }
+}

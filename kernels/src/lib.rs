@@ -258,7 +258,9 @@ pub fn bias_add_grad(g: &[f32], c: usize, inner: usize, db: &mut [f32]) {
     }
     // Partial sums over blocks of outer rows, in f64, then one reduction.
     let outer = g.len() / row;
-    let per = outer.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let per = outer
+        .div_ceil(rayon::current_num_threads().max(1) * 4)
+        .max(1);
     let partial: Vec<Vec<f64>> = g
         .par_chunks(per * row)
         .map(|block| {
@@ -389,7 +391,8 @@ fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    let span = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    let span =
+        |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
     assert!(dst.len() >= span(m, d_rs, n, d_cs));
     if k > 0 {
         assert!(a.len() >= span(m, a_rs, k, a_cs) && b.len() >= span(k, b_rs, n, b_cs));
@@ -448,7 +451,10 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
     let img = g.cin * g.h * g.w;
     let partial = dx
         .par_chunks_mut(img.max(1))
-        .zip(x.par_chunks(img.max(1)).zip(dy.par_chunks((cout * p).max(1))))
+        .zip(
+            x.par_chunks(img.max(1))
+                .zip(dy.par_chunks((cout * p).max(1))),
+        )
         .fold(
             || (vec![0f32; k * p], vec![0f32; k * p], vec![0f32; cout * k]),
             |(mut cols, mut dcols, mut dw), (dx, (x, dy))| {
@@ -464,7 +470,18 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
                 if g.pointwise() {
                     gemm_into(k, p, cout, dx, (p, 1), false, wt, (1, k), dy, (p, 1));
                 } else {
-                    gemm_into(k, p, cout, &mut dcols, (p, 1), false, wt, (1, k), dy, (p, 1));
+                    gemm_into(
+                        k,
+                        p,
+                        cout,
+                        &mut dcols,
+                        (p, 1),
+                        false,
+                        wt,
+                        (1, k),
+                        dy,
+                        (p, 1),
+                    );
                     dx.fill(0.0);
                     g.col2im_add(&dcols, dx);
                 }
@@ -502,10 +519,16 @@ pub fn blend_bwd(s: &[f32], t: &[f32], g: &[f32], a: f32, ds: &mut [f32], dt: &m
     const CHUNK: usize = 1 << 14;
     ds.par_chunks_mut(CHUNK)
         .zip(dt.par_chunks_mut(CHUNK))
-        .zip(s.par_chunks(CHUNK).zip(t.par_chunks(CHUNK)).zip(g.par_chunks(CHUNK)))
+        .zip(
+            s.par_chunks(CHUNK)
+                .zip(t.par_chunks(CHUNK))
+                .zip(g.par_chunks(CHUNK)),
+        )
         .map(|((ds, dt), ((s, t), g))| {
             let mut acc = [0f32; 16];
-            for (i, (((ds, dt), &s), &t)) in ds.iter_mut().zip(dt.iter_mut()).zip(s).zip(t).enumerate() {
+            for (i, (((ds, dt), &s), &t)) in
+                ds.iter_mut().zip(dt.iter_mut()).zip(s).zip(t).enumerate()
+            {
                 let gi = g[i];
                 *ds = a * gi;
                 *dt = (1.0 - a) * gi;

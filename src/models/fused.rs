@@ -73,14 +73,17 @@ pub fn group_norm(
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
+/// Whether the fused kernels are on in this process (`ONESTEP_FUSED=0` turns them off), read
+/// once.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "0"))
+}
+
 /// Whether the fused kernels serve these tensors (f32 on the CPU). `ONESTEP_FUSED=0` turns
 /// them off (the unfused composition everywhere), for benchmarks and for bisecting.
 pub fn fused_available(x: &Tensor, weight: &Tensor) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "0"))
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+    enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
 
 #[derive(Debug, Clone, Copy)]
