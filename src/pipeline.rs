@@ -554,6 +554,19 @@ impl VideoPipeline {
         })
     }
 
+    /// Clips through the autoencoder alone: every frame encoded to its posterior mean, then
+    /// decoded as [`Self::generate`] decodes latents. What no latent model of this pipeline can
+    /// do better than (the evaluation's ceiling row).
+    /// # Shapes
+    /// `[b, t, 3, H, W]` in [-1, 1] -> `[b, t, 3, H, W]`
+    pub fn reconstruct(&self, clips: &Tensor, chunk: Option<usize>) -> candle_core::Result<Tensor> {
+        let (b, t, c, h, w) = clips.dims5()?;
+        let x = clips.reshape((b * t, c, h, w))?.to_dtype(DType::F32)?;
+        let z = (self.vae.encode(&x)?.mode() * self.vae.config.scaling_factor)?;
+        let (_, zc, zh, zw) = z.dims4()?;
+        self.decode_chunked(&z.reshape((b, t, zc, zh, zw))?, chunk)
+    }
+
     /// Latents (scaled by the VAE's scaling factor) to frames in [-1, 1], all frames of a clip
     /// at once.
     /// # Shapes

@@ -3,11 +3,12 @@
 //!
 //! Per run (the newest run of each variant and seed), the evaluated methods are grouped by
 //! what makes numbers comparable (N, clip length, resolution, quick or full check). Each group
-//! is one table: the reference rows first (the real-vs-real floor at N/2 and the static
-//! baseline, from the stages' `fvd_floor` / `fvd_static` metrics), then one row per method with
+//! is one table: the reference rows first (the real-vs-real floor at N/2, the static
+//! baseline, and the ceiling of each autoencoder: the real clips encoded and decoded by it, from
+//! the stages' `fvd_floor` / `fvd_static` / `fvd_ceiling` metrics), then one row per method with
 //! FVD, the motion distance, first-frame fidelity, all with 95 % bootstrap intervals, and the
-//! paired FVD difference against static; a method whose difference interval does not lie below
-//! zero is flagged. Below the table, every pair of methods is compared by a paired bootstrap on
+//! paired FVD differences against static and against its autoencoder's ceiling; a method whose
+//! difference to static does not lie below zero is flagged. Below the table, every pair of methods is compared by a paired bootstrap on
 //! their per-clip features (same conditioning frames, same real clips), and the report says
 //! when two methods are not distinguishable at that N.
 
@@ -154,6 +155,37 @@ fn verdict(d: &Interval, a: &str, b: &str) -> String {
     }
 }
 
+/// One row per distinct autoencoder ceiling among `group` (methods that share an autoencoder
+/// share its reconstructions, so the same value), labelled with the methods it bounds.
+fn ceiling_rows(group: &[&MethodRow]) -> String {
+    let mut seen: Vec<(u64, Vec<String>, &MethodRow)> = Vec::new();
+    for r in group {
+        if let Some(v) = r.get("fvd_ceiling") {
+            match seen.iter_mut().find(|(bits, ..)| *bits == v.to_bits()) {
+                Some((_, models, _)) => models.push(format!("`{}`", r.eval.model)),
+                None => seen.push((v.to_bits(), vec![format!("`{}`", r.eval.model)], r)),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, mut models, r) in seen {
+        models.dedup();
+        out += &format!(
+            "| ceiling: real through the autoencoder of {} | - | {} | {} | {} | {} | {} | {} | - | encode + decode only: no latent model on this autoencoder can beat it; all-frame PSNR {} dB |\n",
+            models.join(", "),
+            cell(r.interval("fvd_ceiling"), 1),
+            cell(r.interval("motion_fd_ceiling"), 3),
+            r.get("motion_mean_ceiling")
+                .map_or("-".into(), |v| format!("{v:.4}")),
+            cell(r.interval("ceiling_first_frame_psnr"), 2),
+            cell(r.interval("ceiling_first_frame_ssim"), 3),
+            cell(r.interval("fvd_ceiling_vs_static"), 1),
+            cell(r.interval("ceiling_psnr"), 2),
+        );
+    }
+    out
+}
+
 /// Markdown tables of one run's evaluations.
 pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
     let mut groups: BTreeMap<(bool, usize, usize, usize, usize), Vec<&MethodRow>> = BTreeMap::new();
@@ -184,8 +216,8 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
                 String::new()
             }
         );
-        out += "| row | sampler | FVD | motion FD | motion | first-frame PSNR | first-frame SSIM | FVD minus static | note |\n";
-        out += "|---|---|---|---|---|---|---|---|---|\n";
+        out += "| row | sampler | FVD | motion FD | motion | first-frame PSNR | first-frame SSIM | FVD minus static | FVD minus ceiling | note |\n";
+        out += "|---|---|---|---|---|---|---|---|---|---|\n";
         let refs = group
             .iter()
             .find(|r| r.get("fvd_floor").is_some() || r.get("fvd_static").is_some());
@@ -193,7 +225,7 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
             let real_motion = r.get("motion_mean_real");
             if let Some(fl) = r.interval("fvd_floor") {
                 out += &format!(
-                    "| floor: real vs real (N/2 = {} each) | - | {} | {} | {} | - | - | - | two disjoint halves of the real clips; a scale, not a lower bound |\n",
+                    "| floor: real vs real (N/2 = {} each) | - | {} | {} | {} | - | - | - | - | two disjoint halves of the real clips; a scale, not a lower bound |\n",
                     r.get("fvd_floor/clips").map_or(n / 2, |v| v as usize),
                     fl.display(1),
                     cell(r.interval("motion_fd_floor"), 3),
@@ -203,13 +235,14 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
             if !group.iter().any(|g| g.is_static()) {
                 if let Some(st) = r.interval("fvd_static") {
                     out += &format!(
-                        "| static: first frame repeated | - | {} | {} | 0 | - | - | - | the trivial image-to-video baseline |\n",
+                        "| static: first frame repeated | - | {} | {} | 0 | - | - | - | - | the trivial image-to-video baseline |\n",
                         st.display(1),
                         cell(r.interval("motion_fd_static"), 3),
                     );
                 }
             }
         }
+        out += &ceiling_rows(&group);
         for r in &group {
             let note = if r.is_static() {
                 "the trivial image-to-video baseline".to_string()
@@ -223,7 +256,7 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
             };
             let label = r.label();
             out += &format!(
-                "| {label} | {} | {} | {} | {} | {} | {} | {} | {note} |\n",
+                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {note} |\n",
                 sampler_label(&r.eval),
                 cell(r.interval("fvd"), 1),
                 cell(r.interval("motion_fd"), 3),
@@ -232,6 +265,7 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
                 cell(r.interval("first_frame_psnr"), 2),
                 cell(r.interval("first_frame_ssim"), 3),
                 cell(r.interval("fvd_vs_static"), 1),
+                cell(r.interval("fvd_vs_ceiling"), 1),
             );
         }
         let methods: Vec<&&MethodRow> = group.iter().filter(|r| !r.is_static()).collect();

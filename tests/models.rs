@@ -1114,3 +1114,35 @@ fn adamw_follows_pytorch() {
         }
     }
 }
+
+/// `norm_num_groups` (a toy-scale key diffusers lacks): absent from `config.json` at diffusers'
+/// 32, written and read back otherwise, and it changes the network (the same weights normalised
+/// over 8 groups give other latents).
+#[test]
+fn vae_norm_num_groups_is_written_only_when_it_differs_from_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, vae32, vars) = load_vae(&fixtures().join("vae"));
+    assert_eq!(cfg.norm_num_groups, 32);
+    let json = serde_json::to_string(&cfg).unwrap();
+    assert!(!json.contains("norm_num_groups"), "{json}");
+    let mut cfg8 = cfg.clone();
+    cfg8.norm_num_groups = 8;
+    save_component(&tmp.path().join("vae8"), &cfg8, &vars).unwrap();
+    let written = std::fs::read_to_string(tmp.path().join("vae8/config.json")).unwrap();
+    assert!(written.contains("\"norm_num_groups\": 8"), "{written}");
+    let (back, vae8, _) = load_vae(&tmp.path().join("vae8"));
+    assert_eq!(back, cfg8);
+    let d = io("vae_io.safetensors");
+    let m32 = vae32.encode(&d["x"]).unwrap().mean;
+    let m8 = vae8.encode(&d["x"]).unwrap().mean;
+    assert!(max_abs(&m32, &d["mean"]) < 1e-4);
+    assert!(
+        max_abs(&m8, &m32) > 1e-3,
+        "8 groups gave the 32-group latents"
+    );
+    // Widths must divide into the groups.
+    let mut bad = cfg.clone();
+    bad.norm_num_groups = 24;
+    let e = bad.validate().unwrap_err();
+    assert!(e.contains("norm_num_groups = 24"), "{e}");
+}

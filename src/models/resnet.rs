@@ -24,16 +24,17 @@ impl ResnetBlock2D {
         in_ch: usize,
         out_ch: usize,
         temb_ch: Option<usize>,
+        groups: usize,
         eps: f64,
     ) -> Result<Self> {
         Ok(Self {
-            norm1: GroupNorm::new(vb.pp("norm1"), 32, in_ch, eps)?,
+            norm1: GroupNorm::new(vb.pp("norm1"), groups, in_ch, eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
             time_emb_proj: match temb_ch {
                 Some(t) => Some(Linear::new(vb.pp("time_emb_proj"), t, out_ch, true)?),
                 None => None,
             },
-            norm2: GroupNorm::new(vb.pp("norm2"), 32, out_ch, eps)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), groups, out_ch, eps)?,
             conv2: Conv2d::new(vb.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
             conv_shortcut: if in_ch != out_ch {
                 Some(Conv2d::new(vb.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0)?)
@@ -75,15 +76,21 @@ pub struct TemporalResnetBlock {
 }
 
 impl TemporalResnetBlock {
-    pub fn new(vb: VarBuilder, ch: usize, temb_ch: Option<usize>, eps: f64) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        ch: usize,
+        temb_ch: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
         Ok(Self {
-            norm1: GroupNorm::new(vb.pp("norm1"), 32, ch, eps)?,
+            norm1: GroupNorm::new(vb.pp("norm1"), groups, ch, eps)?,
             conv1: TemporalConv::new(vb.pp("conv1"), ch, ch, 3)?,
             time_emb_proj: match temb_ch {
                 Some(t) => Some(Linear::new(vb.pp("time_emb_proj"), t, ch, true)?),
                 None => None,
             },
-            norm2: GroupNorm::new(vb.pp("norm2"), 32, ch, eps)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), groups, ch, eps)?,
             conv2: TemporalConv::new(vb.pp("conv2"), ch, ch, 3)?,
         })
     }
@@ -155,12 +162,13 @@ impl SpatioTemporalResBlock {
         temb_ch: Option<usize>,
         eps: f64,
     ) -> Result<Self> {
-        Self::with_mix(vb, in_ch, out_ch, temb_ch, eps, eps, 0.5, false)
+        Self::with_mix(vb, in_ch, out_ch, temb_ch, 32, eps, eps, 0.5, false)
     }
 
-    /// VAE decoder form: `merge_factor` 0.0, `learned`, switched mix, temporal eps 1e-5.
-    pub fn for_decoder(vb: VarBuilder, in_ch: usize, out_ch: usize) -> Result<Self> {
-        Self::with_mix(vb, in_ch, out_ch, None, 1e-6, 1e-5, 0.0, true)
+    /// VAE decoder form: `merge_factor` 0.0, `learned`, switched mix, temporal eps 1e-5,
+    /// `groups` GroupNorm groups (32 in diffusers).
+    pub fn for_decoder(vb: VarBuilder, in_ch: usize, out_ch: usize, groups: usize) -> Result<Self> {
+        Self::with_mix(vb, in_ch, out_ch, None, groups, 1e-6, 1e-5, 0.0, true)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -169,6 +177,7 @@ impl SpatioTemporalResBlock {
         in_ch: usize,
         out_ch: usize,
         temb_ch: Option<usize>,
+        groups: usize,
         eps: f64,
         temporal_eps: f64,
         merge_factor: f64,
@@ -180,12 +189,14 @@ impl SpatioTemporalResBlock {
                 in_ch,
                 out_ch,
                 temb_ch,
+                groups,
                 eps,
             )?,
             temporal_res_block: TemporalResnetBlock::new(
                 vb.pp("temporal_res_block"),
                 out_ch,
                 temb_ch,
+                groups,
                 temporal_eps,
             )?,
             time_mixer: AlphaBlender::new(&vb.pp("time_mixer"), merge_factor, switch)?,

@@ -28,7 +28,7 @@ pub struct VaeConfig {
     pub out_channels: usize,
     /// `DownEncoderBlock2D` per level.
     pub down_block_types: Vec<String>,
-    /// Channel width per level (multiples of 32); the latent is 2^(levels-1) times smaller.
+    /// Channel width per level (multiples of `norm_num_groups`); the latent is 2^(levels-1) times smaller.
     pub block_out_channels: Vec<usize>,
     /// ResNet blocks per encoder level (decoder levels have one more).
     pub layers_per_block: usize,
@@ -40,6 +40,20 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
     /// diffusers' fp16 hint (unused here: onestep runs the VAE in f32).
     pub force_upcast: bool,
+    /// GroupNorm groups of every norm in the encoder and decoder. diffusers fixes 32 for this
+    /// model and has no such key; onestep writes it to `config.json` only when it is not 32 (a
+    /// toy-scale deviation: with 32 groups on 32-64 channels each group holds 1-2 channels and
+    /// normalises away each image's colour). diffusers would ignore the key, so a checkpoint
+    /// with another value does not load there.
+    #[serde(skip_serializing_if = "is_default_groups")]
+    pub norm_num_groups: usize,
+}
+
+/// diffusers' (fixed) number of GroupNorm groups.
+pub const DIFFUSERS_GROUPS: usize = 32;
+
+fn is_default_groups(g: &usize) -> bool {
+    *g == DIFFUSERS_GROUPS
 }
 
 impl Default for VaeConfig {
@@ -57,6 +71,7 @@ impl Default for VaeConfig {
             sample_size: 32,
             scaling_factor: 0.18215,
             force_upcast: true,
+            norm_num_groups: DIFFUSERS_GROUPS,
         }
     }
 }
@@ -109,10 +124,14 @@ impl VaeConfig {
                 "unknown down block type `{t}` (only DownEncoderBlock2D)"
             ));
         }
+        let g = self.norm_num_groups;
+        if g == 0 {
+            return Err("norm_num_groups must be at least 1".into());
+        }
         for (i, c) in self.block_out_channels.iter().enumerate() {
-            if c % 32 != 0 {
+            if c % g != 0 {
                 return Err(format!(
-                    "block_out_channels[{i}] = {c} is not a multiple of 32 (GroupNorm groups)"
+                    "block_out_channels[{i}] = {c} is not a multiple of norm_num_groups = {g}"
                 ));
             }
         }
@@ -139,7 +158,7 @@ struct Encoder {
     conv_out: Conv2d,
 }
 
-fn vae_attention(vb: VarBuilder, ch: usize) -> Result<Attention> {
+fn vae_attention(vb: VarBuilder, ch: usize, groups: usize) -> Result<Attention> {
     Attention::new(
         vb,
         ch,
@@ -148,7 +167,7 @@ fn vae_attention(vb: VarBuilder, ch: usize) -> Result<Attention> {
         AttentionOpts {
             cross_attention_dim: None,
             qkv_bias: true,
-            group_norm: Some((32, 1e-6)),
+            group_norm: Some((groups, 1e-6)),
             residual: true,
         },
     )
@@ -157,6 +176,7 @@ fn vae_attention(vb: VarBuilder, ch: usize) -> Result<Attention> {
 impl Encoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
+        let g = cfg.norm_num_groups;
         let n = ch.len();
         let mut out_ch = ch[0];
         let mut down_blocks = Vec::new();
@@ -167,7 +187,7 @@ impl Encoder {
             let resnets = (0..cfg.layers_per_block)
                 .map(|l| {
                     let cin = if l == 0 { in_ch } else { out_ch };
-                    ResnetBlock2D::new(vbi.pp("resnets").pp(l), cin, out_ch, None, 1e-6)
+                    ResnetBlock2D::new(vbi.pp("resnets").pp(l), cin, out_ch, None, g, 1e-6)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsampler = if i + 1 < n {
@@ -186,11 +206,11 @@ impl Encoder {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
             mid_resnets: [
-                ResnetBlock2D::new(vbm.pp("resnets").pp(0), last, last, None, 1e-6)?,
-                ResnetBlock2D::new(vbm.pp("resnets").pp(1), last, last, None, 1e-6)?,
+                ResnetBlock2D::new(vbm.pp("resnets").pp(0), last, last, None, g, 1e-6)?,
+                ResnetBlock2D::new(vbm.pp("resnets").pp(1), last, last, None, g, 1e-6)?,
             ],
-            mid_attention: vae_attention(vbm.pp("attentions").pp(0), last)?,
-            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), 32, last, 1e-6)?,
+            mid_attention: vae_attention(vbm.pp("attentions").pp(0), last, g)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, last, 1e-6)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
     }
@@ -232,11 +252,12 @@ struct TemporalDecoder {
 impl TemporalDecoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
+        let g = cfg.norm_num_groups;
         let n = ch.len();
         let last = ch[n - 1];
         let vbm = vb.pp("mid_block");
         let mid_resnets = (0..cfg.layers_per_block)
-            .map(|l| SpatioTemporalResBlock::for_decoder(vbm.pp("resnets").pp(l), last, last))
+            .map(|l| SpatioTemporalResBlock::for_decoder(vbm.pp("resnets").pp(l), last, last, g))
             .collect::<Result<Vec<_>>>()?;
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut out_ch = rev[0];
@@ -248,7 +269,7 @@ impl TemporalDecoder {
             let resnets = (0..cfg.layers_per_block + 1)
                 .map(|l| {
                     let cin = if l == 0 { prev } else { out_ch };
-                    SpatioTemporalResBlock::for_decoder(vbi.pp("resnets").pp(l), cin, out_ch)
+                    SpatioTemporalResBlock::for_decoder(vbi.pp("resnets").pp(l), cin, out_ch, g)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsampler = if i + 1 < n {
@@ -261,9 +282,9 @@ impl TemporalDecoder {
         Ok(Self {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1, 1)?,
             mid_resnets,
-            mid_attention: vae_attention(vbm.pp("attentions").pp(0), last)?,
+            mid_attention: vae_attention(vbm.pp("attentions").pp(0), last, g)?,
             up_blocks,
-            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), 32, ch[0], 1e-6)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, ch[0], 1e-6)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
             time_conv_out: TemporalConv::new(
                 vb.pp("time_conv_out"),

@@ -30,7 +30,14 @@
 //!   image-to-video baseline, same N), and the paired differences `fvd_vs_static` /
 //!   `motion_fd_vs_static` (method minus static on the same clips, negative is better) with
 //!   `beats_static`: 1 when the FVD difference's interval lies below 0, else 0 (the report
-//!   flags the others).
+//!   flags the others);
+//! - the autoencoder's ceiling (`references = true`, for a model): the same real clips encoded
+//!   by the model's VAE (posterior mean) and decoded as generations are, scored like a method:
+//!   `fvd_ceiling` / `motion_fd_ceiling` / `motion_mean_ceiling`, `ceiling_psnr` (all frames
+//!   the FVD sees), `ceiling_first_frame_psnr` / `ceiling_first_frame_ssim`, with intervals;
+//!   `fvd_ceiling_vs_static` (ceiling minus static) and `fvd_vs_ceiling` (method minus
+//!   ceiling: the part of the gap that is the latent model's, not the autoencoder's). No latent
+//!   model can beat its autoencoder's reconstructions, so this row says how much room there is.
 //!
 //! `fast = true` adds `_fast` to the first segment of every key (`fvd_fast`, `motion_fd_fast`,
 //! `fvd_fast/low`, ...), so quick checks never land in a column of comparable values.
@@ -71,7 +78,8 @@ pub struct FvdParams {
     pub fast: bool,
     /// Bootstrap resamples of every interval (0 = point values only).
     pub bootstrap: usize,
-    /// Also compute the reference rows: the real-vs-real floor and the static baseline.
+    /// Also compute the reference rows: the real-vs-real floor, the static baseline and (for a
+    /// model) its autoencoder's ceiling.
     pub references: bool,
 }
 
@@ -97,7 +105,7 @@ impl StageKind for FvdStage {
         "fvd"
     }
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn seeded(&self) -> bool {
         true
@@ -268,6 +276,39 @@ fn generate(
         ctx.progress(start as u64, n as u64, &format!("{}: generating", ctx.name));
     }
     Ok((gen, nfe))
+}
+
+/// The first `frames` frames of the first `n` real test clips through the model's autoencoder
+/// alone (posterior mean, decoded as generations are): the ceiling row.
+fn reconstructions(
+    ctx: &mut StageContext<'_>,
+    p: &FvdParams,
+    pipe: &VideoPipeline,
+    dev: &candle_core::Device,
+    test: &ClipSet,
+    n: usize,
+    frames: usize,
+) -> Result<ClipSet> {
+    let chunk = pipe.default_options().decode_chunk_size;
+    let mut out = ClipSet::new(frames, test.height, test.width);
+    let e = ce("fvd ceiling: autoencoder reconstruction");
+    let mut start = 0;
+    while start < n {
+        let idx: Vec<usize> = (start..(start + p.batch).min(n)).collect();
+        let x = clip_batch(test, &idx, &vec![0; idx.len()], frames, dev).map_err(&e)?;
+        let y = pipe.reconstruct(&x, chunk).map_err(&e)?;
+        for j in 0..idx.len() {
+            let v = y.get(j).map_err(&e)?;
+            out.push(&crate::train::to_u8_frames(&v).map_err(&e)?, 0, 0);
+        }
+        start += idx.len();
+        ctx.progress(
+            start as u64,
+            n as u64,
+            &format!("{}: autoencoder reconstructions", ctx.name),
+        );
+    }
+    Ok(out)
 }
 
 /// Seed of every bootstrap: fixed, so that the same sets always give the same interval.
@@ -459,6 +500,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         .map(|i| vec![psnr[i] as f32, ssim.get(i).map_or(f32::NAN, |v| *v as f32)])
         .collect();
     let mut statics = None;
+    let mut ceiling = None;
 
     let mut summary = format!("{} {:.2}", key(fast, "fvd"), fvd.value);
     if p.references {
@@ -513,6 +555,64 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
                 ));
             }
         }
+        if let Some((pipe, dev, _)) = &pipe {
+            let t = pipe.settings.frames.min(test.frames);
+            let recon = reconstructions(ctx, p, pipe, dev, &test, n, t)?;
+            let c_logits = cached_logits(ctx, &net, &recon, n, f, "autoencoder reconstructions")?;
+            let c_motion = motion_rows(&recon, n, f);
+            let fc = bootstrap::paired_distance(&real_logits, &c_logits, b, BOOTSTRAP_SEED)?;
+            log_interval(ctx, fast, "fvd_ceiling", fc)?;
+            let mc = bootstrap::paired_distance(&real_motion, &c_motion, b, BOOTSTRAP_SEED)?;
+            log_interval(ctx, fast, "motion_fd_ceiling", mc)?;
+            ctx.metric(&key(fast, "motion_mean_ceiling"), 0, mean_of(&c_motion))?;
+            let clip_psnr: Vec<f64> = (0..n)
+                .map(|i| fidelity::psnr(&test.clip(i)[..f * fl], &recon.clip(i)[..f * fl]))
+                .collect();
+            log_interval(
+                ctx,
+                fast,
+                "ceiling_psnr",
+                bootstrap::mean(&clip_psnr, b, BOOTSTRAP_SEED)?,
+            )?;
+            let ff: Vec<f64> = (0..n)
+                .map(|i| fidelity::psnr(&test.clip(i)[..fl], &recon.clip(i)[..fl]))
+                .collect();
+            log_interval(
+                ctx,
+                fast,
+                "ceiling_first_frame_psnr",
+                bootstrap::mean(&ff, b, BOOTSTRAP_SEED)?,
+            )?;
+            if with_ssim {
+                let ss: Vec<f64> = (0..n)
+                    .map(|i| fidelity::ssim(&test.clip(i)[..fl], &recon.clip(i)[..fl], h, w))
+                    .collect();
+                log_interval(
+                    ctx,
+                    fast,
+                    "ceiling_first_frame_ssim",
+                    bootstrap::mean(&ss, b, BOOTSTRAP_SEED)?,
+                )?;
+            }
+            let cs = bootstrap::paired_difference(
+                &real_logits,
+                &c_logits,
+                &st_logits,
+                b,
+                BOOTSTRAP_SEED,
+            )?;
+            log_interval(ctx, fast, "fvd_ceiling_vs_static", cs)?;
+            let gap = bootstrap::paired_difference(
+                &real_logits,
+                &gen_logits,
+                &c_logits,
+                b,
+                BOOTSTRAP_SEED,
+            )?;
+            log_interval(ctx, fast, "fvd_vs_ceiling", gap)?;
+            summary += &format!(", autoencoder ceiling {:.2}", fc.value);
+            ceiling = Some((c_logits, c_motion));
+        }
         statics = Some((st_logits, st_motion));
     }
     let record = Evaluation {
@@ -546,6 +646,10 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     if let Some((l, m)) = &statics {
         saved.push(("static_logits", l));
         saved.push(("static_motion", m));
+    }
+    if let Some((l, m)) = &ceiling {
+        saved.push(("ceiling_logits", l));
+        saved.push(("ceiling_motion", m));
     }
     save_rows(&ctx.dir.join(FEATURES_FILE), &saved)?;
     ctx.note(&format!(
