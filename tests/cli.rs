@@ -1065,6 +1065,27 @@ fn fvd_stage_logs_a_labelled_distance_and_caches_real_logits() {
     let diff = value("fvd_vs_static_fast");
     assert!((diff - (d - value("fvd_static_fast"))).abs() < 1e-6 * d.max(1.0));
     assert!([0.0, 1.0].contains(&value("beats_static_fast")));
+    // The autoencoder's ceiling: the real clips encoded and decoded, scored like a method, and
+    // the paired differences against it and against static.
+    let ceiling = value("fvd_ceiling_fast");
+    assert!(
+        ceiling.is_finite() && ceiling >= 0.0,
+        "fvd_ceiling_fast = {ceiling}"
+    );
+    assert!(value("fvd_ceiling_fast/low") <= value("fvd_ceiling_fast/high"));
+    let gap = value("fvd_vs_ceiling_fast");
+    assert!(
+        (gap - (d - ceiling)).abs() < 1e-6 * d.max(1.0),
+        "{gap} vs {d} - {ceiling}"
+    );
+    let cs = value("fvd_ceiling_vs_static_fast");
+    assert!((cs - (ceiling - value("fvd_static_fast"))).abs() < 1e-6 * d.max(1.0));
+    for k in ["ceiling_psnr_fast", "ceiling_first_frame_psnr_fast"] {
+        let v = value(k);
+        assert!(v > 0.0 && v < 120.0, "{k} = {v}");
+    }
+    assert!((-1.0..=1.0).contains(&value("ceiling_first_frame_ssim_fast")));
+    assert!(value("motion_fd_ceiling_fast").is_finite());
     // The real and static logits were cached in the assets folder for the next method.
     let cached: Vec<_> = std::fs::read_dir(assets().join("fvd"))
         .unwrap()
@@ -1079,6 +1100,7 @@ fn fvd_stage_logs_a_labelled_distance_and_caches_real_logits() {
     for want in [
         "floor: real vs real (N/2 = 4 each)",
         "static: first frame repeated",
+        "ceiling: real through the autoencoder of `teacher`",
         "teacher (`fvd`)",
         "Quick check",
         "Below the protocol",
@@ -1244,6 +1266,7 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
         "loss_distill",
         "d_real",
         "d_fake",
+        "d_accuracy",
     ] {
         let n = count(
             &store,
@@ -1251,6 +1274,23 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
         );
         assert_eq!(n, 6, "{key}: 2 steps x 3 stages");
     }
+    // The held-out discriminator check before the first step and after the last, per stage,
+    // an accuracy in [0, 1].
+    for key in ["d_heldout_accuracy", "d_heldout_margin"] {
+        let n = count(
+            &store,
+            &format!("SELECT COUNT(*) FROM metrics WHERE key = '{key}' AND step IN (0, 2)"),
+        );
+        assert_eq!(n, 6, "{key}: steps 0 and 2 x 3 stages");
+    }
+    assert_eq!(
+        count(
+            &store,
+            "SELECT COUNT(*) FROM metrics WHERE key IN ('d_heldout_accuracy', 'd_accuracy') \
+             AND (value < 0 OR value > 1)"
+        ),
+        0
+    );
     assert_eq!(
         count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'r1'"),
         2

@@ -17,11 +17,16 @@
 //! `consistency` student, or the teacher itself), so stages compose in any order: LGP then
 //! ACD (the paper's final recipe), consistency then ACD (its first version), etc. The
 //! exported folder is a consistency-student pipeline folder. Metrics per step: `loss_g`,
-//! `loss_d`, `loss_adv`, `loss_distill`, `d_real`, `d_fake` (mean logits), `grad_norm_g`,
-//! `grad_norm_d`, `step_seconds`; the preview metrics at the end.
+//! `loss_d`, `loss_adv`, `loss_distill`, `d_real`, `d_fake` (mean logits), `d_accuracy` (the
+//! training batch's clips on the right side of 0, before the discriminator's update),
+//! `grad_norm_g`, `grad_norm_d`, `step_seconds`; every `eval_every` steps, the held-out check
+//! `d_heldout_accuracy` / `d_heldout_margin` (see [`separation`]) on pairs built from test clips
+//! exactly as training pairs are, the same pairs each time, so a rise is the discriminator
+//! learning, not the batch changing; the preview metrics at the end.
 
 use super::teacher::{encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::diffusion::noise::NormalRng;
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
 use crate::distill::{
     check_loss, ema_update, export_student, moved_grid_keys, student_sampler,
@@ -99,6 +104,11 @@ pub struct GanParams {
     #[serde(deserialize_with = "student_sampler")]
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
+    /// Steps between held-out discriminator checks (`d_heldout_accuracy`, `d_heldout_margin`
+    /// on the same pairs of `eval_clips` test clips each time; also before the first step and
+    /// after the last). 0 = none.
+    pub eval_every: u64,
+    pub eval_clips: usize,
     pub checkpoint_every: u64,
 }
 
@@ -141,6 +151,8 @@ impl Default for GanParams {
             gradient_checkpointing: false,
             sampler: student_sampler_default(),
             sample_clips: 4,
+            eval_every: 50,
+            eval_clips: 16,
             checkpoint_every: 100,
         }
     }
@@ -263,6 +275,45 @@ fn constants(map: &VarMap) -> Result<HashMap<String, Tensor>> {
         .collect())
 }
 
+/// What one adversarial step compares.
+struct Pair<'a> {
+    real: Tensor,
+    fake: Tensor,
+    lambda: Tensor,
+    cond: crate::diffusion::Conditioning,
+    d_noise: Option<Tensor>,
+    g_inner: crate::train::lora::StepUNet<'a>,
+}
+
+/// Seed offset of the held-out discriminator check's draws.
+const HELDOUT_SEED: u64 = 0x4845_4c44;
+
+/// Each clip's score: its logits averaged within each head (`[b, ...]`), then over heads.
+fn clip_scores(heads: &[Tensor]) -> candle_core::Result<Vec<f64>> {
+    let mut total: Option<Tensor> = None;
+    for h in heads {
+        let v = h.flatten_from(1)?.mean(1)?;
+        total = Some(match total {
+            None => v,
+            Some(t) => (t + v)?,
+        });
+    }
+    let t = total.ok_or_else(|| candle_core::Error::Msg("no discriminator heads".into()))?;
+    Ok((t / heads.len() as f64)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?)
+}
+
+/// (accuracy, margin) of a discriminator on real and fake scores: the fraction of clips on the
+/// right side of 0 (real > 0, fake < 0; 0.5 is chance) and mean(real) - mean(fake).
+pub fn separation(real: &[f64], fake: &[f64]) -> (f64, f64) {
+    let n = (real.len() + fake.len()).max(1) as f64;
+    let right =
+        real.iter().filter(|&&v| v > 0.0).count() + fake.iter().filter(|&&v| v < 0.0).count();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    (right as f64 / n, mean(real) - mean(fake))
+}
+
 fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let dev = device(ctx.device)?;
     let gdir = ctx.model_dir(
@@ -360,14 +411,16 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let teacher_den = teacher.as_ref().map(|t| SvdDenoiser { unet: &t.unet });
     let vae = (p.discriminator.input == DiscInput::Decoder).then_some(&gen_pipe.vae);
 
-    for step in start..p.steps {
-        ctx.check_interrupt(step)?;
-        let t0 = std::time::Instant::now();
+    // One training pair: the discriminator's "real" and the student's "fake" for `b` clips of
+    // `source`, with the distance weights, the conditioning and the latent input's noise.
+    let make_pair = |rng: &mut NormalRng,
+                     source: &BatchSource,
+                     b: usize,
+                     checkpointing: bool|
+     -> Result<Pair<'_>> {
         let e = ce("gan step");
-        let mut rng = step_rng(ctx.seed, step);
-        let b = p.batch_clips;
-        let Batch { x0, cond } = source.draw(&mut rng, &gen_pipe, b, &dev).map_err(&e)?;
-        let ns = grid.draw(&mut rng, b);
+        let Batch { x0, cond } = source.draw(rng, &gen_pipe, b, &dev).map_err(&e)?;
+        let ns = grid.draw(rng, b);
         let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
         let x_hi = (&x0
@@ -385,17 +438,88 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             }
             None => (x0.clone(), unit_weights(b, &dev)?),
         };
-        let g_inner = student.for_step(p.gradient_checkpointing)?;
+        let g_inner = student.for_step(checkpointing)?;
         let fake = boundary
             .wrap(&g_inner)
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
-
         // The latent input (SF-V) noises real and fake with one shared sample.
         let d_noise = match p.discriminator.input {
             DiscInput::Latent => Some(rng.tensor(x0.dims(), &dev).map_err(&e)?),
             _ => None,
         };
+        Ok(Pair {
+            real,
+            fake,
+            lambda,
+            cond,
+            d_noise,
+            g_inner,
+        })
+    };
+    // Held-out check of the discriminator: the same pairs of held-out test clips (same
+    // windows, sigmas and noise at every evaluation), never trained on.
+    let heldout_set = {
+        let mut s = crate::data::ClipSet::new(test_set.frames, test_set.height, test_set.width);
+        for i in 0..p.eval_clips.min(test_set.len()) {
+            s.push(test_set.clip(i), 0, 0);
+        }
+        s
+    };
+    let heldout_latents = if heldout_set.is_empty() {
+        Vec::new()
+    } else {
+        encode_all(&gen_pipe.vae, &heldout_set, &dev)?
+    };
+    let heldout = BatchSource {
+        set: &heldout_set,
+        latents: &heldout_latents,
+        frames: frames.min(heldout_set.frames),
+        fps,
+    };
+    let evaluate_d = |ctx: &mut StageContext<'_>, step: u64| -> Result<()> {
+        if heldout_set.is_empty() {
+            return Ok(());
+        }
+        let e = ce("gan held-out discriminator check");
+        let mut rng = step_rng(ctx.seed ^ HELDOUT_SEED, 0);
+        let (mut real_scores, mut fake_scores) = (Vec::new(), Vec::new());
+        let mut left = heldout_set.len();
+        while left > 0 {
+            let b = left.min(p.batch_clips);
+            let pair = make_pair(&mut rng, &heldout, b, false)?;
+            let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
+            let fake = pair.fake.detach();
+            real_scores.extend(
+                clip_scores(&disc.forward_cond(&pair.real, vae, dc).map_err(&e)?).map_err(&e)?,
+            );
+            fake_scores
+                .extend(clip_scores(&disc.forward_cond(&fake, vae, dc).map_err(&e)?).map_err(&e)?);
+            left -= b;
+        }
+        let (acc, margin) = separation(&real_scores, &fake_scores);
+        ctx.metric("d_heldout_accuracy", step, acc)?;
+        ctx.metric("d_heldout_margin", step, margin)?;
+        Ok(())
+    };
+    if start == 0 && p.eval_every > 0 {
+        evaluate_d(ctx, 0)?;
+    }
+
+    for step in start..p.steps {
+        ctx.check_interrupt(step)?;
+        let t0 = std::time::Instant::now();
+        let e = ce("gan step");
+        let mut rng = step_rng(ctx.seed, step);
+        let b = p.batch_clips;
+        let Pair {
+            real,
+            fake,
+            lambda,
+            cond,
+            d_noise,
+            g_inner,
+        } = make_pair(&mut rng, &source, b, p.gradient_checkpointing)?;
         let dc = d_noise.as_ref().map(|n| (&cond, n));
         // Discriminator step on detached samples.
         let lr_real = disc.forward_cond(&real, vae, dc).map_err(&e)?;
@@ -435,11 +559,19 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         ctx.metric("loss_distill", step + 1, scalar(&dist)?)?;
         ctx.metric("d_real", step + 1, mean_logit(&lr_real).map_err(&e)?)?;
         ctx.metric("d_fake", step + 1, mean_logit(&lr_fake).map_err(&e)?)?;
+        let (acc, _) = separation(
+            &clip_scores(&lr_real).map_err(&e)?,
+            &clip_scores(&lr_fake).map_err(&e)?,
+        );
+        ctx.metric("d_accuracy", step + 1, acc)?;
         ctx.metric("grad_norm_g", step + 1, gnorm_g)?;
         ctx.metric("grad_norm_d", step + 1, gnorm_d)?;
         ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.progress(step + 1, p.steps, &format!("loss_g {lg:.4}"));
         let done = step + 1 == p.steps;
+        if done || (p.eval_every > 0 && (step + 1) % p.eval_every == 0) {
+            evaluate_d(ctx, step + 1)?;
+        }
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
             let state = TrainState::new(step + 1)
                 .with("generator", &g_vars)
@@ -461,4 +593,30 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     drop(gen_pipe);
     drop(teacher);
     write_samples(ctx, p.sample_clips, p.steps, test_set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn separation_counts_clips_on_the_right_side_of_zero() {
+        // Chance: every score 0 is on neither side.
+        assert_eq!(separation(&[0.0, 0.0], &[0.0, 0.0]), (0.0, 0.0));
+        // 2 of 3 real above 0, 1 of 2 fake below 0.
+        let (acc, margin) = separation(&[1.0, 2.0, -0.5], &[-1.0, 3.0]);
+        assert!((acc - 3.0 / 5.0).abs() < 1e-12);
+        assert!((margin - (2.5 / 3.0 - 1.0)).abs() < 1e-12);
+        // A perfect discriminator.
+        assert_eq!(separation(&[0.1], &[-0.1]).0, 1.0);
+    }
+
+    #[test]
+    fn clip_scores_average_within_then_across_heads() {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::new(&[[1f32, 3.0], [0.0, 0.0]], &dev).unwrap();
+        let b = Tensor::new(&[[4f32], [-2.0]], &dev).unwrap();
+        let s = clip_scores(&[a, b]).unwrap();
+        assert_eq!(s, vec![3.0, -1.0]);
+    }
 }
