@@ -73,6 +73,10 @@ pub struct GanParams {
     /// Weight of the adversarial term in the generator loss (paper: 0.1).
     pub adv_weight: f64,
     pub gan_loss: GanLoss,
+    /// Discriminator updates per generator update (each further one on a fresh pair). Left out
+    /// of the resolved params at 1, so existing stages keep their identity.
+    #[serde(skip_serializing_if = "is_one")]
+    pub d_steps: usize,
     /// Weight of the approximated R1 penalty on real samples (0 = off): `r1_weight *
     /// mean((D(real) - D(real + r1_sigma eps))^2)`, a finite-difference stand-in for
     /// `||grad D(real)||^2` that needs no second-order gradients (as in Lin et al. 2025, APT).
@@ -136,6 +140,7 @@ impl Default for GanParams {
             },
             adv_weight: 0.1,
             gan_loss: GanLoss::Hinge,
+            d_steps: 1,
             r1_weight: 0.0,
             r1_sigma: 0.01,
             distance: c.distance,
@@ -168,6 +173,9 @@ impl GanParams {
         }
         if !(self.r1_sigma > 0.0) {
             return Err(bad(("r1_sigma".into(), "must be positive".into())));
+        }
+        if self.d_steps == 0 {
+            return Err(bad(("d_steps".into(), "must be at least 1".into())));
         }
         if !(self.adv_weight >= 0.0) {
             return Err(bad(("adv_weight".into(), "must be >= 0".into())));
@@ -273,6 +281,10 @@ fn constants(map: &VarMap) -> Result<HashMap<String, Tensor>> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect())
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 /// What one adversarial step compares.
@@ -536,6 +548,26 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let grads_d = loss_d.backward().map_err(&e)?;
         let lr = crate::train::warmup_lr(p.optimizer_d.lr, step, p.optimizer_d.warmup);
         let gnorm_d = opt_d.step(&grads_d, lr).map_err(&e)?;
+        // Further discriminator updates on fresh pairs (`d_steps` > 1), drawn after this
+        // step's pair so that `d_steps = 1` draws exactly what it always did.
+        for _ in 1..p.d_steps {
+            let extra = make_pair(&mut rng, &source, b, false)?;
+            let dc = extra.d_noise.as_ref().map(|n| (&extra.cond, n));
+            let lr_r = disc.forward_cond(&extra.real, vae, dc).map_err(&e)?;
+            let lr_f = disc
+                .forward_cond(&extra.fake.detach(), vae, dc)
+                .map_err(&e)?;
+            let mut l = d_loss(&lr_r, &lr_f, p.gan_loss).map_err(&e)?;
+            if p.r1_weight > 0.0 {
+                let eps = rng.tensor(extra.real.dims(), &dev).map_err(&e)?;
+                let perturbed = (&extra.real + (eps * p.r1_sigma).map_err(&e)?).map_err(&e)?;
+                let lp = disc.forward_cond(&perturbed, vae, dc).map_err(&e)?;
+                let r1 = approx_r1(&lr_r, &lp).map_err(&e)?;
+                l = (l + (r1 * p.r1_weight).map_err(&e)?).map_err(&e)?;
+            }
+            let g = l.backward().map_err(&e)?;
+            opt_d.step(&g, lr).map_err(&e)?;
+        }
 
         // Generator step through the updated discriminator.
         let lf = disc.forward_cond(&fake, vae, dc).map_err(&e)?;
