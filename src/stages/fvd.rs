@@ -240,6 +240,34 @@ fn static_clips(test: &ClipSet, n: usize) -> ClipSet {
     out
 }
 
+/// A clip set made `batch` test clips at a time: `make` gets the clips' indices and returns
+/// them as `[b, frames, 3, H, W]` in [-1, 1]; progress is reported as `what`.
+fn in_batches(
+    ctx: &mut StageContext<'_>,
+    batch: usize,
+    n: usize,
+    (frames, h, w): (usize, usize, usize),
+    what: &str,
+    mut make: impl FnMut(&[usize]) -> Result<candle_core::Tensor>,
+) -> Result<ClipSet> {
+    let mut out = ClipSet::new(frames, h, w);
+    let e = ce(what);
+    let mut start = 0;
+    while start < n {
+        let idx: Vec<usize> = (start..(start + batch).min(n)).collect();
+        let clips = make(&idx)?;
+        for j in 0..idx.len() {
+            let v = clips.get(j).map_err(&e)?;
+            out.push(&crate::train::to_u8_frames(&v).map_err(&e)?, 0, 0);
+        }
+        start += idx.len();
+        ctx.progress(start as u64, n as u64, &format!("{}: {what}", ctx.name));
+    }
+    Ok(out)
+}
+
+/// Each of the first `n` test clips generated from its own first frame; with the network
+/// evaluations per clip.
 fn generate(
     ctx: &mut StageContext<'_>,
     p: &FvdParams,
@@ -252,29 +280,22 @@ fn generate(
     if let Some(s) = &p.sampler {
         opts.sampler = s.clone();
     }
-    let t = pipe.settings.frames;
-    let mut gen = ClipSet::new(t, test.height, test.width);
     let e = ce("fvd generation");
+    let seed = ctx.seed;
     let mut nfe = 0;
-    let mut start = 0;
-    while start < n {
-        let idx: Vec<usize> = (start..(start + p.batch).min(n)).collect();
-        let first = clip_batch(test, &idx, &vec![0; idx.len()], 1, dev)
+    let size = (pipe.settings.frames, test.height, test.width);
+    let gen = in_batches(ctx, p.batch, n, size, "generating", |idx| {
+        let first = clip_batch(test, idx, &vec![0; idx.len()], 1, dev)
             .and_then(|x| x.squeeze(1))
             .map_err(&e)?;
         let seeds: Vec<u64> = idx
             .iter()
-            .map(|&i| ctx.seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
+            .map(|&i| seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
             .collect();
         let (video, k) = pipe.generate(&first, &seeds, &opts, |_, _| {})?;
         nfe = k;
-        for j in 0..idx.len() {
-            let v = video.get(j).map_err(&e)?;
-            gen.push(&crate::train::to_u8_frames(&v).map_err(&e)?, 0, 0);
-        }
-        start += idx.len();
-        ctx.progress(start as u64, n as u64, &format!("{}: generating", ctx.name));
-    }
+        Ok(video)
+    })?;
     Ok((gen, nfe))
 }
 
@@ -290,25 +311,19 @@ fn reconstructions(
     frames: usize,
 ) -> Result<ClipSet> {
     let chunk = pipe.default_options().decode_chunk_size;
-    let mut out = ClipSet::new(frames, test.height, test.width);
     let e = ce("fvd ceiling: autoencoder reconstruction");
-    let mut start = 0;
-    while start < n {
-        let idx: Vec<usize> = (start..(start + p.batch).min(n)).collect();
-        let x = clip_batch(test, &idx, &vec![0; idx.len()], frames, dev).map_err(&e)?;
-        let y = pipe.reconstruct(&x, chunk).map_err(&e)?;
-        for j in 0..idx.len() {
-            let v = y.get(j).map_err(&e)?;
-            out.push(&crate::train::to_u8_frames(&v).map_err(&e)?, 0, 0);
-        }
-        start += idx.len();
-        ctx.progress(
-            start as u64,
-            n as u64,
-            &format!("{}: autoencoder reconstructions", ctx.name),
-        );
-    }
-    Ok(out)
+    let size = (frames, test.height, test.width);
+    in_batches(
+        ctx,
+        p.batch,
+        n,
+        size,
+        "autoencoder reconstructions",
+        |idx| {
+            let x = clip_batch(test, idx, &vec![0; idx.len()], frames, dev).map_err(&e)?;
+            pipe.reconstruct(&x, chunk).map_err(&e)
+        },
+    )
 }
 
 /// Seed of every bootstrap: fixed, so that the same sets always give the same interval.

@@ -469,6 +469,28 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             g_inner,
         })
     };
+    // The discriminator's loss on one pair, plus the approximated R1 term when it is on:
+    // (loss, real logits, fake logits, R1).
+    type Objective = (Tensor, Vec<Tensor>, Vec<Tensor>, Option<Tensor>);
+    let d_objective = |rng: &mut NormalRng,
+                       real: &Tensor,
+                       fake: &Tensor,
+                       dc: Option<(&crate::diffusion::Conditioning, &Tensor)>|
+     -> Result<Objective> {
+        let e = ce("gan discriminator step");
+        let lr_real = disc.forward_cond(real, vae, dc).map_err(&e)?;
+        let lr_fake = disc.forward_cond(fake, vae, dc).map_err(&e)?;
+        let loss = d_loss(&lr_real, &lr_fake, p.gan_loss).map_err(&e)?;
+        if p.r1_weight <= 0.0 {
+            return Ok((loss, lr_real, lr_fake, None));
+        }
+        let eps = rng.tensor(real.dims(), &dev).map_err(&e)?;
+        let perturbed = (real + (eps * p.r1_sigma).map_err(&e)?).map_err(&e)?;
+        let lp = disc.forward_cond(&perturbed, vae, dc).map_err(&e)?;
+        let r1 = approx_r1(&lr_real, &lp).map_err(&e)?;
+        let loss = (loss + (&r1 * p.r1_weight).map_err(&e)?).map_err(&e)?;
+        Ok((loss, lr_real, lr_fake, Some(r1)))
+    };
     // Held-out check of the discriminator: the same pairs of held-out test clips (same
     // windows, sigmas and noise at every evaluation), never trained on.
     let heldout_set = {
@@ -534,16 +556,9 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         } = make_pair(&mut rng, &source, b, p.gradient_checkpointing)?;
         let dc = d_noise.as_ref().map(|n| (&cond, n));
         // Discriminator step on detached samples.
-        let lr_real = disc.forward_cond(&real, vae, dc).map_err(&e)?;
-        let lr_fake = disc.forward_cond(&fake.detach(), vae, dc).map_err(&e)?;
-        let mut loss_d = d_loss(&lr_real, &lr_fake, p.gan_loss).map_err(&e)?;
-        if p.r1_weight > 0.0 {
-            let eps = rng.tensor(real.dims(), &dev).map_err(&e)?;
-            let perturbed = (&real + (eps * p.r1_sigma).map_err(&e)?).map_err(&e)?;
-            let lp = disc.forward_cond(&perturbed, vae, dc).map_err(&e)?;
-            let r1 = approx_r1(&lr_real, &lp).map_err(&e)?;
+        let (loss_d, lr_real, lr_fake, r1) = d_objective(&mut rng, &real, &fake.detach(), dc)?;
+        if let Some(r1) = r1 {
             ctx.metric("r1", step + 1, r1.to_scalar::<f32>().map_err(&e)? as f64)?;
-            loss_d = (loss_d + (r1 * p.r1_weight).map_err(&e)?).map_err(&e)?;
         }
         let grads_d = loss_d.backward().map_err(&e)?;
         let lr = crate::train::warmup_lr(p.optimizer_d.lr, step, p.optimizer_d.warmup);
@@ -553,18 +568,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         for _ in 1..p.d_steps {
             let extra = make_pair(&mut rng, &source, b, false)?;
             let dc = extra.d_noise.as_ref().map(|n| (&extra.cond, n));
-            let lr_r = disc.forward_cond(&extra.real, vae, dc).map_err(&e)?;
-            let lr_f = disc
-                .forward_cond(&extra.fake.detach(), vae, dc)
-                .map_err(&e)?;
-            let mut l = d_loss(&lr_r, &lr_f, p.gan_loss).map_err(&e)?;
-            if p.r1_weight > 0.0 {
-                let eps = rng.tensor(extra.real.dims(), &dev).map_err(&e)?;
-                let perturbed = (&extra.real + (eps * p.r1_sigma).map_err(&e)?).map_err(&e)?;
-                let lp = disc.forward_cond(&perturbed, vae, dc).map_err(&e)?;
-                let r1 = approx_r1(&lr_r, &lp).map_err(&e)?;
-                l = (l + (r1 * p.r1_weight).map_err(&e)?).map_err(&e)?;
-            }
+            let (l, ..) = d_objective(&mut rng, &extra.real, &extra.fake.detach(), dc)?;
             let g = l.backward().map_err(&e)?;
             opt_d.step(&g, lr).map_err(&e)?;
         }
