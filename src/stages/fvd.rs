@@ -368,6 +368,20 @@ fn motion_rows(set: &ClipSet, n: usize, frames: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// `score` of the first `len` bytes of each of the first `n` clips of `set` against the same
+/// real clip (`len` = one frame for first-frame fidelity, more for whole clips).
+fn paired_scores(
+    real: &ClipSet,
+    set: &ClipSet,
+    n: usize,
+    len: usize,
+    score: impl Fn(&[u8], &[u8]) -> f64,
+) -> Vec<f64> {
+    (0..n)
+        .map(|i| score(&real.clip(i)[..len], &set.clip(i)[..len]))
+        .collect()
+}
+
 /// A metric key, with `_fast` added to its first segment for quick checks.
 pub fn key(fast: bool, base: &str) -> String {
     match (fast, base.split_once('/')) {
@@ -468,14 +482,10 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         })?
     };
     let gen_motion = motion_rows(&gen, n, f);
-    let psnr: Vec<f64> = (0..n)
-        .map(|i| fidelity::psnr(&test.clip(i)[..fl], &gen.clip(i)[..fl]))
-        .collect();
+    let psnr = paired_scores(&test, &gen, n, fl, fidelity::psnr);
     let with_ssim = h > 10 && w > 10;
     let ssim: Vec<f64> = if with_ssim {
-        (0..n)
-            .map(|i| fidelity::ssim(&test.clip(i)[..fl], &gen.clip(i)[..fl], h, w))
-            .collect()
+        paired_scores(&test, &gen, n, fl, |a, b| fidelity::ssim(a, b, h, w))
     } else {
         ctx.note("frames under 11x11 pixels: no SSIM (its window is 11 pixels)");
         Vec::new()
@@ -580,18 +590,14 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
             let mc = bootstrap::paired_distance(&real_motion, &c_motion, b, BOOTSTRAP_SEED)?;
             log_interval(ctx, fast, "motion_fd_ceiling", mc)?;
             ctx.metric(&key(fast, "motion_mean_ceiling"), 0, mean_of(&c_motion))?;
-            let clip_psnr: Vec<f64> = (0..n)
-                .map(|i| fidelity::psnr(&test.clip(i)[..f * fl], &recon.clip(i)[..f * fl]))
-                .collect();
+            let clip_psnr = paired_scores(&test, &recon, n, f * fl, fidelity::psnr);
             log_interval(
                 ctx,
                 fast,
                 "ceiling_psnr",
                 bootstrap::mean(&clip_psnr, b, BOOTSTRAP_SEED)?,
             )?;
-            let ff: Vec<f64> = (0..n)
-                .map(|i| fidelity::psnr(&test.clip(i)[..fl], &recon.clip(i)[..fl]))
-                .collect();
+            let ff = paired_scores(&test, &recon, n, fl, fidelity::psnr);
             log_interval(
                 ctx,
                 fast,
@@ -599,9 +605,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
                 bootstrap::mean(&ff, b, BOOTSTRAP_SEED)?,
             )?;
             if with_ssim {
-                let ss: Vec<f64> = (0..n)
-                    .map(|i| fidelity::ssim(&test.clip(i)[..fl], &recon.clip(i)[..fl], h, w))
-                    .collect();
+                let ss = paired_scores(&test, &recon, n, fl, |a, b| fidelity::ssim(a, b, h, w));
                 log_interval(
                     ctx,
                     fast,
