@@ -668,6 +668,27 @@ impl Store {
             })
     }
 
+    /// Every logged value of one metric of a stage, by step.
+    pub fn metric_series(&self, stage_hash: &str, key: &str) -> Result<Vec<(i64, f64)>> {
+        self.rows(
+            "SELECT step, value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step",
+            rusqlite::params![stage_hash, key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
+
+    /// An experiment's description and the spec path it was last run from.
+    pub fn experiment_info(&self, name: &str) -> Result<Option<(String, String)>> {
+        Ok(self
+            .rows(
+                "SELECT description, spec_path FROM experiments WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .into_iter()
+            .next())
+    }
+
     /// A run's artifacts.
     pub fn artifacts_of(&self, run_id: i64) -> Result<Vec<ArtifactRow>> {
         self.rows("SELECT rs.stage_name, a.path, a.kind, a.sha256, a.bytes FROM run_stages rs JOIN artifacts a ON a.stage_hash = rs.stage_hash

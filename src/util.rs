@@ -161,3 +161,26 @@ pub fn failpoint(name: &str, stage: &str, step: u64) {
         libc::kill(libc::getpid(), libc::SIGKILL);
     }
 }
+
+/// Format seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
+pub fn utc_time(t: Option<f64>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let secs = t as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

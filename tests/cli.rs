@@ -273,6 +273,35 @@ fn sweep_runs_store_everything_and_rerun_does_no_work() {
         8
     );
     let runs_before = count(&store, "SELECT COUNT(*) FROM runs");
+    // Two runs side by side: the params in which they differ, then their metrics.
+    let ids: Vec<i64> = {
+        let mut st = store
+            .conn()
+            .prepare("SELECT id FROM runs ORDER BY id LIMIT 2")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
+    let o = onestep(tmp.path(), &["compare", &a, &b]);
+    assert!(o.status.success(), "{}", text(&o));
+    let c = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        c.contains("Params that differ") && c.contains("data/train/clips"),
+        "{c}"
+    );
+    assert!(
+        !c.contains("| stages.data.kind |"),
+        "equal params are not listed:\n{c}"
+    );
+    let o = onestep(tmp.path(), &["compare", &a, "999999"]);
+    assert!(
+        !o.status.success() && text(&o).contains("no run 999999"),
+        "{}",
+        text(&o)
+    );
     drop(store);
 
     let t0 = Instant::now();
@@ -1107,6 +1136,73 @@ fn fvd_stage_logs_a_labelled_distance_and_caches_real_logits() {
     ] {
         assert!(r.contains(want), "report lacks {want:?}:\n{r}");
     }
+    // The report folder: the table as LaTeX and CSV, figures as PNG and SVG, samples, report.md.
+    let dir = results.join("fvd-smoke");
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    for want in [
+        "## Scale",
+        "toy scale",
+        "## Runs",
+        "## Comparison",
+        "teacher (`fvd`)",
+        "ceiling: real through the autoencoder of `teacher`",
+        "![samples](samples.png)",
+        "fvd_vs_nfe.png",
+    ] {
+        assert!(md.contains(want), "report.md lacks {want:?}:\n{md}");
+    }
+    let csv = std::fs::read_to_string(dir.join("table.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(
+        lines[0].contains("fvd,fvd_sd,fvd_low,fvd_high"),
+        "{}",
+        lines[0]
+    );
+    // floor, static, ceiling and the method, in that order.
+    let kinds: Vec<&str> = lines[1..]
+        .iter()
+        .map(|l| l.split(',').next().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["floor", "static", "ceiling", "method"], "{csv}");
+    // The method's FVD in the CSV is the logged one.
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = header.iter().position(|h| *h == "fvd").unwrap();
+    let method: Vec<&str> = lines[4].split(',').collect();
+    let fvd_csv: f64 = method[col].parse().unwrap();
+    assert!((fvd_csv - d).abs() < 1e-9 * d.max(1.0), "{fvd_csv} vs {d}");
+    let tex = std::fs::read_to_string(dir.join("table.tex")).unwrap();
+    assert!(
+        tex.contains("\\toprule") && tex.contains("\\bottomrule") && tex.contains("teacher (fvd)")
+    );
+    let png = image::open(dir.join("fvd_vs_nfe.png")).unwrap();
+    assert!(png.width() > 100 && png.height() > 100);
+    assert!(std::fs::read_to_string(dir.join("fvd_vs_nfe.svg"))
+        .unwrap()
+        .contains("FVD vs NFE"));
+    assert!(dir.join("curve_teacher_loss.png").exists());
+    let strip = image::open(dir.join("samples.png")).unwrap();
+    assert!(strip.width() > 300);
+    assert!(std::fs::metadata(dir.join("samples.gif")).unwrap().len() > 0);
+    // The sampling time per clip is logged for the method.
+    assert!(value("seconds_per_clip_fast") > 0.0);
+    // `--out FILE.md` names the Markdown file; the rest goes beside it.
+    let o = onestep(
+        results,
+        &[
+            "report",
+            "fvd-smoke",
+            "--out",
+            results.join("elsewhere/r.md").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        results.join("elsewhere/r.md").exists() && results.join("elsewhere/table.csv").exists()
+    );
+    // A reference that names no stage is refused with what to give.
+    let o = onestep(results, &["report", "fvd-smoke", "--reference", "nope"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--reference `nope`"), "{}", text(&o));
     // A report of an experiment that has no runs is a clear error.
     let o = onestep(results, &["report", "no-such-experiment"]);
     assert!(!o.status.success());

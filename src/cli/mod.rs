@@ -91,9 +91,11 @@ pub enum Command {
     Show(show::Args),
     /// Export store tables as CSV or Parquet.
     Export(export::Args),
-    /// Evaluation tables of an experiment: FVD, motion FD and first-frame fidelity with
-    /// intervals, the floor and static rows, and paired comparisons of its methods.
+    /// An experiment's report folder: the comparison table (Markdown, LaTeX, CSV) with the
+    /// floor, static and ceiling rows and paired verdicts, figures (PNG, SVG), samples, report.md.
     Report(report::Args),
+    /// Runs side by side: the params in which they differ and their final metrics.
+    Compare(report::CompareArgs),
     /// Generate a video from an image with a trained model folder.
     Generate(generate::Args),
     /// Fetch, list and preview video data.
@@ -119,6 +121,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Show(a) => show::execute(&cli.global, a),
         Command::Export(a) => export::execute(&cli.global, a),
         Command::Report(a) => report::execute(&cli.global, a),
+        Command::Compare(a) => report::compare(&cli.global, a),
         Command::Data(c) => data::execute(&cli.global, c),
         Command::Generate(a) => generate::execute(&cli.global, a),
         Command::Assets(c) => metrics::assets_execute(&cli.global, c),
@@ -128,28 +131,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Format seconds since the epoch as UTC `YYYY-MM-DD HH:MM:SS`.
-pub fn time(t: Option<f64>) -> String {
-    let Some(t) = t else { return "-".into() };
-    let secs = t as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+pub use onestep::util::utc_time as time;
 
 /// A plain text table with aligned columns.
 pub fn table(header: &[String], rows: &[Vec<String>]) -> String {

@@ -192,15 +192,9 @@ impl ClipSet {
 impl ClipSet {
     /// An animated GIF of the first `clips` clips side by side, looping, at `fps`.
     pub fn write_gif(&self, out: &Path, clips: usize, fps: f64) -> Result<()> {
-        use image::codecs::gif::{GifEncoder, Repeat};
         let n = clips.min(self.len()).max(1);
         let (h, w) = (self.height, self.width);
-        let file = std::fs::File::create(out).at(out)?;
-        let gif_err = |e: image::ImageError| Error::Other(format!("{}: {e}", out.display()));
-        let mut enc = GifEncoder::new_with_speed(file, 10);
-        enc.set_repeat(Repeat::Infinite).map_err(gif_err)?;
-        let delay_ms = (1000.0 / fps.max(0.1)).round() as u32;
-        for f in 0..self.frames {
+        let frames = (0..self.frames).map(|f| {
             let mut img = image::RgbaImage::new((w * n) as u32, h as u32);
             for c in 0..n.min(self.len()) {
                 let clip = self.clip(c);
@@ -215,16 +209,34 @@ impl ClipSet {
                     }
                 }
             }
-            enc.encode_frame(image::Frame::from_parts(
-                img,
-                0,
-                0,
-                image::Delay::from_numer_denom_ms(delay_ms, 1),
-            ))
-            .map_err(gif_err)?;
-        }
-        Ok(())
+            img
+        });
+        encode_gif(out, fps, frames)
     }
+}
+
+/// Write `frames` as a looping animated GIF at `fps`.
+pub fn encode_gif(
+    out: &Path,
+    fps: f64,
+    frames: impl IntoIterator<Item = image::RgbaImage>,
+) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let file = std::fs::File::create(out).at(out)?;
+    let gif_err = |e: image::ImageError| Error::Other(format!("{}: {e}", out.display()));
+    let mut enc = GifEncoder::new_with_speed(file, 10);
+    enc.set_repeat(Repeat::Infinite).map_err(gif_err)?;
+    let delay_ms = (1000.0 / fps.max(0.1)).round() as u32;
+    for img in frames {
+        enc.encode_frame(image::Frame::from_parts(
+            img,
+            0,
+            0,
+            image::Delay::from_numer_denom_ms(delay_ms, 1),
+        ))
+        .map_err(gif_err)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! and writes it in diffusers' layout to `vae/`.
 //!
 //! Loss: reconstruction (L1 or L2, per pixel) of `frames` consecutive frames decoded together
-//! (the decoder is temporal) from posterior samples, plus `kl_weight` x the KL divergence to
+//! (the decoder is temporal) from posterior samples (or, with `posterior = "mode"`, from the
+//! posterior mean: a deterministic autoencoder), plus `kl_weight` x the KL divergence to
 //! N(0, I) per latent element (the KL-regularised autoencoder of Rombach et al. 2022; the
 //! adversarial and perceptual terms of SD's VAE training are not implemented). After training,
 //! `scaling_factor` is set to 1 / std of the training latents, as it was computed for SD.
@@ -23,6 +24,19 @@ use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// What the decoder sees during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Posterior {
+    /// A sample of the posterior (the KL-regularised VAE of SD/SVD).
+    #[default]
+    Sample,
+    /// Its mean: a deterministic autoencoder (as DC-AE), the KL term only keeps latents near
+    /// N(0, I) in scale. A toy-scale deviation: the posterior noise, not capacity, is what the
+    /// small VAE spends its first thousands of steps fighting.
+    Mode,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,12 +66,19 @@ pub struct AutoencoderParams {
     pub kl_weight: f64,
     /// Reconstruction loss: l1 or l2.
     pub recon: Recon,
+    /// Decode a posterior `sample` (default) or its `mode` (mean) during training.
+    #[serde(skip_serializing_if = "is_default_posterior")]
+    pub posterior: Posterior,
     /// Steps between test-set PSNR evaluations (0 = only at the end).
     pub eval_every: u64,
     /// Test clips used for PSNR.
     pub eval_clips: usize,
     /// Steps between checkpoints (not part of the stage's identity).
     pub checkpoint_every: u64,
+}
+
+fn is_default_posterior(p: &Posterior) -> bool {
+    *p == Posterior::Sample
 }
 
 impl Default for AutoencoderParams {
@@ -75,6 +96,7 @@ impl Default for AutoencoderParams {
             },
             kl_weight: 1e-6,
             recon: Recon::L1,
+            posterior: Posterior::Sample,
             eval_every: 500,
             eval_clips: 16,
             checkpoint_every: 100,
@@ -205,8 +227,13 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         let (b, t, c, h, w) = x.dims5().map_err(&e)?;
         let x = x.reshape((b * t, c, h, w)).map_err(&e)?;
         let post = vae.encode(&x).map_err(&e)?;
-        let eps = rng.tensor(post.mean.dims(), &dev).map_err(&e)?;
-        let z = post.sample_with(&eps).map_err(&e)?;
+        let z = match p.posterior {
+            Posterior::Sample => {
+                let eps = rng.tensor(post.mean.dims(), &dev).map_err(&e)?;
+                post.sample_with(&eps).map_err(&e)?
+            }
+            Posterior::Mode => post.mode().clone(),
+        };
         let xr = vae.decode(&z, t).map_err(&e)?;
         let diff = (xr - &x).map_err(&e)?;
         let recon = match p.recon {

@@ -16,6 +16,8 @@
 //! - `fvd` with its interval, `fvd/clips` (N), `fvd/frames`, `fvd/resolution` (the clips' own
 //!   height before resizing), `fvd/nfe` (network evaluations per generated clip),
 //!   `fvd/comparable` (1 only for 16 frames and not fast) and `fvd/resamples`;
+//! - `seconds_per_clip`: wall time of the generations divided by N (clips made `batch` at a
+//!   time on the run's device, conditioning encode and decoding included; 0 for static);
 //! - `motion_fd` with its interval: the Fréchet distance of frame-difference features across
 //!   lags and scales ([`crate::metrics::motion`]), which sees temporal order and speed;
 //!   `motion_mean` and `motion_mean_real`, the mean lag-1 luma difference of the generated and
@@ -461,10 +463,12 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     let still = static_clips(&test, n);
 
     // Generations from each real clip's first frame.
+    let t0 = std::time::Instant::now();
     let (gen, nfe) = match &pipe {
         Some((pipe, dev, _)) => generate(ctx, p, pipe, dev, &test, n)?,
         None => (still.clone(), 0),
     };
+    let seconds_per_clip = t0.elapsed().as_secs_f64() / n.max(1) as f64;
     gen.save(&ctx.dir.join("generated.safetensors"))?;
     // A model's generations are scored once and kept in this stage's features file; only the
     // real and static sets, shared by every method, go to the assets cache.
@@ -500,6 +504,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     ctx.metric(&key(fast, "fvd/frames"), 0, f as f64)?;
     ctx.metric(&key(fast, "fvd/resolution"), 0, h as f64)?;
     ctx.metric(&key(fast, "fvd/nfe"), 0, nfe as f64)?;
+    ctx.metric(&key(fast, "seconds_per_clip"), 0, seconds_per_clip)?;
     ctx.metric(&key(fast, "fvd/resamples"), 0, b as f64)?;
     let comparable = !fast && f == FVD_FRAMES;
     ctx.metric(

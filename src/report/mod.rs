@@ -20,6 +20,12 @@ use crate::store::{RunRow, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+pub mod compare_runs;
+pub mod document;
+pub mod figures;
+pub mod strips;
+pub mod table;
+
 /// Smallest N the protocol calls comparable.
 pub const MIN_CLIPS: usize = 512;
 
@@ -34,7 +40,7 @@ pub struct MethodRow {
 }
 
 impl MethodRow {
-    fn get(&self, base: &str) -> Option<f64> {
+    pub(crate) fn get(&self, base: &str) -> Option<f64> {
         self.metrics.get(&key(self.eval.fast, base)).copied()
     }
 
@@ -62,7 +68,7 @@ impl MethodRow {
         }
     }
 
-    fn is_static(&self) -> bool {
+    pub(crate) fn is_static(&self) -> bool {
         self.eval.model == STATIC
     }
 }
@@ -102,7 +108,7 @@ fn cell(i: Option<Interval>, decimals: usize) -> String {
     i.map_or_else(|| "-".into(), |i| i.display(decimals))
 }
 
-fn sampler_label(e: &Evaluation) -> String {
+pub(crate) fn sampler_label(e: &Evaluation) -> String {
     match &e.sampler {
         None => "-".into(),
         Some(s) => {
@@ -299,13 +305,9 @@ pub fn run_report(rows: &[MethodRow], resamples: usize) -> Result<String> {
     Ok(out)
 }
 
-/// The report of an experiment: the newest run of each variant and seed.
-pub fn experiment_report(
-    store: &Store,
-    results: &Path,
-    experiment: &str,
-    resamples: Option<usize>,
-) -> Result<String> {
+/// The newest run of each variant and seed of an experiment, in the order they were created
+/// (the spec's order); an error naming the store when it has none.
+pub fn newest_runs(store: &Store, experiment: &str) -> Result<Vec<RunRow>> {
     let runs = store.runs(Some(experiment), None, &[])?;
     if runs.is_empty() {
         return Err(Error::Data(format!(
@@ -317,17 +319,29 @@ pub fn experiment_report(
     for r in runs {
         newest.insert((r.variant.clone(), r.seed), r);
     }
+    let mut runs: Vec<RunRow> = newest.into_values().collect();
+    runs.sort_by_key(|r| r.id);
+    Ok(runs)
+}
+
+/// The per-run tables of an experiment: the newest run of each variant and seed.
+pub fn experiment_report(
+    store: &Store,
+    results: &Path,
+    experiment: &str,
+    resamples: Option<usize>,
+) -> Result<String> {
     let mut out = format!("# {experiment}: evaluation\n\n");
     let mut any = false;
-    for ((variant, seed), run) in &newest {
+    for run in &newest_runs(store, experiment)? {
         let rows = run_methods(store, results, run)?;
         if rows.is_empty() {
             continue;
         }
         any = true;
         out += &format!(
-            "## variant `{variant}`, seed {seed} (run {}, {})\n\n",
-            run.id, run.status
+            "## variant `{}`, seed {} (run {}, {})\n\n",
+            run.variant, run.seed, run.id, run.status
         );
         let b = resamples
             .unwrap_or_else(|| rows.first().map_or(DEFAULT_RESAMPLES, |r| r.eval.resamples));
