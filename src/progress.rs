@@ -31,6 +31,8 @@ pub struct Progress {
     label: String,
     stage_name: String,
     stage_start: Instant,
+    /// The step the stage started from (a resumed stage starts past 0): rates count from it.
+    first_step: Option<u64>,
     last_line: Instant,
 }
 
@@ -55,6 +57,7 @@ impl Progress {
             label: String::new(),
             stage_name: String::new(),
             stage_start: Instant::now(),
+            first_step: None,
             last_line: Instant::now() - LINE_EVERY,
         }
     }
@@ -80,6 +83,7 @@ impl Progress {
     pub fn stage_start(&mut self, name: &str, kind: &str) {
         self.stage_name = format!("{name} ({kind})");
         self.stage_start = Instant::now();
+        self.first_step = None;
         self.last_line = Instant::now() - LINE_EVERY;
         if self.mode == Mode::Bars {
             let b = self.multi.add(ProgressBar::new(0));
@@ -106,7 +110,8 @@ impl Progress {
         {
             self.last_line = Instant::now();
             let secs = self.stage_start.elapsed().as_secs_f64().max(1e-9);
-            let rate = step as f64 / secs;
+            let first = *self.first_step.get_or_insert(step.saturating_sub(1));
+            let rate = step.saturating_sub(first) as f64 / secs;
             let eta = if rate > 0.0 {
                 (total.saturating_sub(step)) as f64 / rate
             } else {

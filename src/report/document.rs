@@ -314,8 +314,9 @@ fn short_scale(g: &table::Group) -> String {
 }
 
 /// The ablation axes of an experiment: sets of params that change together across variants
-/// (each set is one axis). Returns (axis keys, value per variant) with variants in run order.
-fn axes(store: &Store, runs: &[RunRow]) -> Result<Vec<(Vec<String>, Vec<(String, String)>)>> {
+/// (each set is one axis). Returns (axis keys, one (variant, value) per distinct value: the
+/// first variant in run order that has it; the value is empty for an axis of several keys).
+fn axes(store: &Store, runs: &[RunRow]) -> Result<Vec<Axis>> {
     let mut variants: Vec<(String, BTreeMap<String, String>)> = Vec::new();
     for r in runs {
         if variants.iter().any(|(v, _)| *v == r.variant) {
@@ -328,8 +329,15 @@ fn axes(store: &Store, runs: &[RunRow]) -> Result<Vec<(Vec<String>, Vec<(String,
             .collect();
         variants.push((r.variant.clone(), p));
     }
+    Ok(axes_of(&variants))
+}
+
+type Axis = (Vec<String>, Vec<(String, String)>);
+
+/// [`axes`] on (variant, params) pairs.
+fn axes_of(variants: &[(String, BTreeMap<String, String>)]) -> Vec<Axis> {
     if variants.len() < 2 {
-        return Ok(vec![]);
+        return vec![];
     }
     let keys: std::collections::BTreeSet<&String> =
         variants.iter().flat_map(|(_, p)| p.keys()).collect();
@@ -357,23 +365,27 @@ fn axes(store: &Store, runs: &[RunRow]) -> Result<Vec<(Vec<String>, Vec<(String,
             None => groups.push((part, vec![k.clone()])),
         }
     }
-    Ok(groups
+    // Per axis, one bar per value: the first variant (in run order) that has it.
+    groups
         .into_iter()
-        .map(|(_, ks)| {
-            let vals = variants
-                .iter()
-                .map(|(v, p)| {
-                    let shown = if ks.len() == 1 {
-                        p.get(&ks[0]).cloned().unwrap_or_else(|| "(absent)".into())
-                    } else {
-                        String::new()
-                    };
-                    (v.clone(), shown)
-                })
-                .collect();
+        .map(|(part, ks)| {
+            let mut vals: Vec<(String, String)> = Vec::new();
+            let mut seen = Vec::new();
+            for (i, (v, p)) in variants.iter().enumerate() {
+                if seen.contains(&part[i]) {
+                    continue;
+                }
+                seen.push(part[i]);
+                let shown = if ks.len() == 1 {
+                    p.get(&ks[0]).cloned().unwrap_or_else(|| "(absent)".into())
+                } else {
+                    String::new()
+                };
+                vals.push((v.clone(), shown));
+            }
             (ks, vals)
         })
-        .collect())
+        .collect()
 }
 
 /// One bar chart of FVD per ablation axis and evaluated stage.
@@ -608,4 +620,63 @@ pub fn file_list(w: &Written, root: &Path) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(name: &str, kv: &[(&str, &str)]) -> (String, BTreeMap<String, String>) {
+        (
+            name.into(),
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn axes_group_keys_that_change_together_and_keep_one_bar_per_value() {
+        let vs = [
+            v(
+                "base",
+                &[("a", "1"), ("g", "3.0"), ("in", "up"), ("bb", "eff")],
+            ),
+            v(
+                "cfg15",
+                &[("a", "1"), ("g", "1.5"), ("in", "up"), ("bb", "eff")],
+            ),
+            v(
+                "cfg1",
+                &[("a", "1"), ("g", "1.0"), ("in", "up"), ("bb", "eff")],
+            ),
+            v(
+                "sfv",
+                &[("a", "1"), ("g", "3.0"), ("in", "latent"), ("bb", "unet")],
+            ),
+        ];
+        let axes = axes_of(&vs);
+        assert_eq!(axes.len(), 2, "{axes:?}");
+        // `g` alone: three values, each from the first variant that has it.
+        let g = axes.iter().find(|(k, _)| k == &["g"]).unwrap();
+        assert_eq!(
+            g.1,
+            [
+                ("base".to_string(), "3.0".to_string()),
+                ("cfg15".into(), "1.5".into()),
+                ("cfg1".into(), "1.0".into())
+            ]
+        );
+        // `in` and `bb` change together: one axis, bars named by variant.
+        let d = axes.iter().find(|(k, _)| k.len() == 2).unwrap();
+        assert_eq!(d.0, ["bb", "in"]);
+        assert_eq!(
+            d.1,
+            [
+                ("base".to_string(), String::new()),
+                ("sfv".into(), String::new())
+            ]
+        );
+        assert!(axes_of(&vs[..1]).is_empty());
+    }
 }
