@@ -31,8 +31,11 @@ pub struct Progress {
     label: String,
     stage_name: String,
     stage_start: Instant,
-    /// The step the stage started from (a resumed stage starts past 0): rates count from it.
+    /// The step the current phase started from (a resumed stage starts past 0; a stage with
+    /// several phases, such as generating then scoring, counts each from 1): rates count from it.
     first_step: Option<u64>,
+    last_step: u64,
+    phase_start: Instant,
     last_line: Instant,
 }
 
@@ -58,6 +61,8 @@ impl Progress {
             stage_name: String::new(),
             stage_start: Instant::now(),
             first_step: None,
+            last_step: 0,
+            phase_start: Instant::now(),
             last_line: Instant::now() - LINE_EVERY,
         }
     }
@@ -84,6 +89,8 @@ impl Progress {
         self.stage_name = format!("{name} ({kind})");
         self.stage_start = Instant::now();
         self.first_step = None;
+        self.last_step = 0;
+        self.phase_start = self.stage_start;
         self.last_line = Instant::now() - LINE_EVERY;
         if self.mode == Mode::Bars {
             let b = self.multi.add(ProgressBar::new(0));
@@ -109,7 +116,13 @@ impl Progress {
             && (self.last_line.elapsed() >= LINE_EVERY || step == total)
         {
             self.last_line = Instant::now();
-            let secs = self.stage_start.elapsed().as_secs_f64().max(1e-9);
+            if self.first_step.is_some() && step <= self.last_step {
+                // A new phase of the stage.
+                self.first_step = None;
+                self.phase_start = Instant::now();
+            }
+            self.last_step = step;
+            let secs = self.phase_start.elapsed().as_secs_f64().max(1e-9);
             let first = *self.first_step.get_or_insert(step.saturating_sub(1));
             let rate = step.saturating_sub(first) as f64 / secs;
             let eta = if rate > 0.0 {
