@@ -117,8 +117,9 @@ impl Progress {
         {
             self.last_line = Instant::now();
             if self.first_step.is_some() && step <= self.last_step {
-                // A new phase of the stage.
-                self.first_step = None;
+                // A new phase of the stage, seen at its first printed step: rates count from
+                // here (this line has none).
+                self.first_step = Some(step);
                 self.phase_start = Instant::now();
             }
             self.last_step = step;
@@ -135,8 +136,13 @@ impl Progress {
             } else {
                 0.0
             };
+            let speed = if rate > 0.0 {
+                format!("{rate:.2} steps/s eta {eta:.0}s")
+            } else {
+                "- steps/s".to_string()
+            };
             eprintln!(
-                "[{}] {}: step {step}/{total} ({pct:.0}%) {rate:.2} steps/s eta {eta:.0}s {msg}",
+                "[{}] {}: step {step}/{total} ({pct:.0}%) {speed} {msg}",
                 self.label, self.stage_name
             );
         }

@@ -284,6 +284,20 @@ pub fn build(
         } else {
             String::new()
         };
+        // Models whose ceilings are equal share an autoencoder (a student keeps its teacher's
+        // VAE): one ceiling row, named by all of them, keyed by the first.
+        let mut shared: Vec<(u64, Vec<String>)> = Vec::new();
+        for r in rows {
+            if let Some(v) = r.get("fvd_ceiling") {
+                match shared.iter_mut().find(|(b, _)| *b == v.to_bits()) {
+                    Some((_, models)) if !models.contains(&r.eval.model) => {
+                        models.push(r.eval.model.clone())
+                    }
+                    Some(_) => {}
+                    None => shared.push((v.to_bits(), vec![r.eval.model.clone()])),
+                }
+            }
+        }
         for r in rows {
             let e = &r.eval;
             let (_, entries) = groups
@@ -340,15 +354,19 @@ pub fn build(
                 );
             }
             if let Some(c) = r.interval("fvd_ceiling") {
-                // One ceiling per autoencoder: methods of one model share it.
+                let models = shared
+                    .iter()
+                    .find(|(b, _)| *b == c.value.to_bits())
+                    .map_or_else(|| vec![r.eval.model.clone()], |(_, m)| m.clone());
                 put(
-                    format!("ceiling {variant} {}", r.eval.model),
+                    format!("ceiling {variant} {}", models[0]),
                     &|| {
+                        let names: Vec<String> = models.iter().map(|m| format!("`{m}`")).collect();
                         Row::new(
                             RowKind::Ceiling,
                             format!(
-                                "{prefix}ceiling: real through the autoencoder of `{}`",
-                                r.eval.model
+                                "{prefix}ceiling: real through the autoencoder of {}",
+                                names.join(", ")
                             ),
                             variant,
                         )
