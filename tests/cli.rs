@@ -808,6 +808,19 @@ fn teacher_chain_trains_logs_and_generates_from_any_image_size() {
         );
     }
     assert!(count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'loss'") >= 8);
+    // The VAE's global colour shift, in [0, 1] pixel units.
+    let colour: f64 = store
+        .conn()
+        .query_row(
+            "SELECT value FROM metrics WHERE key = 'colour_offset_test' ORDER BY step DESC",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        (0.0..=1.0).contains(&colour),
+        "colour_offset_test = {colour}"
+    );
     assert_eq!(
         count(
             &store,

@@ -8,8 +8,10 @@
 //! N(0, I) per latent element (the KL-regularised autoencoder of Rombach et al. 2022; the
 //! adversarial and perceptual terms of SD's VAE training are not implemented). After training,
 //! `scaling_factor` is set to 1 / std of the training latents, as it was computed for SD.
-//! Metrics: `loss`, `recon`, `kl` per step; `psnr_test` (dB, on full test clips) every
-//! `eval_every` steps and at the end; `scaling_factor`.
+//! Metrics: `loss`, `recon`, `kl` per step; `psnr_test` (dB, on full test clips) and
+//! `colour_offset_test` (mean absolute per-frame, per-channel mean-colour error, [0, 1] units:
+//! the global colour shift GroupNorm can cause) every `eval_every` steps and at the end;
+//! `scaling_factor`.
 
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
@@ -262,8 +264,9 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
         let done = step + 1 == p.steps;
         if p.eval_every > 0 && (step + 1) % p.eval_every == 0 && !done {
-            let psnr = test_psnr(&vae, &test_set, p.eval_clips, &dev)?;
+            let (psnr, colour) = test_psnr(&vae, &test_set, p.eval_clips, &dev)?;
             ctx.metric("psnr_test", step + 1, psnr)?;
+            ctx.metric("colour_offset_test", step + 1, colour)?;
         }
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
             let state = TrainState::new(step + 1)
@@ -280,8 +283,9 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         cfg.scaling_factor = 1.0 / std.max(1e-6);
     }
     ctx.metric("scaling_factor", p.steps, cfg.scaling_factor)?;
-    let psnr = test_psnr(&vae, &test_set, p.eval_clips, &dev)?;
+    let (psnr, colour) = test_psnr(&vae, &test_set, p.eval_clips, &dev)?;
     ctx.metric("psnr_test", p.steps, psnr)?;
+    ctx.metric("colour_offset_test", p.steps, colour)?;
     save_component(&ctx.dir.join("vae"), &cfg, &varmap)?;
     write_recon_preview(ctx, &vae, &test_set, &dev)?;
     ctx.note(&format!(
@@ -292,19 +296,22 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
 }
 
 /// Mean PSNR (dB, pixels in [0, 1]) of reconstructions (posterior mode) of the first `n` test
-/// clips, each decoded as a whole clip.
+/// clips, each decoded as a whole clip, and their colour offset: the mean absolute difference
+/// between each frame's per-channel mean and its reconstruction's, in [0, 1] pixel units (the
+/// part of the error that is a global colour shift).
 pub fn test_psnr(
     vae: &AutoencoderKLTemporalDecoder,
     test: &ClipSet,
     n: usize,
     dev: &candle_core::Device,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let n = n.min(test.len());
     if n == 0 {
-        return Ok(f64::NAN);
+        return Ok((f64::NAN, f64::NAN));
     }
     let e = ce("test PSNR");
     let mut total = 0.0;
+    let mut colour = 0.0;
     for i in 0..n {
         let x = clip_frames(test, i, dev).map_err(&e)?;
         let t = x.dim(0).map_err(&e)?;
@@ -313,6 +320,12 @@ pub fn test_psnr(
             .and_then(|p| vae.decode(p.mode(), t))
             .map_err(&e)?;
         let xr = xr.clamp(-1f32, 1f32).map_err(&e)?;
+        // Per-frame, per-channel means ((t, 3) of (t, 3, h, w)); half for [0, 1] units.
+        colour += ((xr.mean((2, 3)).map_err(&e)? - x.mean((2, 3)).map_err(&e)?).map_err(&e)? * 0.5)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.mean_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .map_err(&e)? as f64;
         // Pixel error in [0, 1] units: half the error in [-1, 1] units.
         let mse = ((xr - &x).map_err(&e)? * 0.5)
             .and_then(|d| d.sqr())
@@ -321,7 +334,7 @@ pub fn test_psnr(
             .map_err(&e)? as f64;
         total += -10.0 * mse.max(1e-12).log10();
     }
-    Ok(total / n as f64)
+    Ok((total / n as f64, colour / n as f64))
 }
 
 fn latent_std(
