@@ -97,9 +97,18 @@ pub fn interval(
         return Ok(Interval::point(value));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut draws = (0..resamples)
+    let draws = (0..resamples)
         .map(|_| draw(&mut rng))
         .collect::<Result<Vec<f64>>>()?;
+    Ok(from_draws(value, draws, nonnegative))
+}
+
+/// The interval around `value` from the statistic's values on the resamples (a point value
+/// without any).
+fn from_draws(value: f64, mut draws: Vec<f64>, nonnegative: bool) -> Interval {
+    if draws.is_empty() {
+        return Interval::point(value);
+    }
     draws.sort_by(|a, b| a.total_cmp(b));
     let a = 1.0 - LEVEL;
     let (qlo, med, qhi) = (
@@ -112,7 +121,7 @@ pub fn interval(
         low = low.max(0.0);
         high = high.max(0.0);
     }
-    Ok(Interval { value, low, high })
+    Interval { value, low, high }
 }
 
 /// `n` indices drawn from `0..n` with replacement.
@@ -147,6 +156,57 @@ fn distance(a: &[Vec<f32>], b: &[Vec<f32>], idx_a: &[usize], idx_b: &[usize]) ->
     frechet_distance(&ga, &gb)
 }
 
+/// The Fréchet distance of a set to paired real rows, on all rows and on each index resample
+/// that [`bootstrap`] draws for this seed. Every set scored against the same real rows with the
+/// same seed sees the same resamples, so one set's draws serve its distance and every paired
+/// difference it takes part in ([`PairedDraws::minus`]), each distance computed once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairedDraws {
+    pub value: f64,
+    pub draws: Vec<f64>,
+}
+
+pub fn paired_draws(
+    real: &[Vec<f32>],
+    fake: &[Vec<f32>],
+    resamples: usize,
+    seed: u64,
+) -> Result<PairedDraws> {
+    assert_eq!(real.len(), fake.len(), "paired sets differ in length");
+    let n = real.len();
+    let all: Vec<usize> = (0..n).collect();
+    let value = distance(real, fake, &all, &all)?;
+    let resamples = if n < 2 { 0 } else { resamples };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let draws = (0..resamples)
+        .map(|_| {
+            let idx = resample(&mut rng, n);
+            distance(real, fake, &idx, &idx)
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(PairedDraws { value, draws })
+}
+
+impl PairedDraws {
+    /// The distance with its interval (clipped at 0).
+    pub fn distance(&self) -> Interval {
+        from_draws(self.value, self.draws.clone(), true)
+    }
+
+    /// `self - other` (both against the same real rows, same resamples) with its paired
+    /// interval: negative means `self` is closer to the real rows.
+    pub fn minus(&self, other: &PairedDraws) -> Interval {
+        assert_eq!(self.draws.len(), other.draws.len(), "different resamples");
+        let d = self
+            .draws
+            .iter()
+            .zip(&other.draws)
+            .map(|(a, b)| a - b)
+            .collect();
+        from_draws(self.value - other.value, d, false)
+    }
+}
+
 /// Fréchet distance of paired feature sets (row `i` of `real` and of `fake` belong together)
 /// with its interval.
 pub fn paired_distance(
@@ -155,10 +215,7 @@ pub fn paired_distance(
     resamples: usize,
     seed: u64,
 ) -> Result<Interval> {
-    assert_eq!(real.len(), fake.len(), "paired sets differ in length");
-    bootstrap(real.len(), resamples, seed, true, |idx| {
-        distance(real, fake, idx, idx)
-    })
+    Ok(paired_draws(real, fake, resamples, seed)?.distance())
 }
 
 /// Fréchet distance of two independent sets (the real-vs-real floor: two disjoint halves), each
@@ -194,9 +251,8 @@ pub fn paired_difference(
         real.len() == a.len() && a.len() == b.len(),
         "paired sets differ in length"
     );
-    bootstrap(real.len(), resamples, seed, false, |idx| {
-        difference(real, a, b, idx, idx)
-    })
+    let da = paired_draws(real, a, resamples, seed)?;
+    Ok(da.minus(&paired_draws(real, b, resamples, seed)?))
 }
 
 /// `d(reference[ir], x[i]) - d(reference[ir], y[i])`.
@@ -281,6 +337,27 @@ mod tests {
         let (s, l) = (mean(&small, 200, 1).unwrap(), mean(&large, 200, 1).unwrap());
         assert!(l.low < 0.5 && 0.5 < l.high, "{l:?}");
         assert!(l.high - l.low < (s.high - s.low) / 3.0, "{s:?} {l:?}");
+    }
+
+    #[test]
+    fn shared_draws_give_the_direct_bootstrap_exactly() {
+        let r = gaussian_rows(40, 3, 0.0, 1);
+        let a = gaussian_rows(40, 3, 0.5, 2);
+        let b = gaussian_rows(40, 3, 1.0, 3);
+        // The per-statistic bootstrap, as the stages computed it before draws were shared.
+        let direct = bootstrap(40, 30, 7, false, |idx| difference(&r, &a, &b, idx, idx)).unwrap();
+        let (da, db) = (
+            paired_draws(&r, &a, 30, 7).unwrap(),
+            paired_draws(&r, &b, 30, 7).unwrap(),
+        );
+        let shared = da.minus(&db);
+        assert_eq!(
+            (shared.value, shared.low, shared.high),
+            (direct.value, direct.low, direct.high)
+        );
+        let d = bootstrap(40, 30, 7, true, |idx| distance(&r, &a, idx, idx)).unwrap();
+        let s = da.distance();
+        assert_eq!((s.value, s.low, s.high), (d.value, d.low, d.high));
     }
 
     #[test]

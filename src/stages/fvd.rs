@@ -498,7 +498,11 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
     ctx.note(&format!(
         "bootstrap intervals ({b} resamples of the {n} clips)"
     ));
-    let fvd = bootstrap::paired_distance(&real_logits, &gen_logits, b, BOOTSTRAP_SEED)?;
+    // Each set's distances to the real clips on every resample, computed once and shared by its
+    // distance and the paired differences it takes part in (same resamples: same seed and N).
+    let draws = |x: &[Vec<f32>], y: &[Vec<f32>]| bootstrap::paired_draws(x, y, b, BOOTSTRAP_SEED);
+    let gen_draws = draws(&real_logits, &gen_logits)?;
+    let fvd = gen_draws.distance();
     log_interval(ctx, fast, "fvd", fvd)?;
     ctx.metric(&key(fast, "fvd/clips"), 0, n as f64)?;
     ctx.metric(&key(fast, "fvd/frames"), 0, f as f64)?;
@@ -512,7 +516,8 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
         0,
         if comparable { 1.0 } else { 0.0 },
     )?;
-    let mfd = bootstrap::paired_distance(&real_motion, &gen_motion, b, BOOTSTRAP_SEED)?;
+    let gen_mdraws = draws(&real_motion, &gen_motion)?;
+    let mfd = gen_mdraws.distance();
     log_interval(ctx, fast, "motion_fd", mfd)?;
     let mean_of = |rows: &[Vec<f32>]| {
         rows.iter().map(|r| motion::mean_motion(r)).sum::<f64>() / rows.len() as f64
@@ -553,29 +558,24 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
                 motion_rows(&still, n, f),
             )
         };
-        let fs = bootstrap::paired_distance(&real_logits, &st_logits, b, BOOTSTRAP_SEED)?;
+        let (st_draws, st_mdraws) = if is_static {
+            (gen_draws.clone(), gen_mdraws.clone())
+        } else {
+            (
+                draws(&real_logits, &st_logits)?,
+                draws(&real_motion, &st_motion)?,
+            )
+        };
+        let fs = st_draws.distance();
         log_interval(ctx, fast, "fvd_static", fs)?;
-        let ms = bootstrap::paired_distance(&real_motion, &st_motion, b, BOOTSTRAP_SEED)?;
-        log_interval(ctx, fast, "motion_fd_static", ms)?;
+        log_interval(ctx, fast, "motion_fd_static", st_mdraws.distance())?;
         summary += &format!(", static {:.2}", fs.value);
         if !is_static {
-            let d = bootstrap::paired_difference(
-                &real_logits,
-                &gen_logits,
-                &st_logits,
-                b,
-                BOOTSTRAP_SEED,
-            )?;
+            let d = gen_draws.minus(&st_draws);
             log_interval(ctx, fast, "fvd_vs_static", d)?;
             let beats = d.has_interval() && d.high < 0.0;
             ctx.metric(&key(fast, "beats_static"), 0, if beats { 1.0 } else { 0.0 })?;
-            let dm = bootstrap::paired_difference(
-                &real_motion,
-                &gen_motion,
-                &st_motion,
-                b,
-                BOOTSTRAP_SEED,
-            )?;
+            let dm = gen_mdraws.minus(&st_mdraws);
             log_interval(ctx, fast, "motion_fd_vs_static", dm)?;
             if !beats {
                 ctx.note(&format!(
@@ -590,9 +590,10 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
             let recon = reconstructions(ctx, p, pipe, dev, &test, n, t)?;
             let c_logits = cached_logits(ctx, &net, &recon, n, f, "autoencoder reconstructions")?;
             let c_motion = motion_rows(&recon, n, f);
-            let fc = bootstrap::paired_distance(&real_logits, &c_logits, b, BOOTSTRAP_SEED)?;
+            let c_draws = draws(&real_logits, &c_logits)?;
+            let fc = c_draws.distance();
             log_interval(ctx, fast, "fvd_ceiling", fc)?;
-            let mc = bootstrap::paired_distance(&real_motion, &c_motion, b, BOOTSTRAP_SEED)?;
+            let mc = draws(&real_motion, &c_motion)?.distance();
             log_interval(ctx, fast, "motion_fd_ceiling", mc)?;
             ctx.metric(&key(fast, "motion_mean_ceiling"), 0, mean_of(&c_motion))?;
             let clip_psnr = paired_scores(&test, &recon, n, f * fl, fidelity::psnr);
@@ -618,22 +619,8 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
                     bootstrap::mean(&ss, b, BOOTSTRAP_SEED)?,
                 )?;
             }
-            let cs = bootstrap::paired_difference(
-                &real_logits,
-                &c_logits,
-                &st_logits,
-                b,
-                BOOTSTRAP_SEED,
-            )?;
-            log_interval(ctx, fast, "fvd_ceiling_vs_static", cs)?;
-            let gap = bootstrap::paired_difference(
-                &real_logits,
-                &gen_logits,
-                &c_logits,
-                b,
-                BOOTSTRAP_SEED,
-            )?;
-            log_interval(ctx, fast, "fvd_vs_ceiling", gap)?;
+            log_interval(ctx, fast, "fvd_ceiling_vs_static", c_draws.minus(&st_draws))?;
+            log_interval(ctx, fast, "fvd_vs_ceiling", gen_draws.minus(&c_draws))?;
             summary += &format!(", autoencoder ceiling {:.2}", fc.value);
             ceiling = Some((c_logits, c_motion));
         }
