@@ -87,17 +87,17 @@ pub fn write_report(
 ) -> Result<Written> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Other(format!("{}: {e}", dir.display())))?;
     let runs = super::newest_runs(store, experiment)?;
-    let table = match table::build(
-        store,
-        results,
-        experiment,
-        opts.reference.as_deref(),
-        opts.resamples,
-    ) {
-        Ok(t) => Some(t),
-        // An experiment without evaluations still has its runs and training curves.
-        Err(Error::Data(m)) if m.contains("no finished `fvd` stages") => None,
-        Err(e) => return Err(e),
+    let evaluated = super::evaluated_runs(store, results, experiment)?;
+    // An experiment without evaluations still has its runs and training curves.
+    let table = if evaluated.is_empty() {
+        None
+    } else {
+        Some(table::build(
+            &evaluated,
+            experiment,
+            opts.reference.as_deref(),
+            opts.resamples,
+        )?)
     };
     let mut files = Vec::new();
     let mut md = format!("# {experiment}: report\n\n");
@@ -200,11 +200,7 @@ pub fn write_report(
             files.push(gif);
         }
         md += "## Per run: tables and paired comparisons between methods\n\n";
-        let per_run = super::experiment_report(store, results, experiment, opts.resamples)?;
-        // Drop its title: this document has one.
-        md += per_run
-            .split_once("\n\n")
-            .map_or(per_run.as_str(), |(_, rest)| rest);
+        md += &super::runs_report(&evaluated, opts.resamples)?;
     }
     let report = dir.join(report_name);
     crate::util::atomic_write(&report, md.as_bytes())?;
@@ -563,6 +559,9 @@ fn sample_lanes(store: &Store, results: &Path, t: &Table) -> Result<Option<Lanes
     let mut lanes: Vec<(String, ClipSet)> = Vec::new();
     let mut real: Option<ClipSet> = None;
     let mut n = g.clips;
+    // Rows of one run share its stage list: read it once.
+    let mut stages_by_run: std::collections::HashMap<i64, Vec<crate::store::RunStageRow>> =
+        std::collections::HashMap::new();
     for r in g
         .rows
         .iter()
@@ -575,7 +574,10 @@ fn sample_lanes(store: &Store, results: &Path, t: &Table) -> Result<Option<Lanes
         else {
             continue;
         };
-        let stages = store.stages_of(run.id)?;
+        if !stages_by_run.contains_key(&run.id) {
+            stages_by_run.insert(run.id, store.stages_of(run.id)?);
+        }
+        let stages = &stages_by_run[&run.id];
         let Some(st) = stages.iter().find(|s| s.name == r.stage) else {
             continue;
         };

@@ -108,16 +108,22 @@ fn cell(i: Option<Interval>, decimals: usize) -> String {
     i.map_or_else(|| "-".into(), |i| i.display(decimals))
 }
 
+/// The sampler's method as the spec names it (`euler`, `consistency`, ...), `-` for none.
+pub(crate) fn sampler_method(e: &Evaluation) -> String {
+    match &e.sampler {
+        None => "-".into(),
+        Some(s) => serde_json::to_value(s.method)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| format!("{:?}", s.method)),
+    }
+}
+
+/// `method (N NFE)`, `-` for none.
 pub(crate) fn sampler_label(e: &Evaluation) -> String {
     match &e.sampler {
         None => "-".into(),
-        Some(s) => {
-            let m = serde_json::to_value(s.method)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_else(|| format!("{:?}", s.method));
-            format!("{m} ({} NFE)", e.nfe)
-        }
+        Some(_) => format!("{} ({} NFE)", sampler_method(e), e.nfe),
     }
 }
 
@@ -163,19 +169,34 @@ fn verdict(d: &Interval, a: &str, b: &str) -> String {
 
 /// One row per distinct autoencoder ceiling among `group` (methods that share an autoencoder
 /// share its reconstructions, so the same value), labelled with the methods it bounds.
-fn ceiling_rows(group: &[&MethodRow]) -> String {
-    let mut seen: Vec<(u64, Vec<String>, &MethodRow)> = Vec::new();
-    for r in group {
-        if let Some(v) = r.get("fvd_ceiling") {
-            match seen.iter_mut().find(|(bits, ..)| *bits == v.to_bits()) {
-                Some((_, models, _)) => models.push(format!("`{}`", r.eval.model)),
-                None => seen.push((v.to_bits(), vec![format!("`{}`", r.eval.model)], r)),
-            }
+/// Methods grouped by their autoencoder ceiling: equal `fvd_ceiling` values mean one
+/// autoencoder (a student keeps its teacher's VAE, so they share reconstructions). Each group is
+/// its first method and the names of every model in it, in order of appearance.
+pub(crate) fn shared_ceilings<'a>(
+    rows: impl IntoIterator<Item = &'a MethodRow>,
+) -> Vec<(&'a MethodRow, Vec<String>)> {
+    let mut out: Vec<(&MethodRow, Vec<String>)> = Vec::new();
+    for r in rows {
+        let Some(v) = r.get("fvd_ceiling") else {
+            continue;
+        };
+        let model = &r.eval.model;
+        match out
+            .iter_mut()
+            .find(|(first, _)| first.get("fvd_ceiling").map(f64::to_bits) == Some(v.to_bits()))
+        {
+            Some((_, models)) if !models.contains(model) => models.push(model.clone()),
+            Some(_) => {}
+            None => out.push((r, vec![model.clone()])),
         }
     }
+    out
+}
+
+fn ceiling_rows(group: &[&MethodRow]) -> String {
     let mut out = String::new();
-    for (_, mut models, r) in seen {
-        models.dedup();
+    for (r, models) in shared_ceilings(group.iter().copied()) {
+        let models: Vec<String> = models.iter().map(|m| format!("`{m}`")).collect();
         out += &format!(
             "| ceiling: real through the autoencoder of {} | - | {} | {} | {} | {} | {} | {} | - | encode + decode only: no latent model on this autoencoder can beat it; all-frame PSNR {} dB |\n",
             models.join(", "),
@@ -324,33 +345,37 @@ pub fn newest_runs(store: &Store, experiment: &str) -> Result<Vec<RunRow>> {
     Ok(runs)
 }
 
-/// The per-run tables of an experiment: the newest run of each variant and seed.
-pub fn experiment_report(
+/// The newest run of each variant and seed that has finished `fvd` stages, with its evaluated
+/// methods (empty when no run has any).
+pub fn evaluated_runs(
     store: &Store,
     results: &Path,
     experiment: &str,
+) -> Result<Vec<(RunRow, Vec<MethodRow>)>> {
+    let mut out = Vec::new();
+    for run in newest_runs(store, experiment)? {
+        let rows = run_methods(store, results, &run)?;
+        if !rows.is_empty() {
+            out.push((run, rows));
+        }
+    }
+    Ok(out)
+}
+
+/// The per-run tables (one section per run) with the paired comparisons of its methods.
+pub fn runs_report(
+    per_run: &[(RunRow, Vec<MethodRow>)],
     resamples: Option<usize>,
 ) -> Result<String> {
-    let mut out = format!("# {experiment}: evaluation\n\n");
-    let mut any = false;
-    for run in &newest_runs(store, experiment)? {
-        let rows = run_methods(store, results, run)?;
-        if rows.is_empty() {
-            continue;
-        }
-        any = true;
+    let mut out = String::new();
+    for (run, rows) in per_run {
         out += &format!(
             "## variant `{}`, seed {} (run {}, {})\n\n",
             run.variant, run.seed, run.id, run.status
         );
         let b = resamples
             .unwrap_or_else(|| rows.first().map_or(DEFAULT_RESAMPLES, |r| r.eval.resamples));
-        out += &run_report(&rows, b)?;
-    }
-    if !any {
-        return Err(Error::Data(format!(
-            "experiment `{experiment}` has no finished `fvd` stages to report"
-        )));
+        out += &run_report(rows, b)?;
     }
     Ok(out)
 }

@@ -8,13 +8,12 @@
 //! of a single seed, or with several seeds the mean of the per-seed intervals' endpoints (a
 //! typical per-seed interval, not an interval of the mean).
 
-use super::{compare, newest_runs, run_methods, MethodRow};
+use super::{compare, MethodRow};
 use crate::error::{Error, Result};
 use crate::metrics::bootstrap::Interval;
-use crate::store::{RunRow, Store};
+use crate::store::RunRow;
 use polars::prelude::*;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// What a row is: references first, then the methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -119,7 +118,10 @@ pub struct Row {
     /// The `fvd` stage (empty for reference rows).
     pub stage: String,
     pub model: String,
+    /// `method (N NFE)`, as shown.
     pub sampler: String,
+    /// The sampler's method alone (figures draw one series per model and method).
+    pub sampler_method: String,
     pub nfe: Option<usize>,
     pub cols: BTreeMap<&'static str, Stat>,
     pub runs: Vec<i64>,
@@ -135,6 +137,7 @@ impl Row {
             stage: String::new(),
             model: String::new(),
             sampler: "-".into(),
+            sampler_method: "-".into(),
             nfe: None,
             cols: BTreeMap::new(),
             runs: Vec::new(),
@@ -162,22 +165,14 @@ impl Row {
         }
     }
 
-    /// `method (stage)` grouping key used by figures: one series per evaluated model.
+    /// `model (sampler method)`, per variant: the series figures draw, one per evaluated model
+    /// and sampler, its step counts along the x axis.
     pub fn series(&self) -> String {
         if self.variant.is_empty() {
-            format!("{} ({})", self.model, self.sampler_method())
+            format!("{} ({})", self.model, self.sampler_method)
         } else {
-            format!(
-                "{}: {} ({})",
-                self.variant,
-                self.model,
-                self.sampler_method()
-            )
+            format!("{}: {} ({})", self.variant, self.model, self.sampler_method)
         }
-    }
-
-    fn sampler_method(&self) -> &str {
-        self.sampler.split(' ').next().unwrap_or("-")
     }
 }
 
@@ -227,44 +222,32 @@ pub struct Table {
     pub runs: Vec<RunRow>,
 }
 
-fn stage_sampler(r: &MethodRow) -> String {
-    super::sampler_label(&r.eval)
-}
-
 /// Which method of a run `reference` names: its `fvd` stage, `variant/stage`, or the model.
 fn is_reference(reference: &str, variant: &str, r: &MethodRow) -> bool {
     reference == r.stage || reference == format!("{variant}/{}", r.stage)
 }
 
-/// The comparison table of an experiment (newest run of each variant and seed). `reference`:
-/// `static` (default) or the `fvd` stage (or `variant/stage`) the verdicts compare against.
+/// The comparison table of an experiment's evaluated runs ([`super::evaluated_runs`]).
+/// `reference`: `static` (default) or the `fvd` stage (or `variant/stage`) the verdicts
+/// compare against.
 pub fn build(
-    store: &Store,
-    results: &Path,
+    per_run: &[(RunRow, Vec<MethodRow>)],
     experiment: &str,
     reference: Option<&str>,
     resamples: Option<usize>,
 ) -> Result<Table> {
     let reference = reference.unwrap_or(super::STATIC).to_string();
-    let runs = newest_runs(store, experiment)?;
-    let multi = runs
-        .iter()
-        .map(|r| &r.variant)
-        .collect::<std::collections::BTreeSet<_>>()
-        .len()
-        > 1;
-    let mut per_run: Vec<(RunRow, Vec<MethodRow>)> = Vec::new();
-    for run in &runs {
-        let rows = run_methods(store, results, run)?;
-        if !rows.is_empty() {
-            per_run.push((run.clone(), rows));
-        }
-    }
     if per_run.is_empty() {
         return Err(Error::Data(format!(
             "experiment `{experiment}` has no finished `fvd` stages to report"
         )));
     }
+    let multi = per_run
+        .iter()
+        .map(|(r, _)| &r.variant)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        > 1;
     if reference != super::STATIC
         && !per_run.iter().any(|(run, rows)| {
             rows.iter()
@@ -277,27 +260,15 @@ pub fn build(
     }
     type GroupKey = (bool, usize, usize, usize, usize);
     let mut groups: BTreeMap<GroupKey, (usize, Vec<(String, Row)>)> = BTreeMap::new();
-    for (run, rows) in &per_run {
+    for (run, rows) in per_run {
         let variant = if multi { run.variant.as_str() } else { "" };
         let prefix = if multi {
             format!("{}: ", run.variant)
         } else {
             String::new()
         };
-        // Models whose ceilings are equal share an autoencoder (a student keeps its teacher's
-        // VAE): one ceiling row, named by all of them, keyed by the first.
-        let mut shared: Vec<(u64, Vec<String>)> = Vec::new();
-        for r in rows {
-            if let Some(v) = r.get("fvd_ceiling") {
-                match shared.iter_mut().find(|(b, _)| *b == v.to_bits()) {
-                    Some((_, models)) if !models.contains(&r.eval.model) => {
-                        models.push(r.eval.model.clone())
-                    }
-                    Some(_) => {}
-                    None => shared.push((v.to_bits(), vec![r.eval.model.clone()])),
-                }
-            }
-        }
+        // One ceiling row per autoencoder, named by every model that shares it.
+        let shared = super::shared_ceilings(rows);
         for r in rows {
             let e = &r.eval;
             let (_, entries) = groups
@@ -356,7 +327,7 @@ pub fn build(
             if let Some(c) = r.interval("fvd_ceiling") {
                 let models = shared
                     .iter()
-                    .find(|(b, _)| *b == c.value.to_bits())
+                    .find(|(_, m)| m.contains(&r.eval.model))
                     .map_or_else(|| vec![r.eval.model.clone()], |(_, m)| m.clone());
                 put(
                     format!("ceiling {variant} {}", models[0]),
@@ -417,7 +388,8 @@ pub fn build(
                     );
                     row.stage = r.stage.clone();
                     row.model = r.eval.model.clone();
-                    row.sampler = stage_sampler(r);
+                    row.sampler = super::sampler_label(&r.eval);
+                    row.sampler_method = super::sampler_method(&r.eval);
                     row.nfe = Some(r.eval.nfe);
                     row
                 },
@@ -462,7 +434,7 @@ pub fn build(
         experiment: experiment.into(),
         reference,
         groups,
-        runs: per_run.into_iter().map(|(r, _)| r).collect(),
+        runs: per_run.iter().map(|(r, _)| r.clone()).collect(),
     })
 }
 
