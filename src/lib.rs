@@ -3,10 +3,12 @@
 //!
 //! Data flows spec -> plan -> stages -> store -> report: [`spec`] loads and validates
 //! experiment files, [`plan`] turns them into runs of content-addressed stages, [`runner`]
-//! executes them against the [`store`] and the stage cache, and [`export`] reads the store back.
+//! executes them against the [`store`] and the stage cache (or [`cluster`] hands the graph's
+//! nodes to worker processes or Slurm), and [`export`] reads the store back.
 
 pub mod alloc;
 pub mod assets;
+pub mod cluster;
 pub mod data;
 pub mod device;
 pub mod diffusion;

@@ -4,12 +4,16 @@
 //! any other stage is executed by whoever holds its lease, resuming from its last checkpoint.
 //! A failed run is recorded with its reason and the sweep goes on; Ctrl-C stops at the next
 //! step boundary with the run marked interrupted.
+//!
+//! [`Scope::Node`] executes one node of the stage graph (one stage identity) and nothing else:
+//! the unit of work of `run --jobs` and of a cluster task (`crate::cluster`), which refuse to
+//! start it before its upstream stages are finished in the cache.
 
 use crate::error::{Error, Result};
 use crate::plan::{cache_dir, is_done, Plan, PlannedRun, PlannedStage, DONE_FILE};
 use crate::progress::{Mode, Progress};
 use crate::stages::{self, StageContext, StageLog, Upstream};
-use crate::store::{holder_id, GitInfo, Lease, MetricRow, Store};
+use crate::store::{holder_id, GitInfo, Journal, Lease, MetricRow, Store};
 use crate::util::now;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +34,22 @@ pub struct Options {
     pub assets: PathBuf,
     pub progress: Mode,
     pub spec_path: String,
+    pub scope: Scope,
+    /// The store's journal: [`Journal::Rollback`] for a cluster task's shard.
+    pub journal: Journal,
+}
+
+/// What of a plan to execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every stage of every run, reusing the cached ones.
+    All,
+    /// One stage identity (full hash): its upstream stages must be finished in the cache. The
+    /// first run that contains it is the run it is computed for (as in a sequential run).
+    Node(String),
+    /// Record the runs of stages computed elsewhere: a stage not finished in the cache fails its
+    /// run instead of being computed.
+    CachedOnly,
 }
 
 #[derive(Debug, Clone)]
@@ -45,13 +65,26 @@ pub struct RunResult {
 
 /// Execute every run of the plan; returns one result per run (stops early on interrupt).
 pub fn execute(plan: &Plan, opts: &Options, interrupt: Arc<AtomicBool>) -> Result<Vec<RunResult>> {
-    let mut store = Store::open(&opts.store)?;
+    let runs: Vec<&PlannedRun> = match &opts.scope {
+        Scope::Node(hash) => vec![plan
+            .runs
+            .iter()
+            .find(|r| r.stages.iter().any(|s| &s.hash == hash))
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "no stage {hash} in the plan of experiment `{}` (`onestep plan SPEC` lists them)",
+                    plan.experiment
+                ))
+            })?],
+        _ => plan.runs.iter().collect(),
+    };
+    let mut store = Store::open_with(&opts.store, opts.journal)?;
     let exp_id = store.upsert_experiment(&plan.experiment, &plan.description, &opts.spec_path)?;
     let git = GitInfo::current();
     let holder = holder_id();
-    let mut progress = Progress::new(opts.progress, plan.runs.len() as u64);
+    let mut progress = Progress::new(opts.progress, runs.len() as u64);
     let mut results = Vec::new();
-    for (i, run) in plan.runs.iter().enumerate() {
+    for (i, run) in runs.iter().copied().enumerate() {
         let (run_id, status) = store.find_or_create_run(
             exp_id,
             &run.variant,
@@ -61,7 +94,7 @@ pub fn execute(plan: &Plan, opts: &Options, interrupt: Arc<AtomicBool>) -> Resul
             &run.params,
         )?;
         let label = format!("{} seed={}", run.variant, run.seed);
-        progress.run_start(i, plan.runs.len(), &label);
+        progress.run_start(i, runs.len(), &label);
         if status == "finished" && run.stages.iter().all(|s| is_done(&opts.results, &s.hash)) {
             progress.run_end("already finished");
             results.push(RunResult {
@@ -85,7 +118,10 @@ pub fn execute(plan: &Plan, opts: &Options, interrupt: Arc<AtomicBool>) -> Resul
             &interrupt,
             &mut progress,
         );
+        let complete = run.stages.iter().all(|s| is_done(&opts.results, &s.hash));
         let (status, error, executed, reused) = match r {
+            // One node of a run computed: the run waits for its other stages.
+            Ok((e, u)) if !complete => ("queued", None, e, u),
             Ok((e, u)) => ("finished", None, e, u),
             Err((Error::Interrupted { .. }, e, u)) => (
                 "interrupted",
@@ -133,6 +169,48 @@ fn execute_run(
             .register_stage(&st.hash, &st.kind, &st.name, &params_text, st.version)
             .and_then(|_| store.link_run_stage(run_id, pos, &st.name, &st.hash))
             .map_err(|e| fail(e, executed, reused))?;
+        let computable = match &opts.scope {
+            Scope::All => true,
+            Scope::Node(h) => h == &st.hash,
+            Scope::CachedOnly => false,
+        };
+        if !computable && !is_done(&opts.results, &st.hash) {
+            if opts.scope == Scope::CachedOnly {
+                return Err(fail(
+                    Error::Other(format!(
+                        "stage `{}` ({}) {} was not computed (see its log); rerun to compute it",
+                        st.name,
+                        st.kind,
+                        st.short()
+                    )),
+                    executed,
+                    reused,
+                ));
+            }
+            // Another node of this run: not this task's to compute.
+            continue;
+        }
+        if computable && matches!(opts.scope, Scope::Node(_)) {
+            for &u in &st.upstream {
+                let up = &run.stages[u];
+                if !is_done(&opts.results, &up.hash) {
+                    return Err(fail(
+                        Error::Other(format!(
+                            "stage `{}` ({}) {} needs stage `{}` ({}) {}, which is not finished in {}; run that node first",
+                            st.name,
+                            st.kind,
+                            st.short(),
+                            up.name,
+                            up.kind,
+                            up.short(),
+                            up.dir(&opts.results).display()
+                        )),
+                        executed,
+                        reused,
+                    ));
+                }
+            }
+        }
         let mut waited = false;
         loop {
             if is_done(&opts.results, &st.hash) {
@@ -228,7 +306,7 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn start(store_path: &Path, hash: &str, holder: &str) -> Self {
+    fn start(store_path: &Path, journal: Journal, hash: &str, holder: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, p, h, o) = (
             stop.clone(),
@@ -237,7 +315,9 @@ impl Heartbeat {
             holder.to_string(),
         );
         let handle = std::thread::spawn(move || {
-            let Ok(store) = Store::open(&p) else { return };
+            let Ok(store) = Store::open_with(&p, journal) else {
+                return;
+            };
             let mut last = Instant::now();
             while !s.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
@@ -347,7 +427,7 @@ fn execute_stage(
             st.name
         ));
     }
-    let heartbeat = Heartbeat::start(store.path(), &st.hash, holder);
+    let heartbeat = Heartbeat::start(store.path(), store.journal(), &st.hash, holder);
     let result = {
         let mut log = StoreLog {
             store,

@@ -107,6 +107,17 @@ pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    journal: Journal,
+}
+
+/// How a store keeps its journal. WAL (the default) lets several processes of one machine share
+/// the file; it needs shared memory, so it does not work on network file systems. A shard of a
+/// cluster sweep has one writer and may live on such a file system: it uses SQLite's rollback
+/// journal instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Journal {
+    Wal,
+    Rollback,
 }
 
 /// The result of asking for a stage's lease.
@@ -160,6 +171,11 @@ pub fn holder_alive(holder: &str) -> bool {
 impl Store {
     /// Open (creating if needed) and migrate the store.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, Journal::Wal)
+    }
+
+    /// Open (creating if needed) and migrate a store with the given journal mode.
+    pub fn open_with(path: &Path, journal: Journal) -> Result<Self> {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
         }
@@ -170,6 +186,7 @@ impl Store {
         let mut s = Store {
             conn,
             path: path.into(),
+            journal,
         };
         s.setup()?;
         Ok(s)
@@ -188,6 +205,10 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn journal(&self) -> Journal {
+        self.journal
     }
 
     fn e(&self, source: rusqlite::Error) -> Error {
@@ -216,10 +237,16 @@ impl Store {
         // Switching a brand-new database file to WAL while another process does the same can
         // return SQLITE_BUSY without consulting the busy handler: retry it for a while.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let pragmas = match self.journal {
+            Journal::Wal => {
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
+            }
+            Journal::Rollback => {
+                "PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+            }
+        };
         loop {
-            match self.conn.execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-            ) {
+            match self.conn.execute_batch(pragmas) {
                 Ok(()) => break,
                 Err(rusqlite::Error::SqliteFailure(f, _))
                     if f.code == rusqlite::ErrorCode::DatabaseBusy

@@ -87,6 +87,8 @@ fn fetch(g: &Global, spec_path: &Path, set: &[String]) -> anyhow::Result<ExitCod
         assets,
         progress: g.progress(),
         spec_path: spec_path.display().to_string(),
+        scope: onestep::runner::Scope::All,
+        journal: onestep::store::Journal::Wal,
     };
     let results = onestep::runner::execute(&plan, &opts, Default::default())?;
     let failed: Vec<_> = results.iter().filter(|r| r.status != "finished").collect();

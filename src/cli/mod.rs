@@ -1,5 +1,6 @@
 //! Command-line interface: global options and dispatch to one module per subcommand.
 
+mod cluster;
 mod data;
 mod device_check;
 mod export;
@@ -85,6 +86,14 @@ pub enum Command {
     Run(run::Args),
     /// Show the variants and stage graph of a spec, and what is cached.
     Plan(plan::Args),
+    /// Submit a spec's unfinished stages to a cluster (Slurm job arrays, one per wave of the
+    /// stage graph), each task writing a store shard of its own.
+    Submit(cluster::SubmitArgs),
+    /// Merge the finished store shards of a cluster sweep into the store (idempotent).
+    Collect(cluster::CollectArgs),
+    /// Where every stage of a spec stands: done, running, queued, failed, waiting (cache,
+    /// store, shards and the scheduler's queue).
+    Status(cluster::StatusArgs),
     /// List runs in the store.
     Runs(runs::Args),
     /// Show one run: params, stages, final metrics, attempts, artifacts.
@@ -117,6 +126,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(a) => run::execute(&cli.global, a),
         Command::Plan(a) => plan::execute(&cli.global, a),
+        Command::Submit(a) => cluster::submit(&cli.global, a),
+        Command::Collect(a) => cluster::collect(&cli.global, a),
+        Command::Status(a) => cluster::status(&cli.global, a),
         Command::Runs(a) => runs::execute(&cli.global, a),
         Command::Show(a) => show::execute(&cli.global, a),
         Command::Export(a) => export::execute(&cli.global, a),

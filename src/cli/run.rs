@@ -18,6 +18,22 @@ pub struct Args {
     /// Device for every run, overriding the spec's `device`.
     #[arg(long)]
     pub device: Option<DeviceArg>,
+    /// Run independent stages side by side, in up to N worker processes sharing the store and
+    /// the cache (a stage starts once the stages it reads have finished).
+    #[arg(long, value_name = "N", conflicts_with = "node")]
+    pub jobs: Option<usize>,
+    /// With --jobs: GPUs the worker slots pin in turn (`CUDA_VISIBLE_DEVICES`), e.g. `0,1,2,3`.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', requires = "jobs")]
+    pub gpus: Vec<String>,
+    /// Compute only this stage (its identity, or a unique prefix of 8+ characters, as `plan`
+    /// prints it); the stages it reads must be finished. What `--jobs` workers and cluster
+    /// tasks run.
+    #[arg(long, value_name = "HASH")]
+    pub node: Option<String>,
+    /// The store is a cluster task's shard: SQLite's rollback journal instead of WAL (one
+    /// writer; works on network file systems).
+    #[arg(long)]
+    pub shard: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -34,17 +50,42 @@ pub fn check_device(d: Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
-    let spec = onestep::spec::load(&a.spec, &a.set, &onestep::stages::Registry)?;
-    let device = a.device.map(|d| match d {
+/// Plan a spec as `run` would, with its overrides and device.
+pub fn plan_of(spec: &std::path::Path, set: &[String], device: Option<DeviceArg>) -> anyhow::Result<onestep::plan::Plan> {
+    let loaded = onestep::spec::load(spec, set, &onestep::stages::Registry)?;
+    let device = device.map(|d| match d {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda,
     });
-    let plan = onestep::plan::plan(&spec, device)
-        .with_context(|| format!("planning {}", a.spec.display()))?;
+    onestep::plan::plan(&loaded, device).with_context(|| format!("planning {}", spec.display()))
+}
+
+/// The node a `--node` argument names: a full stage identity or a unique prefix.
+pub fn find_node(plan: &onestep::plan::Plan, prefix: &str) -> anyhow::Result<String> {
+    let nodes = onestep::cluster::nodes(plan);
+    let hits: Vec<_> = nodes
+        .iter()
+        .filter(|n| prefix.len() >= 8 && n.hash.starts_with(prefix))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(one.hash.clone()),
+        [] => anyhow::bail!(
+            "--node {prefix}: no stage of experiment `{}` has this identity (8+ characters of a hash `onestep plan` prints)",
+            plan.experiment
+        ),
+        _ => anyhow::bail!("--node {prefix}: {} stages start with it; give more characters", hits.len()),
+    }
+}
+
+pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
+    let plan = plan_of(&a.spec, &a.set, a.device)?;
     for r in &plan.runs {
         check_device(r.device)?;
     }
+    let scope = match &a.node {
+        Some(p) => onestep::runner::Scope::Node(find_node(&plan, p)?),
+        None => onestep::runner::Scope::All,
+    };
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     let _ = ctrlc::set_handler(move || {
@@ -53,14 +94,27 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         }
         eprintln!("\ninterrupt: stopping at the next step (press Ctrl-C again to abort now)");
     });
-    let opts = onestep::runner::Options {
+    let mut opts = onestep::runner::Options {
         results: g.results.clone(),
         store: g.store(),
         assets: g.assets(),
         progress: g.progress(),
         spec_path: a.spec.display().to_string(),
+        scope,
+        journal: if a.shard {
+            onestep::store::Journal::Rollback
+        } else {
+            onestep::store::Journal::Wal
+        },
     };
     let t0 = std::time::Instant::now();
+    if let Some(jobs) = a.jobs {
+        match run_parallel(g, &a, &plan, jobs, &interrupt)? {
+            Parallel::Interrupted => return Ok(ExitCode::from(130)),
+            // Record the runs: every stage computed by a worker is reused, none is computed.
+            Parallel::Done => opts.scope = onestep::runner::Scope::CachedOnly,
+        }
+    }
     let results = onestep::runner::execute(&plan, &opts, interrupt)?;
     let store = onestep::store::Store::open(&opts.store)?;
     println!("{}", summary(&store, &plan, &results)?);
@@ -72,7 +126,10 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
     println!(
         "\n{} runs: {} finished, {} failed{}; {executed} stages computed, {reused} reused; {:.1}s; store {}",
         results.len(),
-        results.iter().filter(|r| r.status == "finished").count(),
+        results
+            .iter()
+            .filter(|r| r.status == "finished")
+            .count(),
         failed.len(),
         if interrupted { ", interrupted" } else { "" },
         t0.elapsed().as_secs_f64(),
@@ -150,4 +207,62 @@ fn summary(
         plan.experiment,
         super::table(&header, &rows)
     ))
+}
+
+enum Parallel {
+    Done,
+    Interrupted,
+}
+
+/// `--jobs N`: every unfinished node in a worker process of its own (this binary, `run --node`).
+fn run_parallel(
+    g: &Global,
+    a: &Args,
+    plan: &onestep::plan::Plan,
+    jobs: usize,
+    interrupt: &Arc<AtomicBool>,
+) -> anyhow::Result<Parallel> {
+    let nodes = onestep::cluster::nodes(plan);
+    let exe = std::env::current_exe().context("locating the onestep binary")?;
+    let logs = onestep::cluster::experiment_dir(&g.results, &plan.experiment).join("logs");
+    let command = |n: &onestep::cluster::Node| {
+        let mut c = std::process::Command::new(&exe);
+        c.arg("--results").arg(&g.results);
+        c.arg("--store").arg(g.store());
+        c.arg("--assets").arg(g.assets());
+        c.args(["--progress", "lines", "run"]).arg(&a.spec);
+        for s in &a.set {
+            c.arg("--set").arg(s);
+        }
+        if let Some(d) = a.device {
+            c.arg("--device")
+                .arg(format!("{d:?}").to_lowercase());
+        }
+        c.arg("--node").arg(&n.hash);
+        c
+    };
+    let pending = nodes
+        .iter()
+        .filter(|n| !onestep::plan::is_done(&g.results, &n.hash))
+        .count();
+    println!(
+        "{} stages, {pending} to compute in up to {jobs} workers; logs in {}",
+        nodes.len(),
+        logs.display()
+    );
+    let results = onestep::cluster::local::run_nodes(
+        &nodes,
+        &g.results,
+        jobs,
+        &a.gpus,
+        &logs,
+        &command,
+        interrupt,
+        &mut |line| println!("[jobs] {line}"),
+    )?;
+    use onestep::cluster::local::Outcome;
+    if results.iter().any(|r| r.outcome == Outcome::Interrupted) || interrupt.load(Ordering::SeqCst) {
+        return Ok(Parallel::Interrupted);
+    }
+    Ok(Parallel::Done)
 }
