@@ -218,7 +218,13 @@ pub fn submit(g: &Global, a: SubmitArgs) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 // Record what went in, so `status` and a resubmission see it.
                 if !jobs.is_empty() {
-                    slurm::record(&dir, &Submission { time: onestep::util::now(), jobs })?;
+                    slurm::record(
+                        &dir,
+                        &Submission {
+                            time: onestep::util::now(),
+                            jobs,
+                        },
+                    )?;
                 }
                 return Err(e.into());
             }
@@ -226,7 +232,11 @@ pub fn submit(g: &Global, a: SubmitArgs) -> anyhow::Result<ExitCode> {
         println!(
             "wave {w}: job {id}, {} task(s): {}",
             nodes.len(),
-            nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+            nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         jobs.push(slurm::Job {
             job_id: id.clone(),
@@ -236,7 +246,13 @@ pub fn submit(g: &Global, a: SubmitArgs) -> anyhow::Result<ExitCode> {
         });
         prev = Some(id);
     }
-    slurm::record(&dir, &Submission { time: onestep::util::now(), jobs })?;
+    slurm::record(
+        &dir,
+        &Submission {
+            time: onestep::util::now(),
+            jobs,
+        },
+    )?;
     println!(
         "\n`onestep status {0}` follows them; `onestep collect {0}` merges what finished into {1}",
         a.spec.spec.display(),
@@ -310,7 +326,9 @@ fn node_state(
             ("done".into(), "not collected yet".into())
         };
     }
-    let job = task.map(|(t, _)| format!("job {}_{}", t.0, t.1)).unwrap_or_default();
+    let job = task
+        .map(|(t, _)| format!("job {}_{}", t.0, t.1))
+        .unwrap_or_default();
     if let Some((_, Some(s))) = task {
         if s.active() {
             let reason = if s.reason.is_empty() || s.reason == "None" {
@@ -330,9 +348,19 @@ fn node_state(
                     .and_then(|(_, s)| s)
                     .map(|s| format!(", Slurm: {}", s.state))
                     .unwrap_or_default();
-                return ("stopped".into(), format!("{job} {why}{sched}; resubmit to resume").trim().into());
+                return (
+                    "stopped".into(),
+                    format!("{job} {why}{sched}; resubmit to resume")
+                        .trim()
+                        .into(),
+                );
             }
-            ShardState::Unreadable(why) => return ("stopped".into(), format!("{job} shard: {why}").trim().into()),
+            ShardState::Unreadable(why) => {
+                return (
+                    "stopped".into(),
+                    format!("{job} shard: {why}").trim().into(),
+                )
+            }
             ShardState::Finished => {}
         }
     }

@@ -51,7 +51,11 @@ pub fn check_device(d: Device) -> anyhow::Result<()> {
 }
 
 /// Plan a spec as `run` would, with its overrides and device.
-pub fn plan_of(spec: &std::path::Path, set: &[String], device: Option<DeviceArg>) -> anyhow::Result<onestep::plan::Plan> {
+pub fn plan_of(
+    spec: &std::path::Path,
+    set: &[String],
+    device: Option<DeviceArg>,
+) -> anyhow::Result<onestep::plan::Plan> {
     let loaded = onestep::spec::load(spec, set, &onestep::stages::Registry)?;
     let device = device.map(|d| match d {
         DeviceArg::Cpu => Device::Cpu,
@@ -108,11 +112,15 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         },
     };
     let t0 = std::time::Instant::now();
+    let mut by_workers = 0;
     if let Some(jobs) = a.jobs {
         match run_parallel(g, &a, &plan, jobs, &interrupt)? {
             Parallel::Interrupted => return Ok(ExitCode::from(130)),
             // Record the runs: every stage computed by a worker is reused, none is computed.
-            Parallel::Done => opts.scope = onestep::runner::Scope::CachedOnly,
+            Parallel::Done(n) => {
+                by_workers = n;
+                opts.scope = onestep::runner::Scope::CachedOnly;
+            }
         }
     }
     let results = onestep::runner::execute(&plan, &opts, interrupt)?;
@@ -122,7 +130,7 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
     let interrupted = results.iter().any(|r| r.status == "interrupted");
     let (executed, reused): (usize, usize) = results
         .iter()
-        .fold((0, 0), |(e, u), r| (e + r.executed, u + r.reused));
+        .fold((by_workers, 0), |(e, u), r| (e + r.executed, u + r.reused));
     println!(
         "\n{} runs: {} finished, {} failed{}; {executed} stages computed, {reused} reused; {:.1}s; store {}",
         results.len(),
@@ -210,7 +218,8 @@ fn summary(
 }
 
 enum Parallel {
-    Done,
+    /// With the number of stages the workers computed.
+    Done(usize),
     Interrupted,
 }
 
@@ -235,8 +244,7 @@ fn run_parallel(
             c.arg("--set").arg(s);
         }
         if let Some(d) = a.device {
-            c.arg("--device")
-                .arg(format!("{d:?}").to_lowercase());
+            c.arg("--device").arg(format!("{d:?}").to_lowercase());
         }
         c.arg("--node").arg(&n.hash);
         c
@@ -253,16 +261,24 @@ fn run_parallel(
     let results = onestep::cluster::local::run_nodes(
         &nodes,
         &g.results,
-        jobs,
-        &a.gpus,
-        &logs,
+        onestep::cluster::local::Pool {
+            jobs,
+            gpus: &a.gpus,
+            logs: &logs,
+        },
         &command,
         interrupt,
         &mut |line| println!("[jobs] {line}"),
     )?;
     use onestep::cluster::local::Outcome;
-    if results.iter().any(|r| r.outcome == Outcome::Interrupted) || interrupt.load(Ordering::SeqCst) {
+    if results.iter().any(|r| r.outcome == Outcome::Interrupted) || interrupt.load(Ordering::SeqCst)
+    {
         return Ok(Parallel::Interrupted);
     }
-    Ok(Parallel::Done)
+    Ok(Parallel::Done(
+        results
+            .iter()
+            .filter(|r| r.outcome == Outcome::Finished)
+            .count(),
+    ))
 }

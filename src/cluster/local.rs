@@ -31,23 +31,36 @@ pub struct NodeResult {
     pub log: PathBuf,
 }
 
-/// Runs the nodes; `command(node)` is the worker's command line (without stdio), `gpus` the
-/// devices the slots pin in turn (none: the environment is left alone). `say` gets a line per
-/// start and end. Ctrl-C (`interrupt`) starts nothing more and forwards SIGINT to the workers,
-/// which stop at their next step.
+/// The worker slots.
+#[derive(Debug, Clone, Copy)]
+pub struct Pool<'a> {
+    /// At most this many workers at once.
+    pub jobs: usize,
+    /// Devices the slots pin in turn (`CUDA_VISIBLE_DEVICES`); none: the environment is left
+    /// alone.
+    pub gpus: &'a [String],
+    /// Where each node's output goes (`<stage>-<hash12>.log`, appended).
+    pub logs: &'a Path,
+}
+
+/// Runs the nodes; `command(node)` is the worker's command line (without stdio). `say` gets a
+/// line per start and end. Ctrl-C (`interrupt`) starts nothing more and forwards SIGINT to the
+/// workers, which stop at their next step.
 pub fn run_nodes(
     nodes: &[Node],
     results: &Path,
-    jobs: usize,
-    gpus: &[String],
-    logs: &Path,
+    pool: Pool<'_>,
     command: &dyn Fn(&Node) -> Command,
     interrupt: &AtomicBool,
     say: &mut dyn FnMut(&str),
 ) -> Result<Vec<NodeResult>> {
+    let Pool { jobs, gpus, logs } = pool;
     std::fs::create_dir_all(logs).map_err(|e| Error::io(logs, e))?;
     let jobs = jobs.max(1);
-    let todo: Vec<&Node> = nodes.iter().filter(|n| !is_done(results, &n.hash)).collect();
+    let todo: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| !is_done(results, &n.hash))
+        .collect();
     let mut ended: BTreeMap<String, NodeResult> = BTreeMap::new();
     // (node, child, slot, start)
     let mut running: Vec<(&Node, Child, usize, Instant)> = Vec::new();
@@ -56,7 +69,11 @@ pub fn run_nodes(
         // Reap.
         let mut i = 0;
         while i < running.len() {
-            if let Some(status) = running[i].1.try_wait().map_err(|e| Error::Other(e.to_string()))? {
+            if let Some(status) = running[i]
+                .1
+                .try_wait()
+                .map_err(|e| Error::Other(e.to_string()))?
+            {
                 let (node, _, _, t0) = running.remove(i);
                 let outcome = if status.success() && is_done(results, &node.hash) {
                     Outcome::Finished
@@ -149,9 +166,9 @@ pub fn run_nodes(
                     c.env("CUDA_VISIBLE_DEVICES", g);
                     gpu = format!(", CUDA_VISIBLE_DEVICES={g}");
                 }
-                let child = c
-                    .spawn()
-                    .map_err(|e| Error::Other(format!("starting a worker for {}: {e}", n.label())))?;
+                let child = c.spawn().map_err(|e| {
+                    Error::Other(format!("starting a worker for {}: {e}", n.label()))
+                })?;
                 say(&format!(
                     "start {} (slot {slot}{gpu}); log {}",
                     n.label(),
@@ -185,8 +202,5 @@ pub fn run_nodes(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(todo
-        .iter()
-        .filter_map(|n| ended.remove(&n.hash))
-        .collect())
+    Ok(todo.iter().filter_map(|n| ended.remove(&n.hash)).collect())
 }

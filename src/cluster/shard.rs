@@ -245,7 +245,14 @@ pub fn record_runs(store: &Store, plan: &Plan, spec_path: &str, results: &Path) 
         tx.execute(
             "INSERT INTO runs (experiment_id, variant, seed, spec_hash, config, status, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6) ON CONFLICT DO NOTHING",
-            params![exp, run.variant, run.seed as i64, run.spec_hash, run.config, t],
+            params![
+                exp,
+                run.variant,
+                run.seed as i64,
+                run.spec_hash,
+                run.config,
+                t
+            ],
         )
         .map_err(se)?;
         let id: i64 = tx

@@ -77,11 +77,23 @@ pub fn script(
     let mut sb = |line: String| s.push_str(&format!("#SBATCH {line}\n"));
     let name: String = experiment
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     sb(format!("--job-name=onestep-{name}-w{wave}"));
-    let limit = opts.array_limit.map(|k| format!("%{k}")).unwrap_or_default();
-    sb(format!("--array=0-{}{limit}", nodes.len().saturating_sub(1)));
+    let limit = opts
+        .array_limit
+        .map(|k| format!("%{k}"))
+        .unwrap_or_default();
+    sb(format!(
+        "--array=0-{}{limit}",
+        nodes.len().saturating_sub(1)
+    ));
     sb(format!(
         "--output={}",
         quote(&logs.join("slurm-%A_%a.out").display().to_string())
@@ -262,7 +274,13 @@ impl TaskState {
     pub fn active(&self) -> bool {
         matches!(
             self.state.as_str(),
-            "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "REQUEUED" | "RESIZING" | "SUSPENDED"
+            "PENDING"
+                | "RUNNING"
+                | "CONFIGURING"
+                | "COMPLETING"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SUSPENDED"
         ) || self.state.starts_with("REQUEUE")
     }
 }
@@ -355,14 +373,25 @@ mod tests {
             ..Default::default()
         };
         let nodes = [node("a", &"a".repeat(64)), node("b", &"b".repeat(64))];
-        let s = script("toy 16", 1, 3, &nodes, &inv, Path::new("/shared/results/cluster/x"), &opts);
+        let s = script(
+            "toy 16",
+            1,
+            3,
+            &nodes,
+            &inv,
+            Path::new("/shared/results/cluster/x"),
+            &opts,
+        );
         assert!(s.contains("#SBATCH --job-name=onestep-toy_16-w1\n"), "{s}");
         assert!(s.contains("#SBATCH --array=0-1%4\n"));
         assert!(s.contains("#SBATCH --partition=gpu\n#SBATCH --gpus-per-task=1\n"));
         assert!(s.contains("wave 2 of 3"));
         assert!(s.contains(&format!("NODES=({} {})", "a".repeat(64), "b".repeat(64))));
         assert!(s.contains("exec '/opt/one step/onestep' --results /shared/results --store \"/shared/results/cluster/x/shards/$NODE.sqlite\""), "{s}");
-        assert!(s.contains(r"'/home/u/exp'\''s.toml' --set stages.data.size=64 --node"), "{s}");
+        assert!(
+            s.contains(r"'/home/u/exp'\''s.toml' --set stages.data.size=64 --node"),
+            "{s}"
+        );
         assert!(s.trim_end().ends_with(">>\"$LOG\" 2>&1"));
     }
 
