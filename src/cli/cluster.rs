@@ -2,47 +2,15 @@
 //! Slurm job arrays, its store shards merged back, and where every stage of it stands
 //! (see `onestep::cluster` and docs/cluster.md).
 
-use super::run::{plan_of, DeviceArg};
+use super::run::SpecArgs;
 use super::Global;
 use anyhow::Context;
 use onestep::cluster::shard::{self, ShardState};
-use onestep::cluster::slurm::{self, Invocation, SlurmOptions, Submission};
+use onestep::cluster::slurm::{self, Invocation, SlurmOptions};
 use onestep::cluster::{experiment_dir, nodes, waves, Node};
 use onestep::plan::is_done;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// The spec and its overrides, as `run` takes them.
-#[derive(clap::Args, Debug)]
-pub struct SpecArgs {
-    /// The experiment spec (TOML).
-    pub spec: PathBuf,
-    /// Override a spec value: `--set stages.data.size=64` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Device for every run, overriding the spec's `device`.
-    #[arg(long)]
-    pub device: Option<DeviceArg>,
-}
-
-impl SpecArgs {
-    fn plan(&self) -> anyhow::Result<onestep::plan::Plan> {
-        plan_of(&self.spec, &self.set, self.device)
-    }
-    /// `run` arguments a task repeats: overrides and device.
-    fn run_args(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for s in &self.set {
-            out.push("--set".into());
-            out.push(s.clone());
-        }
-        if let Some(d) = self.device {
-            out.push("--device".into());
-            out.push(format!("{d:?}").to_lowercase());
-        }
-        out
-    }
-}
 
 #[derive(clap::Args, Debug)]
 pub struct SubmitArgs {
@@ -135,12 +103,7 @@ pub fn submit(g: &Global, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     if !a.dry_run && !a.force {
         let subs = slurm::submissions(&dir)?;
         let latest = slurm::latest_tasks(&subs);
-        let jobs: Vec<String> = {
-            let mut j: Vec<String> = latest.values().map(|x| x.0.clone()).collect();
-            j.sort();
-            j.dedup();
-            j
-        };
+        let jobs = slurm::jobs_of(&latest);
         if !jobs.is_empty() {
             let states = slurm::query(&jobs)?;
             let busy: Vec<String> = waves
@@ -218,13 +181,7 @@ pub fn submit(g: &Global, a: SubmitArgs) -> anyhow::Result<ExitCode> {
             Err(e) => {
                 // Record what went in, so `status` and a resubmission see it.
                 if !jobs.is_empty() {
-                    slurm::record(
-                        &dir,
-                        &Submission {
-                            time: onestep::util::now(),
-                            jobs,
-                        },
-                    )?;
+                    slurm::record(&dir, jobs)?;
                 }
                 return Err(e.into());
             }
@@ -246,13 +203,7 @@ pub fn submit(g: &Global, a: SubmitArgs) -> anyhow::Result<ExitCode> {
         });
         prev = Some(id);
     }
-    slurm::record(
-        &dir,
-        &Submission {
-            time: onestep::util::now(),
-            jobs,
-        },
-    )?;
+    slurm::record(&dir, jobs)?;
     println!(
         "\n`onestep status {0}` follows them; `onestep collect {0}` merges what finished into {1}",
         a.spec.spec.display(),
@@ -386,9 +337,7 @@ pub fn status(g: &Global, a: StatusArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     let subs = slurm::submissions(&dir)?;
     let latest = slurm::latest_tasks(&subs);
-    let mut jobs: Vec<String> = latest.values().map(|x| x.0.clone()).collect();
-    jobs.sort();
-    jobs.dedup();
+    let jobs = slurm::jobs_of(&latest);
     let (states, note) = if jobs.is_empty() {
         (Default::default(), None)
     } else {

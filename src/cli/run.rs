@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// The spec and its overrides, as `run`, `submit`, `collect` and `status` take them.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub struct SpecArgs {
     /// The experiment spec (TOML).
     pub spec: PathBuf,
     /// Override a spec value: `--set stages.data.size=64` (repeatable).
@@ -18,6 +19,31 @@ pub struct Args {
     /// Device for every run, overriding the spec's `device`.
     #[arg(long)]
     pub device: Option<DeviceArg>,
+}
+
+impl SpecArgs {
+    pub fn plan(&self) -> anyhow::Result<onestep::plan::Plan> {
+        plan_of(&self.spec, &self.set, self.device)
+    }
+    /// The `run` arguments a worker or cluster task repeats: overrides and device.
+    pub fn run_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.set {
+            out.push("--set".into());
+            out.push(s.clone());
+        }
+        if let Some(d) = self.device {
+            out.push("--device".into());
+            out.push(format!("{d:?}").to_lowercase());
+        }
+        out
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Run independent stages side by side, in up to N worker processes sharing the store and
     /// the cache (a stage starts once the stages it reads have finished).
     #[arg(long, value_name = "N", conflicts_with = "node")]
@@ -82,7 +108,7 @@ pub fn find_node(plan: &onestep::plan::Plan, prefix: &str) -> anyhow::Result<Str
 }
 
 pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
-    let plan = plan_of(&a.spec, &a.set, a.device)?;
+    let plan = a.spec.plan()?;
     for r in &plan.runs {
         check_device(r.device)?;
     }
@@ -103,7 +129,7 @@ pub fn execute(g: &Global, a: Args) -> anyhow::Result<ExitCode> {
         store: g.store(),
         assets: g.assets(),
         progress: g.progress(),
-        spec_path: a.spec.display().to_string(),
+        spec_path: a.spec.spec.display().to_string(),
         scope,
         journal: if a.shard {
             onestep::store::Journal::Rollback
@@ -239,13 +265,8 @@ fn run_parallel(
         c.arg("--results").arg(&g.results);
         c.arg("--store").arg(g.store());
         c.arg("--assets").arg(g.assets());
-        c.args(["--progress", "lines", "run"]).arg(&a.spec);
-        for s in &a.set {
-            c.arg("--set").arg(s);
-        }
-        if let Some(d) = a.device {
-            c.arg("--device").arg(format!("{d:?}").to_lowercase());
-        }
+        c.args(["--progress", "lines", "run"]).arg(&a.spec.spec);
+        c.args(a.spec.run_args());
         c.arg("--node").arg(&n.hash);
         c
     };

@@ -69,10 +69,10 @@ pub fn script(
     let shards = dir.join("shards");
     let mut s = String::from("#!/bin/bash\n");
     s.push_str(&format!(
-        "# onestep: experiment `{experiment}`, wave {} of {waves}: one array task per stage, each\n\
-         # started once every earlier wave has finished (sbatch --dependency=afterok:<previous wave>).\n\
+        "# onestep: experiment `{experiment}`, wave {wave} (waves 0-{}): one array task per stage,\n\
+         # each started once every earlier wave has finished (sbatch --dependency=afterok:<previous wave>).\n\
          # Written by `onestep submit`; each task writes its own store shard, merged by `onestep collect`.\n",
-        wave + 1
+        waves.saturating_sub(1)
     ));
     let mut sb = |line: String| s.push_str(&format!("#SBATCH {line}\n"));
     let name: String = experiment
@@ -236,8 +236,13 @@ pub fn submissions(dir: &Path) -> Result<Vec<Submission>> {
         .collect()
 }
 
-pub fn record(dir: &Path, s: &Submission) -> Result<()> {
+/// Append a submission of these jobs, made now, to the experiment's `submissions.jsonl`.
+pub fn record(dir: &Path, jobs: Vec<Job>) -> Result<()> {
     use std::io::Write;
+    let s = &Submission {
+        time: crate::util::now(),
+        jobs,
+    };
     let p = dir.join(SUBMISSIONS);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -259,6 +264,14 @@ pub fn latest_tasks(subs: &[Submission]) -> BTreeMap<String, (String, usize)> {
         }
     }
     out
+}
+
+/// The distinct job ids of these tasks, sorted.
+pub fn jobs_of(tasks: &BTreeMap<String, (String, usize)>) -> Vec<String> {
+    let mut j: Vec<String> = tasks.values().map(|x| x.0.clone()).collect();
+    j.sort();
+    j.dedup();
+    j
 }
 
 /// A task's state as the scheduler reports it (`PENDING`, `RUNNING`, `COMPLETED`, `FAILED`,
@@ -385,7 +398,7 @@ mod tests {
         assert!(s.contains("#SBATCH --job-name=onestep-toy_16-w1\n"), "{s}");
         assert!(s.contains("#SBATCH --array=0-1%4\n"));
         assert!(s.contains("#SBATCH --partition=gpu\n#SBATCH --gpus-per-task=1\n"));
-        assert!(s.contains("wave 2 of 3"));
+        assert!(s.contains("wave 1 (waves 0-2)"));
         assert!(s.contains(&format!("NODES=({} {})", "a".repeat(64), "b".repeat(64))));
         assert!(s.contains("exec '/opt/one step/onestep' --results /shared/results --store \"/shared/results/cluster/x/shards/$NODE.sqlite\""), "{s}");
         assert!(
