@@ -14,8 +14,8 @@
 //! logits), the trace comes from the clips instead, exactly: with centred data `X1`
 //! (`n1 x d`) and `X2`, `S1 S2 = X1^T (X1 X2^T X2) / c` with `c = (n1 - 1)(n2 - 1)`, whose
 //! non-zero eigenvalues are those of `N^T N / c` for `N = X2 X1^T` (`n2 x n1`). So
-//! `tr((S1 S2)^(1/2))` is the sum of the square roots of the eigenvalues of an `n x n`
-//! matrix, `min(n1, n2)` instead of `d` (see [`trace_sqrt_product_low_rank`]).
+//! `tr((S1 S2)^(1/2))` is the sum of the singular values of `N` over `sqrt(c)`: an `n x n`
+//! problem instead of a `d x d` one (see [`trace_sqrt_product_low_rank`]).
 
 use crate::error::{Error, Result};
 
@@ -134,32 +134,61 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64> {
     Ok((mean_term + tr_a + tr_b - 2.0 * tr_sqrt).max(0.0))
 }
 
-/// `tr((S1 S2)^(1/2))` from the centred features of the two Gaussians: the sum of the square
-/// roots of the eigenvalues of `N^T N / c` (or `N N^T / c`, whichever is smaller), with
-/// `N = X2 X1^T` and `c = (n1 - 1)(n2 - 1)`. Equal to [`trace_sqrt_product`] of their
+/// `tr((S1 S2)^(1/2))` from the centred features of the two Gaussians: the sum of the singular
+/// values of `N = X2 X1^T` (`n2 x n1`), over `sqrt(c)` with `c = (n1 - 1)(n2 - 1)` (the
+/// eigenvalues of `N^T N / c` are those of `S1 S2`). Singular values come from one-sided Jacobi
+/// ([`singular_values`]), so the zero ones of a singular `N` come out at `eps` times the
+/// largest, not at `sqrt(eps)` as square roots of `N^T N`'s eigenvalues would: the distance of
+/// a set to itself stays at rounding level. Equal to [`trace_sqrt_product`] of their
 /// covariances, at `O(n1 n2 d + min(n1, n2)^3)` instead of `O(d^3)`.
 pub fn trace_sqrt_product_low_rank(a: &Gaussian, b: &Gaussian) -> f64 {
-    let d = a.dim;
     let (n1, n2) = (a.n, b.n);
-    // N = X2 X1^T, n2 x n1.
-    let nm = gemm_abt(&b.centered, &a.centered, n2, n1, d);
-    // K = N^T N (n1 x n1) or N N^T (n2 x n2): the same non-zero eigenvalues.
-    let (k, m) = if n1 <= n2 {
-        let mut nt = vec![0f64; n1 * n2];
-        for i in 0..n2 {
-            for j in 0..n1 {
-                nt[j * n2 + i] = nm[i * n1 + j];
+    let nm = gemm_abt(&b.centered, &a.centered, n2, n1, a.dim);
+    let c = (n1 as f64 - 1.0) * (n2 as f64 - 1.0);
+    singular_values(&nm, n2, n1).iter().sum::<f64>() / c.sqrt()
+}
+
+/// Singular values of a row-major `m x n` matrix by one-sided Jacobi (Hestenes): columns are
+/// rotated pairwise until orthogonal, and their norms are the singular values. Accurate to
+/// `eps` times the largest singular value; meant for small matrices (tens of rows).
+pub fn singular_values(a: &[f64], m: usize, n: usize) -> Vec<f64> {
+    // Columns of A, or of A^T when that has fewer: the same singular values.
+    let (rows, cols) = if n <= m { (m, n) } else { (n, m) };
+    let mut c: Vec<Vec<f64>> = (0..cols)
+        .map(|j| {
+            (0..rows)
+                .map(|i| if n <= m { a[i * n + j] } else { a[j * n + i] })
+                .collect()
+        })
+        .collect();
+    let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f64>();
+    for _sweep in 0..80 {
+        let mut rotated = false;
+        for p in 0..cols {
+            for q in p + 1..cols {
+                let (alpha, beta) = (dot(&c[p], &c[p]), dot(&c[q], &c[q]));
+                let gamma = dot(&c[p], &c[q]);
+                if alpha == 0.0 || beta == 0.0 || gamma.abs() <= 1e-15 * (alpha * beta).sqrt() {
+                    continue;
+                }
+                rotated = true;
+                let zeta = (beta - alpha) / (2.0 * gamma);
+                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let cs = 1.0 / (1.0 + t * t).sqrt();
+                let sn = cs * t;
+                let (lo, hi) = c.split_at_mut(q);
+                for (x, y) in lo[p].iter_mut().zip(hi[0].iter_mut()) {
+                    let (u, v) = (*x, *y);
+                    *x = cs * u - sn * v;
+                    *y = sn * u + cs * v;
+                }
             }
         }
-        (gemm_abt(&nt, &nt, n1, n1, n2), n1)
-    } else {
-        (gemm_abt(&nm, &nm, n2, n2, n1), n2)
-    };
-    let c = (n1 as f64 - 1.0) * (n2 as f64 - 1.0);
-    symmetric_eigenvalues(&k, m)
-        .iter()
-        .map(|l| (l / c).max(0.0).sqrt())
-        .sum()
+        if !rotated {
+            break;
+        }
+    }
+    c.iter().map(|x| dot(x, x).sqrt()).collect()
 }
 
 /// `A B^T` for row-major `A` (`m x k`) and `B` (`n x k`): `m x n`.
@@ -626,10 +655,9 @@ mod tests {
     #[test]
     fn low_rank_trace_equals_the_covariance_one() {
         // Fewer clips than dimensions, unequal counts, repeated rows (a bootstrap resample).
-        // Both paths take square roots of the eigenvalues of a singular matrix, whose zero
-        // eigenvalues come out at rounding level (1e-16 relative): each adds up to 1e-8 of the
-        // scale, more on the covariance path (d - rank of them, and `S1^(1/2)` takes them to
-        // the power 1/4). So the two agree to about 1e-7, not to 1e-12.
+        // The covariance path takes square roots of the eigenvalues of a singular d x d
+        // matrix, whose zero eigenvalues come out at rounding level (1e-16 relative): each of
+        // the d - rank adds up to 1e-8 of the scale. So the two agree to about 1e-7.
         let tol = 1e-7;
         for (n1, n2, d, seed) in [
             (5, 20, 16, 5),
@@ -651,6 +679,49 @@ mod tests {
             let rev = trace_sqrt_product_low_rank(&b, &a);
             assert!((rev - low).abs() < tol * low.max(1.0), "{rev} vs {low}");
         }
+    }
+
+    #[test]
+    fn low_rank_distance_of_a_set_to_itself_is_at_rounding_level() {
+        // Logit-like scale (tens), 3 clips of 400 values: rank 2 after centring.
+        let x: Vec<Vec<f32>> = random_features(3, 400, 9, 0.0)
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| 20.0 * v).collect())
+            .collect();
+        let a = Gaussian::fit(&x, "a").unwrap();
+        let tr: f64 = (0..400).map(|i| a.cov[i * 400 + i]).sum();
+        let d = frechet_distance(&a, &a).unwrap();
+        assert!(d < 1e-10 * tr, "d(a, a) = {d}, tr = {tr}");
+    }
+
+    #[test]
+    fn jacobi_singular_values_of_a_known_matrix() {
+        // diag(3, 2, 0) rotated on both sides: singular values 3, 2, 0.
+        let (c, s) = (0.6f64, 0.8f64);
+        let u = [c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0];
+        let v = [1.0, 0.0, 0.0, 0.0, c, -s, 0.0, s, c];
+        let dg = [3.0, 2.0, 0.0];
+        let mut a = [0f64; 9];
+        for i in 0..3 {
+            for j in 0..3 {
+                a[i * 3 + j] = (0..3).map(|k| u[i * 3 + k] * dg[k] * v[j * 3 + k]).sum();
+            }
+        }
+        let mut sv = singular_values(&a, 3, 3);
+        sv.sort_by(|x, y| y.total_cmp(x));
+        for (got, want) in sv.iter().zip([3.0, 2.0, 0.0]) {
+            assert!((got - want).abs() < 1e-14, "{sv:?}");
+        }
+        // A wide matrix has the singular values of its transpose.
+        let w = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let wt = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+        let (mut x, mut y) = (singular_values(&w, 2, 3), singular_values(&wt, 3, 2));
+        x.sort_by(|p, q| p.total_cmp(q));
+        y.sort_by(|p, q| p.total_cmp(q));
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| (p - q).abs() < 1e-13),
+            "{x:?} {y:?}"
+        );
     }
 
     #[test]
