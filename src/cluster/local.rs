@@ -1,7 +1,8 @@
 //! `onestep run --jobs N`: the plan's unfinished nodes side by side on one machine, each in a
 //! process of its own (`onestep run SPEC --node HASH`) sharing the main store (WAL) and cache.
 //! A node starts when its upstream nodes have finished; a failed node skips the nodes that need
-//! it and the others go on. Worker slots may pin a GPU each (`CUDA_VISIBLE_DEVICES`).
+//! it and the others go on. Worker slots may pin a GPU each (`CUDA_VISIBLE_DEVICES`), and each
+//! worker gets its share of the cores (`RAYON_NUM_THREADS`, unless set).
 
 use super::Node;
 use crate::error::{Error, Result};
@@ -11,6 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// Threads each of `jobs` workers gets: the machine's cores divided between them, at least one
+/// (several workers each with a thread per core would oversubscribe the cores).
+pub fn threads_per_worker(jobs: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / jobs.max(1)).max(1)
+}
 
 /// How a node ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +168,10 @@ pub fn run_nodes(
                 // Its own process group: a terminal's Ctrl-C reaches the workers only through
                 // this process, once.
                 std::os::unix::process::CommandExt::process_group(&mut c, 0);
+                // The machine's cores shared between the workers, unless the user chose.
+                if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                    c.env("RAYON_NUM_THREADS", threads_per_worker(jobs).to_string());
+                }
                 let mut gpu = String::new();
                 if !gpus.is_empty() {
                     let g = &gpus[slot % gpus.len()];
