@@ -203,18 +203,43 @@ fn jobs_run_matches_a_sequential_run_and_collect_refuses_bad_shards() {
     assert_eq!(before, contents(&store, true));
 }
 
-/// Bring up the local single-node Slurm; Err(reason) where it cannot run here.
+/// Bring up the local single-node Slurm and run one trivial job through it; Err(reason) where
+/// that cannot happen on this machine.
 fn slurm_up() -> Result<(), String> {
     let o = Command::new("bash")
         .arg(root().join("tools/slurm/local-cluster.sh"))
         .arg("start")
         .output()
         .map_err(|e| format!("bash: {e}"))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
     }
+    let o = Command::new("sbatch")
+        .args(["--parsable", "--output=/dev/null", "--wrap", "true"])
+        .output()
+        .map_err(|e| format!("sbatch: {e}"))?;
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    if !o.status.success() || id.is_empty() {
+        return Err(format!(
+            "sbatch of a trivial job failed: {}",
+            text(&o).trim()
+        ));
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(90) {
+        let q = Command::new("squeue")
+            .args(["-h", "--states=all", "-j", &id, "-o", "%T"])
+            .output()
+            .map_err(|e| format!("squeue: {e}"))?;
+        let state = String::from_utf8_lossy(&q.stdout).trim().to_string();
+        match state.as_str() {
+            "COMPLETED" => return Ok(()),
+            "PENDING" | "CONFIGURING" | "RUNNING" | "COMPLETING" | "" => {}
+            other => return Err(format!("a trivial job ended {other}")),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err("a trivial job did not finish in 90 s".into())
 }
 
 fn has(cmd: &str) -> bool {
