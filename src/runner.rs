@@ -176,9 +176,13 @@ fn execute_run(
         };
         if !computable && !is_done(&opts.results, &st.hash) {
             if opts.scope == Scope::CachedOnly {
+                let why = match store.stage_error(&st.hash) {
+                    Ok(Some(e)) => format!("failed: {e}"),
+                    _ => "was not computed; rerun to compute it".to_string(),
+                };
                 return Err(fail(
                     Error::Other(format!(
-                        "stage `{}` ({}) {} was not computed (see its log); rerun to compute it",
+                        "stage `{}` ({}) {} {why}",
                         st.name,
                         st.kind,
                         st.short()

@@ -442,6 +442,20 @@ impl Store {
             .map_err(|e| self.e(e))
     }
 
+    /// The error a stage failed with, if it failed.
+    pub fn stage_error(&self, hash: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT error FROM stages WHERE hash = ?1 AND status = 'failed'",
+                [hash],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map_err(|e| self.e(e))?
+            .flatten())
+    }
+
     /// Take the lease of a stage unless it is finished or held by a live holder.
     pub fn acquire(&mut self, hash: &str, holder: &str, ttl: f64) -> Result<Lease> {
         let path = self.path.clone();

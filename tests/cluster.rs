@@ -153,6 +153,29 @@ fn jobs_run_matches_a_sequential_run_and_collect_refuses_bad_shards() {
     let status = ok(onestep(&results, &["status", SPEC]));
     assert!(status.trim_end().ends_with("9 done"), "{status}");
 
+    // A failing node: the other runs go on, the failure is named with its cause.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let failing = tmp.path().join("failing.toml");
+    let spec = std::fs::read_to_string(root().join("tests/fixtures/good/failing.toml"))
+        .unwrap()
+        .replace("PLACEHOLDER", empty.to_str().unwrap());
+    std::fs::write(&failing, spec).unwrap();
+    let o = onestep(
+        &tmp.path().join("failing"),
+        &["run", failing.to_str().unwrap(), "--jobs", "2"],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("[jobs] FAILED data (data)") && t.contains("[jobs] finished data (data)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("1 finished, 1 failed") && t.contains("no video files"),
+        "{t}"
+    );
+
     // A node alone: refused before its upstream stages are finished, named by a prefix.
     let fresh = tmp.path().join("fresh");
     let plan = ok(onestep(&fresh, &["plan", SPEC]));
