@@ -19,10 +19,13 @@ pub struct SubmitArgs {
     /// Submit to Slurm (sbatch job arrays, one per wave of the stage graph).
     #[arg(long, required = true)]
     pub slurm: bool,
+    /// Slurm partition of every task.
     #[arg(long)]
     pub partition: Option<String>,
+    /// GPUs per task (each task computes one stage).
     #[arg(long)]
     pub gpus_per_task: Option<u32>,
+    /// CPU cores per task.
     #[arg(long)]
     pub cpus_per_task: Option<u32>,
     /// Memory per node, as sbatch takes it (`64G`).
@@ -34,8 +37,10 @@ pub struct SubmitArgs {
     /// At most K tasks of an array at once.
     #[arg(long, value_name = "K")]
     pub array_limit: Option<u32>,
+    /// Slurm account to charge.
     #[arg(long)]
     pub account: Option<String>,
+    /// Slurm quality of service.
     #[arg(long)]
     pub qos: Option<String>,
     /// A further sbatch option for every task (repeatable): `--sbatch=--constraint=a100`.

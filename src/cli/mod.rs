@@ -91,8 +91,8 @@ pub enum Command {
     Submit(cluster::SubmitArgs),
     /// Merge the finished store shards of a cluster sweep into the store (idempotent).
     Collect(cluster::CollectArgs),
-    /// Where every stage of a spec stands: done, running, queued, failed, waiting (cache,
-    /// store, shards and the scheduler's queue).
+    /// Where every stage of a spec stands: done, running, pending, failed, stopped, waiting
+    /// (from the cache, the store, the shards and the scheduler's queue).
     Status(cluster::StatusArgs),
     /// List runs in the store.
     Runs(runs::Args),
