@@ -73,31 +73,10 @@ impl Gaussian {
             .iter()
             .flat_map(|f| f.iter().zip(&mean).map(|(v, m)| *v as f64 - m))
             .collect();
-        let mut cov = vec![0f64; dim * dim];
-        // SAFETY: x is n x dim, cov is dim x dim, strides match.
-        unsafe {
-            gemm::gemm(
-                dim,
-                dim,
-                n,
-                cov.as_mut_ptr(),
-                1,
-                dim as isize,
-                false,
-                x.as_ptr(),
-                dim as isize,
-                1,
-                x.as_ptr(),
-                1,
-                dim as isize,
-                0.0,
-                1.0 / (n as f64 - 1.0),
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(0),
-            );
-        }
+        // X^T (dim x n: column stride dim, row stride 1) times X (n x dim).
+        let mut cov = product(dim, dim, n, &x, (dim as isize, 1), &x, (1, dim as isize));
+        let scale = 1.0 / (n as f64 - 1.0);
+        cov.iter_mut().for_each(|c| *c *= scale);
         Ok(Gaussian {
             n,
             dim,
@@ -193,8 +172,30 @@ pub fn singular_values(a: &[f64], m: usize, n: usize) -> Vec<f64> {
 
 /// `A B^T` for row-major `A` (`m x k`) and `B` (`n x k`): `m x n`.
 fn gemm_abt(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+    // B^T is k x n with column stride k and row stride 1.
+    product(m, n, k, a, (1, k as isize), b, (k as isize, 1))
+}
+
+/// `X Y` into a new row-major `m x n` matrix, `X` (`m x k`) and `Y` (`k x n`) read through
+/// their (column, row) strides.
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &[f64],
+    (xcs, xrs): (isize, isize),
+    y: &[f64],
+    (ycs, yrs): (isize, isize),
+) -> Vec<f64> {
+    let reach = |(cs, rs): (isize, isize), rows: usize, cols: usize| {
+        (rows.saturating_sub(1) as isize * rs + cols.saturating_sub(1) as isize * cs) as usize
+    };
+    assert!(
+        reach((xcs, xrs), m, k) < x.len().max(1) && reach((ycs, yrs), k, n) < y.len().max(1),
+        "product: strides reach past the matrices"
+    );
     let mut out = vec![0f64; m * n];
-    // SAFETY: a is m x k, b is n x k (read as k x n through its strides), out is m x n.
+    // SAFETY: out is m x n row-major; x and y are read within their lengths (asserted above).
     unsafe {
         gemm::gemm(
             m,
@@ -204,12 +205,12 @@ fn gemm_abt(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
             1,
             n as isize,
             false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
+            x.as_ptr(),
+            xcs,
+            xrs,
+            y.as_ptr(),
+            ycs,
+            yrs,
             0.0,
             1.0,
             false,
@@ -348,34 +349,9 @@ pub fn symmetric_eigenvalues(a: &[f64], n: usize) -> Vec<f64> {
 
 /// `op(x) op(y)` for square row-major matrices, `op` = transpose when the flag is set.
 fn matmul(x: &[f64], tx: bool, y: &[f64], ty: bool, n: usize) -> Vec<f64> {
-    let mut out = vec![0f64; n * n];
-    let (xcs, xrs) = if tx { (n as isize, 1) } else { (1, n as isize) };
-    let (ycs, yrs) = if ty { (n as isize, 1) } else { (1, n as isize) };
-    // SAFETY: all three are n x n.
-    unsafe {
-        gemm::gemm(
-            n,
-            n,
-            n,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            xcs,
-            xrs,
-            y.as_ptr(),
-            ycs,
-            yrs,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(0),
-        );
-    }
-    out
+    let n_ = n as isize;
+    let strides = |t: bool| if t { (n_, 1) } else { (1, n_) };
+    product(n, n, n, x, strides(tx), y, strides(ty))
 }
 
 /// Eigenvalues (ascending) and, if `vectors`, eigenvectors (columns of a row-major matrix) of
