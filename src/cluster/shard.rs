@@ -272,11 +272,9 @@ pub fn record_runs(store: &Store, plan: &Plan, spec_path: &str, results: &Path) 
         let (mut complete, mut failed) = (true, None::<String>);
         let mut ended: Option<f64> = None;
         for (pos, st) in run.stages.iter().enumerate() {
-            tx.execute(
-                "INSERT OR IGNORE INTO stages (hash, kind, name, params, code_version, status) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
-                params![st.hash, st.kind, st.name, crate::util::canonical_toml(&st.params), st.version],
-            )
-            .map_err(se)?;
+            // The store's own statements, inside this transaction (same connection).
+            let params_text = crate::util::canonical_toml(&st.params);
+            store.register_stage(&st.hash, &st.kind, &st.name, &params_text, st.version)?;
             tx.execute(
                 "INSERT INTO run_stages (run_id, position, stage_name, stage_hash) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(run_id, stage_name) DO UPDATE SET position = ?2, stage_hash = ?4
@@ -286,11 +284,7 @@ pub fn record_runs(store: &Store, plan: &Plan, spec_path: &str, results: &Path) 
             .map_err(se)?;
             let done = is_done(results, &st.hash);
             if done {
-                tx.execute(
-                    "UPDATE stages SET status = 'finished', ended_at = COALESCE(ended_at, ?2) WHERE hash = ?1 AND status != 'finished'",
-                    params![st.hash, t],
-                )
-                .map_err(se)?;
+                store.mark_cached(&st.hash)?;
             }
             let (status, error, end): (String, Option<String>, Option<f64>) = tx
                 .query_row(
