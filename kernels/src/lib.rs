@@ -7,17 +7,52 @@
 
 use rayon::prelude::*;
 
+pub mod fastmath;
+use fastmath::{exp, gelu_and_slope};
+
+/// Defines `fn $name(args) -> R` twice over one body: compiled for AVX2 + FMA (8 f32 lanes),
+/// chosen at run time where the processor has them, and for the baseline target (SSE2)
+/// elsewhere. The body's loops are written to vectorise (no calls into libm; `exp` and `erf`
+/// are the branch-free polynomials of [`fastmath`]), so the same code runs at the width the
+/// processor offers without building for one machine.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the processor has the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
 fn sigmoid(y: f32) -> f32 {
-    1.0 / (1.0 + (-y).exp())
+    1.0 / (1.0 + exp(-y))
 }
 
 /// `sum f(x)` over a slice with 16 independent f32 lanes (which the compiler vectorises; a
 /// single running sum cannot be reordered), combined in f64.
+#[inline(always)]
 fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let chunks = xs.chunks_exact(L);
     let rest = chunks.remainder();
+    if xs.len() < L {
+        return rest.iter().map(|&v| f(v) as f64).sum();
+    }
     for c in chunks {
         for i in 0..L {
             acc[i] += f(c[i]);
@@ -26,7 +61,28 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     acc.iter().map(|&v| v as f64).sum::<f64>() + rest.iter().map(|&v| f(v) as f64).sum::<f64>()
 }
 
+/// `<a, b - shift>` with 16 independent f32 lanes, combined in f64 (as [`lane_sum`]).
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32], shift: f32) -> f64 {
+    const L: usize = 16;
+    let n = a.len().min(b.len()) / L * L;
+    let mut acc = [0f32; L];
+    for (x, y) in a[..n].chunks_exact(L).zip(b[..n].chunks_exact(L)) {
+        for i in 0..L {
+            acc[i] += x[i] * (y[i] - shift);
+        }
+    }
+    let tail: f64 = (a[n..].iter().zip(&b[n..]))
+        .map(|(&x, &y)| (x * (y - shift)) as f64)
+        .sum();
+    if n == 0 {
+        return tail;
+    }
+    acc.iter().map(|&v| v as f64).sum::<f64>() + tail
+}
+
 /// Mean and `1 / sqrt(var + eps)` of a group (biased variance, two passes, as PyTorch).
+#[inline(always)]
 fn moments(xs: &[f32], eps: f64) -> (f32, f32) {
     let n = xs.len() as f64;
     let mean = (lane_sum(xs, |v| v) / n) as f32;
@@ -56,31 +112,35 @@ impl Groups {
 
 /// `out = [silu](group_norm(x) * w + b)`; `w`, `b`: one value per channel.
 pub fn group_norm_fwd(x: &[f32], w: &[f32], b: &[f32], g: Groups, out: &mut [f32]) {
-    let (cpg, spatial) = (g.cpg, g.spatial);
     out.par_chunks_mut(g.chunk())
         .zip(x.par_chunks(g.chunk()))
         .enumerate()
-        .for_each(|(i, (o, xs))| {
-            let grp = i % g.groups;
-            let (mean, rstd) = moments(xs, g.eps);
-            for k in 0..cpg {
-                let ch = grp * cpg + k;
-                let scale = rstd * w[ch];
-                let shift = b[ch] - mean * scale;
-                let r = k * spatial..(k + 1) * spatial;
-                let (o, xs) = (&mut o[r.clone()], &xs[r]);
-                if g.silu {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        let y = v * scale + shift;
-                        *o = y * sigmoid(y);
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = v * scale + shift;
-                    }
+        .for_each(|(i, (o, xs))| group_norm_fwd_group(xs, w, b, g, i % g.groups, o));
+}
+
+multiversion! {
+    /// [`group_norm_fwd`] of one (sample, group) block.
+    fn group_norm_fwd_group(xs: &[f32], w: &[f32], b: &[f32], g: Groups, grp: usize, o: &mut [f32]) {
+        let (cpg, spatial) = (g.cpg, g.spatial);
+        let (mean, rstd) = moments(xs, g.eps);
+        for k in 0..cpg {
+            let ch = grp * cpg + k;
+            let scale = rstd * w[ch];
+            let shift = b[ch] - mean * scale;
+            let r = k * spatial..(k + 1) * spatial;
+            let (o, xs) = (&mut o[r.clone()], &xs[r]);
+            if g.silu {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    let y = v * scale + shift;
+                    *o = y * sigmoid(y);
+                }
+            } else {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    *o = v * scale + shift;
                 }
             }
-        });
+        }
+    }
 }
 
 /// Gradients of [`group_norm_fwd`] from the output gradient `go`: `dx` (like `x`), and `dw`,
@@ -96,7 +156,7 @@ pub fn group_norm_bwd(
     dw: &mut [f32],
     db: &mut [f32],
 ) {
-    let (cpg, spatial) = (g.cpg, g.spatial);
+    let cpg = g.cpg;
     // Per (sample, group): d weight and d bias of its channels, summed over samples below.
     let partial: Vec<(usize, Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(g.chunk())
@@ -104,40 +164,8 @@ pub fn group_norm_bwd(
         .enumerate()
         .map(|(i, (dx, (xs, gs)))| {
             let grp = i % g.groups;
-            let (mean, rstd) = moments(xs, g.eps);
             let (mut pw, mut pb) = (vec![0f32; cpg], vec![0f32; cpg]);
-            // Pass 1: d xhat into dx, the parameter gradients, and the two group sums.
-            let (mut sum_d, mut sum_dx) = (0f64, 0f64);
-            for k in 0..cpg {
-                let ch = grp * cpg + k;
-                let r = k * spatial..(k + 1) * spatial;
-                let (mut acc_w, mut acc_b) = (0f64, 0f64);
-                for ((d, &v), &go) in dx[r.clone()].iter_mut().zip(&xs[r.clone()]).zip(&gs[r]) {
-                    let xhat = (v - mean) * rstd;
-                    let gy = if g.silu {
-                        let y = xhat * w[ch] + b[ch];
-                        let s = sigmoid(y);
-                        go * s * (1.0 + y * (1.0 - s))
-                    } else {
-                        go
-                    };
-                    acc_b += gy as f64;
-                    acc_w += (gy * xhat) as f64;
-                    let dxhat = gy * w[ch];
-                    sum_d += dxhat as f64;
-                    sum_dx += (dxhat * xhat) as f64;
-                    *d = dxhat;
-                }
-                pw[k] = acc_w as f32;
-                pb[k] = acc_b as f32;
-            }
-            // Pass 2: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
-            let m = xs.len() as f64;
-            let (mean_d, mean_dx) = ((sum_d / m) as f32, (sum_dx / m) as f32);
-            for (d, &v) in dx.iter_mut().zip(xs) {
-                let xhat = (v - mean) * rstd;
-                *d = rstd * (*d - mean_d - xhat * mean_dx);
-            }
+            group_norm_bwd_group(xs, gs, w, b, g, grp, dx, &mut pw, &mut pb);
             (grp, pw, pb)
         })
         .collect();
@@ -151,77 +179,139 @@ pub fn group_norm_bwd(
     }
 }
 
-/// Softmax over rows of `dim` values.
-pub fn softmax_fwd(x: &[f32], dim: usize, out: &mut [f32]) {
+multiversion! {
+    /// [`group_norm_bwd`] of one (sample, group) block: `dx`, and the block's share of `dw`,
+    /// `db` (`pw`, `pb`: one per channel of the group).
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_bwd_group(
+        xs: &[f32],
+        gs: &[f32],
+        w: &[f32],
+        b: &[f32],
+        g: Groups,
+        grp: usize,
+        dx: &mut [f32],
+        pw: &mut [f32],
+        pb: &mut [f32],
+    ) {
+        let (cpg, spatial) = (g.cpg, g.spatial);
+        let (mean, rstd) = moments(xs, g.eps);
+        // Pass 1, per channel: d xhat into dx, and the parameter gradients
+        // d bias = sum gy, d weight = sum gy xhat (gy: the gradient before the affine part).
+        for k in 0..cpg {
+            let ch = grp * cpg + k;
+            let (wc, bc) = (w[ch], b[ch]);
+            let r = k * spatial..(k + 1) * spatial;
+            let (dx, xs, gs) = (&mut dx[r.clone()], &xs[r.clone()], &gs[r]);
+            for ((d, &v), &go) in dx.iter_mut().zip(xs).zip(gs) {
+                let xhat = (v - mean) * rstd;
+                *d = if g.silu {
+                    let y = xhat * wc + bc;
+                    let s = sigmoid(y);
+                    go * s * (1.0 + y * (1.0 - s))
+                } else {
+                    go
+                };
+            }
+            // dx holds gy here.
+            pb[k] = lane_sum(dx, |v| v) as f32;
+            pw[k] = (rstd as f64 * lane_dot(dx, xs, mean)) as f32;
+            for d in dx.iter_mut() {
+                *d *= wc;
+            }
+        }
+        // Pass 2: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), the two means over
+        // the group.
+        let m = xs.len() as f64;
+        let sum_d = lane_sum(dx, |v| v);
+        let sum_dx = lane_dot(dx, xs, mean);
+        let (mean_d, mean_dx) = ((sum_d / m) as f32, (rstd as f64 * sum_dx / m) as f32);
+        for (d, &v) in dx.iter_mut().zip(xs) {
+            let xhat = (v - mean) * rstd;
+            *d = rstd * (*d - mean_d - xhat * mean_dx);
+        }
+    }
+}
+
+/// `softmax(scale x)` over rows of `dim` values.
+pub fn softmax_fwd(x: &[f32], dim: usize, scale: f32, out: &mut [f32]) {
     let dim = dim.max(1);
     out.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
-        .for_each(|(o, xs)| {
-            let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (o, &v) in o.iter_mut().zip(xs) {
-                *o = (v - max).exp();
-                sum += *o;
-            }
-            let inv = 1.0 / sum;
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
-        });
+        .for_each(|(o, xs)| softmax_row(xs, scale, o));
 }
 
-/// `dx = y (g - <g, y>)` per row, from the softmax output `y` and its gradient `g`.
-pub fn softmax_bwd(y: &[f32], g: &[f32], dim: usize, dx: &mut [f32]) {
+multiversion! {
+    fn softmax_row(xs: &[f32], scale: f32, o: &mut [f32]) {
+        let max = xs.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
+        for (o, &v) in o.iter_mut().zip(xs) {
+            *o = exp(v * scale - max);
+        }
+        let inv = (1.0 / lane_sum(o, |v| v)) as f32;
+        for o in o.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+/// `dx = scale y (g - <g, y>)` per row, from the output `y` of `softmax(scale x)` and its
+/// gradient `g`.
+pub fn softmax_bwd(y: &[f32], g: &[f32], dim: usize, scale: f32, dx: &mut [f32]) {
     let dim = dim.max(1);
     dx.par_chunks_mut(dim)
         .zip(y.par_chunks(dim).zip(g.par_chunks(dim)))
-        .for_each(|(o, (ys, gs))| {
-            let dot: f32 = ys.iter().zip(gs).map(|(a, b)| a * b).sum();
-            for ((o, &y), &g) in o.iter_mut().zip(ys).zip(gs) {
-                *o = y * (g - dot);
-            }
-        });
+        .for_each(|(o, (ys, gs))| softmax_bwd_row(ys, gs, scale, o));
 }
 
-/// `(gelu(g), gelu'(g))` of the exact GELU `g Phi(g)`, with `erf` from candle's CPU backend
-/// passed in (this crate has no dependency on candle).
-fn gelu_and_slope(g: f32, erf: fn(f32) -> f32) -> (f32, f32) {
-    let cdf = 0.5 * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
-    let pdf = (-0.5 * g * g).exp() * 0.398_942_3; // 1 / sqrt(2 pi)
-    (g * cdf, cdf + g * pdf)
+multiversion! {
+    fn softmax_bwd_row(ys: &[f32], gs: &[f32], scale: f32, o: &mut [f32]) {
+        let dot = lane_dot(ys, gs, 0.0) as f32;
+        for ((o, &y), &g) in o.iter_mut().zip(ys).zip(gs) {
+            *o = scale * y * (g - dot);
+        }
+    }
 }
 
 /// GEGLU over rows of `2n` values: `out[.., i] = x[.., i] * gelu(x[.., n + i])`.
-pub fn geglu_fwd(x: &[f32], n: usize, erf: fn(f32) -> f32, out: &mut [f32]) {
+pub fn geglu_fwd(x: &[f32], n: usize, out: &mut [f32]) {
     if n == 0 {
         return;
     }
     out.par_chunks_mut(n)
         .zip(x.par_chunks(2 * n))
-        .for_each(|(o, xs)| {
-            let (h, g) = xs.split_at(n);
-            for ((o, &h), &g) in o.iter_mut().zip(h).zip(g) {
-                *o = h * gelu_and_slope(g, erf).0;
-            }
-        });
+        .for_each(|(o, xs)| geglu_row(xs, o));
+}
+
+multiversion! {
+    fn geglu_row(xs: &[f32], o: &mut [f32]) {
+        let (h, g) = xs.split_at(o.len());
+        for ((o, &h), &g) in o.iter_mut().zip(h).zip(g) {
+            *o = h * gelu_and_slope(g).0;
+        }
+    }
 }
 
 /// Gradient of [`geglu_fwd`]: `dx = [go gelu(g), go h gelu'(g)]` per row.
-pub fn geglu_bwd(x: &[f32], go: &[f32], n: usize, erf: fn(f32) -> f32, dx: &mut [f32]) {
+pub fn geglu_bwd(x: &[f32], go: &[f32], n: usize, dx: &mut [f32]) {
     if n == 0 {
         return;
     }
     dx.par_chunks_mut(2 * n)
         .zip(x.par_chunks(2 * n).zip(go.par_chunks(n)))
-        .for_each(|(o, (xs, gs))| {
-            let (dh, dg) = o.split_at_mut(n);
-            let (h, g) = xs.split_at(n);
-            for i in 0..n {
-                let (gelu, slope) = gelu_and_slope(g[i], erf);
-                dh[i] = gs[i] * gelu;
-                dg[i] = gs[i] * h[i] * slope;
-            }
-        });
+        .for_each(|(o, (xs, gs))| geglu_bwd_row(xs, gs, o));
+}
+
+multiversion! {
+    fn geglu_bwd_row(xs: &[f32], gs: &[f32], o: &mut [f32]) {
+        let n = gs.len();
+        let (dh, dg) = o.split_at_mut(n);
+        let (h, g) = xs.split_at(n);
+        for i in 0..n {
+            let (gelu, slope) = gelu_and_slope(g[i]);
+            dh[i] = gs[i] * gelu;
+            dg[i] = gs[i] * h[i] * slope;
+        }
+    }
 }
 
 /// `out = y + b[c]` over `y` laid out `[outer, c, inner]` (a per-channel bias).

@@ -208,8 +208,9 @@ impl Layer {
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let o = super::layers::softmax_last(&scores)?.matmul(&v)?;
+        let scores = q.matmul(&k.t()?)?;
+        let o =
+            super::layers::scaled_softmax_last(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
         self.out.forward(&o.transpose(1, 2)?.reshape((b, n, d))?)
     }
 

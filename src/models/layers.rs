@@ -374,11 +374,18 @@ impl Module for LayerNorm {
 /// (`super::fused`; candle's own CPU softmax has none), elsewhere primitive ops computed in f32
 /// and returned in the input's dtype.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    scaled_softmax_last(x, 1.0)
+}
+
+/// `softmax(scale x)` over the last axis, as [`softmax_last`] (the fused kernel scales inside
+/// its pass over the rows).
+pub fn scaled_softmax_last(x: &Tensor, scale: f64) -> Result<Tensor> {
     if super::fused::fused_available(x, x) {
-        return super::fused::softmax_last(x);
+        return super::fused::scaled_softmax_last(x, scale as f32);
     }
     let dt = x.dtype();
     let x = x.to_dtype(DType::F32)?;
+    let x = if scale == 1.0 { x } else { (x * scale)? };
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dt)
@@ -415,10 +422,8 @@ pub fn scaled_dot_product_attention(
     let per_row = b * h * m * 4;
     let rows = (attention_chunk_bytes() / per_row.max(1)).max(1);
     let kt = k.t()?;
-    let block = |q: &Tensor| -> Result<Tensor> {
-        let scores = (q.matmul(&kt)? * scale)?;
-        softmax_last(&scores)?.matmul(v)
-    };
+    let block =
+        |q: &Tensor| -> Result<Tensor> { scaled_softmax_last(&q.matmul(&kt)?, scale)?.matmul(v) };
     if rows >= n {
         return block(q);
     }
