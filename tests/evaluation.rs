@@ -27,7 +27,7 @@ const FRAMES: usize = 16;
 fn film_windows(size: usize) -> ClipSet {
     let a = assets_dir();
     let file = registry::fetch_video(&a, &registry::VIDEOS[0]).expect("the registry film");
-    let d = video::decode(&video::ffmpeg(&a).unwrap(), &file, 8.0, size).unwrap();
+    let d = video::decode(&video::ffmpeg(&a).unwrap(), &file, 8.0, (size, size)).unwrap();
     let fl = size * size * 3;
     let mut set = ClipSet::new(FRAMES, size, size);
     let mut s = 0;
@@ -270,4 +270,53 @@ fn degraded_table_on_film_windows() {
         ),
     )
     .unwrap();
+}
+
+/// A 16:9 video decoded at 18x32 keeps its full width; its central 18 columns are the square
+/// centre crop that an 18x18 decode sees, at the same scale (a 160x90 test pattern made by
+/// ffmpeg: both decodes average 5x5 blocks over the same pixels).
+#[test]
+fn wide_frames_keep_the_aspect_ratio_and_contain_the_square_crop() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pattern.mp4");
+    let ffmpeg = video::ffmpeg(&assets_dir()).unwrap();
+    let made = std::process::Command::new(&ffmpeg)
+        .args(["-v", "error", "-f", "lavfi", "-i"])
+        .arg("testsrc2=size=160x90:rate=8:duration=2")
+        .args(["-pix_fmt", "yuv444p", "-c:v", "libx264", "-qp", "0"])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(made.success(), "ffmpeg could not write the test pattern");
+    let wide = video::decode(&ffmpeg, &file, 8.0, (18, 32)).unwrap();
+    let square = video::decode(&ffmpeg, &file, 8.0, (18, 18)).unwrap();
+    assert_eq!(wide.frames, 16);
+    assert_eq!(wide.frames, square.frames);
+    assert_eq!(wide.data.len(), 16 * 18 * 32 * 3);
+    let (mut diff, mut n) = (0f64, 0usize);
+    let mut outside = 0f64;
+    for f in 0..wide.frames {
+        for y in 0..18 {
+            for x in 0..18 {
+                for c in 0..3 {
+                    let w = wide.data[((f * 18 + y) * 32 + x + 7) * 3 + c] as f64;
+                    let s = square.data[((f * 18 + y) * 18 + x) * 3 + c] as f64;
+                    // The same rows, shifted: what a decode that squeezed the width would give.
+                    let shifted = wide.data[((f * 18 + y) * 32 + x) * 3 + c] as f64;
+                    diff += (w - s).abs();
+                    outside += (shifted - s).abs();
+                    n += 1;
+                }
+            }
+        }
+    }
+    let (diff, outside) = (diff / n as f64, outside / n as f64);
+    assert!(
+        diff < 3.0,
+        "central columns differ from the square crop by {diff:.2} levels"
+    );
+    assert!(
+        outside > 4.0 * diff.max(1.0),
+        "control: {outside:.2} vs {diff:.2}"
+    );
 }

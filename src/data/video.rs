@@ -97,16 +97,32 @@ pub fn run_decoder(ffmpeg: &Path, file: &Path, output: &[&str]) -> Result<Vec<u8
     Ok(out.stdout)
 }
 
-/// Decoded frames of one video: `frames * size * size * 3` bytes.
+/// Decoded frames of one video: `frames * height * width * 3` bytes.
 pub struct Decoded {
     pub frames: usize,
     pub data: Vec<u8>,
 }
 
-/// Decode a video at `fps`, centre-cropped to a square and resized to `size` (area filter).
-pub fn decode(ffmpeg: &Path, file: &Path, fps: f64, size: usize) -> Result<Decoded> {
-    let filter =
-        format!("fps={fps},crop='min(iw,ih)':'min(iw,ih)',scale={size}:{size}:flags=area,setsar=1");
+/// The ffmpeg filter that resamples to `fps`, centre-crops to the aspect ratio of
+/// `height x width` (the largest such rectangle) and resizes to it (area filter).
+pub fn decode_filter(fps: f64, (height, width): (usize, usize)) -> String {
+    let crop = if height == width {
+        "crop='min(iw,ih)':'min(iw,ih)'".to_string()
+    } else {
+        format!("crop='min(iw,ih*{width}/{height})':'min(ih,iw*{height}/{width})'")
+    };
+    format!("fps={fps},{crop},scale={width}:{height}:flags=area,setsar=1")
+}
+
+/// Decode a video at `fps`, centre-cropped to the aspect ratio of `height x width` and
+/// resized to it (area filter).
+pub fn decode(
+    ffmpeg: &Path,
+    file: &Path,
+    fps: f64,
+    (height, width): (usize, usize),
+) -> Result<Decoded> {
+    let filter = decode_filter(fps, (height, width));
     let stdout = run_decoder(
         ffmpeg,
         file,
@@ -114,7 +130,7 @@ pub fn decode(ffmpeg: &Path, file: &Path, fps: f64, size: usize) -> Result<Decod
             "-an", "-vf", &filter, "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
         ],
     )?;
-    let frame = size * size * 3;
+    let frame = height * width * 3;
     if stdout.is_empty() {
         return Err(Error::Data(format!(
             "{}: no video frames decoded",

@@ -39,6 +39,13 @@ pub struct DataParams {
     pub frames: usize,
     /// Frame height and width in pixels (square; real video is centre-cropped).
     pub size: usize,
+    /// Real video at another aspect ratio than square (SVD-XT: 576 x 1024): frame height and
+    /// width, each defaulting to `size`; video is centre-cropped to that aspect ratio, then
+    /// resized. Written to the identity only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
     /// Frame rate real video is resampled to.
     pub fps: f64,
     /// Frames between the starts of consecutive clips cut from a video.
@@ -72,8 +79,10 @@ impl Default for DataParams {
             source: Source::Synthetic,
             frames: 16, // SVD's clip length at 14-25; 16 is the FVD/I3D convention
             size: 32,   // small enough for CPU training
-            fps: 8.0,   // 16 frames = 2 s of footage
-            stride: 8,  // half-overlapping windows
+            height: None,
+            width: None,
+            fps: 8.0,  // 16 frames = 2 s of footage
+            stride: 8, // half-overlapping windows
             test_fraction: 0.2,
             max_train: 0,
             max_test: 0,
@@ -90,6 +99,14 @@ impl Default for DataParams {
 }
 
 impl DataParams {
+    /// Frame height and width: `height` and `width` where set, `size` otherwise.
+    pub fn frame_size(&self) -> (usize, usize) {
+        (
+            self.height.unwrap_or(self.size),
+            self.width.unwrap_or(self.size),
+        )
+    }
+
     fn check(&self) -> Result<(), ParamError> {
         let bad = |path: &str, message: &str| {
             Err(ParamError {
@@ -102,6 +119,22 @@ impl DataParams {
         }
         if !(8..=1024).contains(&self.size) {
             return bad("size", "must be between 8 and 1024 pixels");
+        }
+        for (key, v) in [("height", self.height), ("width", self.width)] {
+            if v.is_some_and(|v| !(8..=1024).contains(&v)) {
+                return bad(key, "must be between 8 and 1024 pixels");
+            }
+        }
+        let (h, w) = self.frame_size();
+        if self.source == Source::Synthetic && h != w {
+            return bad(
+                if self.height.is_some() {
+                    "height"
+                } else {
+                    "width"
+                },
+                "synthetic clips are square: set `size` (height and width are for real video)",
+            );
         }
         if !(self.fps > 0.0 && self.fps <= 120.0) {
             return bad("fps", "must be in (0, 120]");
@@ -308,12 +341,10 @@ pub fn cut_clips(
     p: &DataParams,
     source: i64,
 ) -> (ClipSet, ClipSet, usize) {
-    let frame = p.size * p.size * 3;
+    let (h, w) = p.frame_size();
+    let frame = h * w * 3;
     let split = ((n as f64) * (1.0 - p.test_fraction)).floor() as usize;
-    let (mut train, mut test) = (
-        ClipSet::new(p.frames, p.size, p.size),
-        ClipSet::new(p.frames, p.size, p.size),
-    );
+    let (mut train, mut test) = (ClipSet::new(p.frames, h, w), ClipSet::new(p.frames, h, w));
     let mut s = 0;
     while s + p.frames <= split {
         train.push(&frames[s * frame..(s + p.frames) * frame], source, s as i64);
@@ -381,7 +412,7 @@ fn real(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<RealOut> {
     for step in start..steps {
         ctx.check_interrupt(step)?;
         let (name, file) = &inputs[step as usize];
-        let (train, test, rec) = match video::decode(&ffmpeg, file, p.fps, p.size) {
+        let (train, test, rec) = match video::decode(&ffmpeg, file, p.fps, p.frame_size()) {
             Ok(d) => {
                 let (train, test, split) = cut_clips(&d.data, d.frames, p, step as i64);
                 let rec = SourceRecord {
@@ -407,7 +438,8 @@ fn real(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<RealOut> {
             Err(e) if p.source == Source::Folder => {
                 ctx.note(&format!("skipping {}: {e}", file.display()));
                 skipped.push((file.display().to_string(), e.to_string()));
-                let empty = ClipSet::new(p.frames, p.size, p.size);
+                let (h, w) = p.frame_size();
+                let empty = ClipSet::new(p.frames, h, w);
                 let rec = SourceRecord {
                     name: name.clone(),
                     file: file.display().to_string(),
@@ -484,10 +516,8 @@ fn finish(
     ffmpeg: String,
 ) -> Result<()> {
     let mut steps = 0;
-    let (mut train, mut test) = (
-        ClipSet::new(p.frames, p.size, p.size),
-        ClipSet::new(p.frames, p.size, p.size),
-    );
+    let (h, w) = p.frame_size();
+    let (mut train, mut test) = (ClipSet::new(p.frames, h, w), ClipSet::new(p.frames, h, w));
     while part_path(&ctx.dir, steps, "train").exists() {
         train.extend(&ClipSet::load(&part_path(&ctx.dir, steps, "train"))?);
         test.extend(&ClipSet::load(&part_path(&ctx.dir, steps, "test"))?);
@@ -559,6 +589,49 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn height_and_width_default_to_size_and_synthetic_clips_stay_square() {
+        let p = DataParams::default();
+        assert_eq!(p.frame_size(), (32, 32));
+        let wide = DataParams {
+            source: Source::Folder,
+            path: "videos".into(),
+            height: Some(576 / 8),
+            width: Some(1024 / 8),
+            ..Default::default()
+        };
+        assert!(wide.check().is_ok());
+        assert_eq!(wide.frame_size(), (72, 128));
+        let synthetic = DataParams {
+            width: Some(64),
+            ..Default::default()
+        };
+        let e = synthetic.check().unwrap_err();
+        assert_eq!(e.path, "width");
+        assert!(e.message.contains("square"), "{}", e.message);
+        let tiny = DataParams {
+            height: Some(4),
+            ..wide.clone()
+        };
+        assert_eq!(tiny.check().unwrap_err().path, "height");
+        // Unset keys stay out of the serialised parameters, so existing identities hold.
+        let t = toml::to_string(&p).unwrap();
+        assert!(!t.contains("height") && !t.contains("width"), "{t}");
+    }
+
+    #[test]
+    fn the_decode_filter_crops_to_the_target_aspect_ratio() {
+        // Square: the filter of every earlier version (identical decoded clips).
+        assert_eq!(
+            video::decode_filter(8.0, (32, 32)),
+            "fps=8,crop='min(iw,ih)':'min(iw,ih)',scale=32:32:flags=area,setsar=1"
+        );
+        assert_eq!(
+            video::decode_filter(8.0, (72, 128)),
+            "fps=8,crop='min(iw,ih*128/72)':'min(ih,iw*72/128)',scale=128:72:flags=area,setsar=1"
+        );
+    }
 
     #[test]
     fn clips_of_a_video_never_cross_the_test_span() {
