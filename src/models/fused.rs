@@ -21,7 +21,7 @@
 //! The kernels' `exp` and `erf` are branch-free polynomials (`onestep_kernels::fastmath`,
 //! PyTorch's choice for its vectorised CPU kernels too), and their loops are compiled twice,
 //! for AVX2 + FMA where the processor has them and for the baseline elsewhere: libm's scalar
-//! `erff` and `expf` had made GEGLU and softmax 12 % of a UNet train step.
+//! `erff` and `expf` had made GEGLU and softmax 13 % of a UNet train step.
 //!
 //! - [`geglu`]: GEGLU (`hidden * gelu(gate)` of the two halves of the last axis, Shazeer 2020,
 //!   diffusers' `GEGLU` with the exact erf GELU) in one pass forward and backward, where the
