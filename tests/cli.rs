@@ -1883,13 +1883,14 @@ fn training_chain_killed_at_random_moments_ends_as_the_uninterrupted_run() {
     assert_eq!(metric_rows(reference.path()), metric_rows(tmp.path()));
 }
 
-/// `experiments/table1_svd.toml`, Table 1's GPU-scale sibling, keeps table1's stage graph and
-/// sets the paper's sizes (SVD-XT folder, 576x1024, 25 frames, LoRA students on CUDA). Its
-/// folders are the user's; the tiny diffusers pipeline and an empty video folder stand in for
-/// them here. (The whole file also ran on the CPU at 16x24 with these stand-ins and per-stage
-/// `--set`s for sizes and steps: 21 stages, 98 s, 2026-11-29.)
+/// `experiments/table1_svd.toml` and `table2_svd.toml`, the GPU-scale siblings of Tables 1 and
+/// 2 (`svd_xt.toml` over `table1.toml` / `table2.toml`), keep their toy specs' stage graphs and
+/// variants and set the paper's sizes (SVD-XT folder, 576x1024, 25 frames, LoRA students on
+/// CUDA). Their folders are the user's; the tiny diffusers pipeline and an empty video folder
+/// stand in for them here. (table1_svd also ran whole on the CPU at 16x24 with these
+/// stand-ins and per-stage `--set`s for sizes and steps: 21 stages, 98 s, 2026-11-29.)
 #[test]
-fn table1_svd_is_table1_at_svd_xt_scale() {
+fn the_svd_xt_siblings_are_tables_1_and_2_at_svd_xt_scale() {
     let tmp = tempfile::tempdir().unwrap();
     let svd = fixture("svd_pipeline");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -1899,38 +1900,49 @@ fn table1_svd_is_table1_at_svd_xt_scale() {
         format!("stages.teacher.pretrained={}", svd.display()),
     ];
     let load = |name: &str, sets: &[String]| {
-        let s = onestep::spec::load(
-            &root.join("experiments").join(name),
-            sets,
-            &onestep::stages::Registry,
-        )
-        .unwrap();
+        let path = root.join("experiments").join(name);
+        let s = onestep::spec::load(&path, sets, &onestep::stages::Registry).unwrap();
         onestep::plan::plan(&s, None).unwrap()
     };
-    let big = load("table1_svd.toml", &sets);
-    let toy = load("table1.toml", &[]);
-    let names = |p: &onestep::plan::Plan| -> Vec<String> {
-        p.runs[0].stages.iter().map(|s| s.name.clone()).collect()
-    };
-    assert_eq!(names(&big), names(&toy));
-    let run = &big.runs[0];
-    assert_eq!(run.device, onestep::device::Device::Cuda);
-    let param = |stage: &str, key: &str| -> toml::Value {
-        let st = run.stages.iter().find(|s| s.name == stage).unwrap();
-        key.split('.').fold(st.params.clone(), |v, k| {
-            v.get(k).cloned().unwrap_or_else(|| panic!("{stage}.{key}"))
+    let graph = |p: &onestep::plan::Plan| -> Vec<(String, Vec<String>)> {
+        let runs = p.runs.iter();
+        runs.map(|r| {
+            (
+                r.variant.clone(),
+                r.stages.iter().map(|s| s.name.clone()).collect(),
+            )
         })
+        .collect()
     };
-    assert_eq!(param("data", "height").as_integer(), Some(576));
-    assert_eq!(param("data", "width").as_integer(), Some(1024));
-    assert_eq!(param("data", "frames").as_integer(), Some(25));
-    assert_eq!(param("teacher", "steps").as_integer(), Some(0));
-    for s in ["lcm", "lgp", "osv", "sfv"] {
-        assert_eq!(param(s, "lora.rank").as_integer(), Some(64), "{s}");
-        assert_eq!(
-            param(s, "gradient_checkpointing").as_bool(),
-            Some(true),
-            "{s}"
-        );
+    for (big, toy, students) in [
+        (
+            "table1_svd.toml",
+            "table1.toml",
+            &["lcm", "lgp", "osv", "sfv"][..],
+        ),
+        ("table2_svd.toml", "table2.toml", &["lcm", "lgp", "osv"][..]),
+    ] {
+        let (big, toy) = (load(big, &sets), load(toy, &[]));
+        assert_eq!(graph(&big), graph(&toy));
+        let run = &big.runs[0];
+        assert_eq!(run.device, onestep::device::Device::Cuda);
+        let param = |stage: &str, key: &str| -> toml::Value {
+            let st = run.stages.iter().find(|s| s.name == stage).unwrap();
+            key.split('.').fold(st.params.clone(), |v, k| {
+                v.get(k).cloned().unwrap_or_else(|| panic!("{stage}.{key}"))
+            })
+        };
+        assert_eq!(param("data", "height").as_integer(), Some(576));
+        assert_eq!(param("data", "width").as_integer(), Some(1024));
+        assert_eq!(param("data", "frames").as_integer(), Some(25));
+        assert_eq!(param("teacher", "steps").as_integer(), Some(0));
+        for s in students {
+            assert_eq!(param(s, "lora.rank").as_integer(), Some(64), "{s}");
+            assert_eq!(
+                param(s, "gradient_checkpointing").as_bool(),
+                Some(true),
+                "{s}"
+            );
+        }
     }
 }

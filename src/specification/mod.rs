@@ -333,6 +333,57 @@ stages.data.sprites = [3, 5]
     }
 
     #[test]
+    fn extends_a_list_merges_the_bases_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "base.toml",
+            "name = \"base\"\n[stages.data]\nsize = 16\nframes = 4\nsprites = 2\n",
+        );
+        // An overlay that is not a spec on its own (no name): the sizes of another scale.
+        write(
+            d.path(),
+            "scale.toml",
+            "[stages.data]\nsize = 64\nframes = 8\n",
+        );
+        let p = write(
+            d.path(),
+            "over.toml",
+            "extends = [\"base.toml\", \"scale.toml\"]\nname = \"over\"\n[stages.data]\nframes = 12\n",
+        );
+        let s = load(&p, &[]).unwrap();
+        let params = &s.variants[0].stages[0].params;
+        assert_eq!(
+            params["sprites"].as_integer(),
+            Some(2),
+            "from the first base"
+        );
+        assert_eq!(
+            params["size"].as_integer(),
+            Some(64),
+            "the second base over the first"
+        );
+        assert_eq!(
+            params["frames"].as_integer(),
+            Some(12),
+            "the file over both"
+        );
+        // A cycle through a list entry, and a wrong type, are errors on `extends`.
+        write(
+            d.path(),
+            "loop.toml",
+            "extends = [\"base.toml\", \"loop.toml\"]\nname = \"l\"\n",
+        );
+        let e = load(&d.path().join("loop.toml"), &[]).unwrap_err();
+        assert_eq!(e.key, "extends");
+        assert!(e.message.contains("cycle"), "{}", e.message);
+        let p = write(d.path(), "bad.toml", "extends = [1]\nname = \"b\"\n");
+        let e = load(&p, &[]).unwrap_err();
+        assert_eq!(e.key, "extends");
+        assert!(e.message.contains("list"), "{}", e.message);
+    }
+
+    #[test]
     fn errors_in_a_base_file_name_the_base_file() {
         let d = tempfile::tempdir().unwrap();
         write(

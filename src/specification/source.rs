@@ -68,40 +68,55 @@ pub(super) fn load_file(path: &Path, stack: &mut Vec<PathBuf>) -> Result<Sourced
         return Ok(own);
     };
     let ext_origin = own.origin_of("extends", &here);
-    let Some(ext_name) = ext.as_str() else {
-        return Err(err(
-            ext_origin,
-            "extends",
-            "must be a path (a string) to the base spec file",
-        ));
+    // One base file, or several merged in order (each over the one before), then this file.
+    let names: Vec<&str> = match &ext {
+        toml::Value::String(s) => vec![s.as_str()],
+        toml::Value::Array(a) if !a.is_empty() && a.iter().all(|v| v.is_str()) => {
+            a.iter().filter_map(|v| v.as_str()).collect()
+        }
+        _ => {
+            return Err(err(
+                ext_origin,
+                "extends",
+                "must be a path (a string) to the base spec file, or a non-empty list of such \
+                 paths (merged in order, each over the one before)",
+            ))
+        }
     };
-    let base_path = path.parent().unwrap_or(Path::new(".")).join(ext_name);
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let me = canon(path);
-    stack.push(me);
-    let base_canon = canon(&base_path);
-    if stack.contains(&base_canon) {
-        let chain: Vec<String> = stack.iter().map(|p| p.display().to_string()).collect();
-        return Err(err(
-            ext_origin,
-            "extends",
-            format!(
-                "cycle in `extends`: {} -> {}",
-                chain.join(" -> "),
-                base_canon.display()
-            ),
-        ));
+    stack.push(canon(path));
+    let mut merged: Option<Sourced> = None;
+    for ext_name in names {
+        let base_path = path.parent().unwrap_or(Path::new(".")).join(ext_name);
+        let base_canon = canon(&base_path);
+        if stack.contains(&base_canon) {
+            let chain: Vec<String> = stack.iter().map(|p| p.display().to_string()).collect();
+            return Err(err(
+                ext_origin,
+                "extends",
+                format!(
+                    "cycle in `extends`: {} -> {}",
+                    chain.join(" -> "),
+                    base_canon.display()
+                ),
+            ));
+        }
+        if !base_path.is_file() {
+            return Err(err(
+                ext_origin,
+                "extends",
+                format!("base spec {} does not exist", base_path.display()),
+            ));
+        }
+        let base = load_file(&base_path, stack)?;
+        match merged.as_mut() {
+            None => merged = Some(base),
+            Some(m) => merge(m, base, ""),
+        }
     }
-    if !base_path.is_file() {
-        return Err(err(
-            ext_origin,
-            "extends",
-            format!("base spec {} does not exist", base_path.display()),
-        ));
-    }
-    let mut base = load_file(&base_path, stack)?;
     stack.pop();
     own.origins.remove("extends");
+    let mut base = merged.expect("at least one base");
     merge(&mut base, own, "");
     Ok(base)
 }
