@@ -515,9 +515,10 @@ fn gemm_into(
 
 /// `y[i] = W cols(x[i])` for every image `i` of `x` (`[b, cin, h, w]`), written in
 /// `[b, cout, ho, wo]` order: one GEMM per image, images in parallel.
-pub fn conv2d_fwd(x: &[f32], wt: &[f32], g: Conv, y: &mut [f32]) {
+pub fn conv2d_fwd(x: &[f32], wt: &[f32], bias: &[f32], g: Conv, y: &mut [f32]) {
     let (k, p, cout) = (g.k(), g.p(), g.cout);
     let img = g.cin * g.h * g.w;
+    let with_bias = !bias.is_empty();
     y.par_chunks_mut((cout * p).max(1))
         .zip(x.par_chunks(img.max(1)))
         .for_each_init(
@@ -529,16 +530,34 @@ pub fn conv2d_fwd(x: &[f32], wt: &[f32], g: Conv, y: &mut [f32]) {
                     g.im2col(x, cols);
                     cols
                 };
-                gemm_into(cout, p, k, y, (p, 1), false, wt, (k, 1), b, (p, 1));
+                // The bias is written first and the GEMM adds onto it: no pass of its own.
+                if with_bias {
+                    for (row, &bc) in y.chunks_mut(p.max(1)).zip(bias) {
+                        row.fill(bc);
+                    }
+                }
+                gemm_into(cout, p, k, y, (p, 1), with_bias, wt, (k, 1), b, (p, 1));
             },
         );
 }
 
-/// Gradients of [`conv2d_fwd`] from `dy` (`[b, cout, ho, wo]`): `dx` (overwritten) and `dw`
-/// (`[cout, cin kh kw]`, overwritten).
-pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw: &mut [f32]) {
+/// Gradients of [`conv2d_fwd`] from `dy` (`[b, cout, ho, wo]`): `dx` (overwritten), `dw`
+/// (`[cout, cin kh kw]`, overwritten) and, where `db` is not empty, the bias gradient
+/// (`[cout]`, overwritten: `dy` summed over images and pixels, while each image's `dy` is read
+/// for the GEMMs anyway).
+pub fn conv2d_bwd(
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    g: Conv,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
     let (k, p, cout) = (g.k(), g.p(), g.cout);
     let img = g.cin * g.h * g.w;
+    let nb = if db.is_empty() { 0 } else { cout };
+    // Each worker's dW and db partial sums share one buffer: `[cout k | cout]`.
     let partial = dx
         .par_chunks_mut(img.max(1))
         .zip(
@@ -546,8 +565,18 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
                 .zip(dy.par_chunks((cout * p).max(1))),
         )
         .fold(
-            || (vec![0f32; k * p], vec![0f32; k * p], vec![0f32; cout * k]),
-            |(mut cols, mut dcols, mut dw), (dx, (x, dy))| {
+            || {
+                (
+                    vec![0f32; k * p],
+                    vec![0f32; k * p],
+                    vec![0f32; cout * k + nb],
+                )
+            },
+            |(mut cols, mut dcols, mut acc), (dx, (x, dy))| {
+                let (dw, db) = acc.split_at_mut(cout * k);
+                for (d, row) in db.iter_mut().zip(dy.chunks(p.max(1))) {
+                    *d += lane_sum(row, |v| v) as f32;
+                }
                 // d W += dy[i] cols(x[i])^T.
                 let b: &[f32] = if g.pointwise() {
                     x
@@ -555,7 +584,7 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
                     g.im2col(x, &mut cols);
                     &cols
                 };
-                gemm_into(cout, k, p, &mut dw, (k, 1), true, dy, (p, 1), b, (1, p));
+                gemm_into(cout, k, p, dw, (k, 1), true, dy, (p, 1), b, (1, p));
                 // d cols = W^T dy[i], then back onto the image.
                 if g.pointwise() {
                     gemm_into(k, p, cout, dx, (p, 1), false, wt, (1, k), dy, (p, 1));
@@ -575,12 +604,12 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
                     dx.fill(0.0);
                     g.col2im_add(&dcols, dx);
                 }
-                (cols, dcols, dw)
+                (cols, dcols, acc)
             },
         )
-        .map(|(_, _, dw)| dw)
+        .map(|(_, _, acc)| acc)
         .reduce(
-            || vec![0f32; cout * k],
+            || vec![0f32; cout * k + nb],
             |mut a, b| {
                 for (a, b) in a.iter_mut().zip(&b) {
                     *a += b;
@@ -588,7 +617,9 @@ pub fn conv2d_bwd(x: &[f32], wt: &[f32], dy: &[f32], g: Conv, dx: &mut [f32], dw
                 a
             },
         );
-    dw.copy_from_slice(&partial);
+    let (pw, pb) = partial.split_at(cout * k);
+    dw.copy_from_slice(pw);
+    db.copy_from_slice(pb);
 }
 
 /// `out = a s + (1 - a) t` (SVD's `AlphaBlender` with the blend factor `a` already computed).

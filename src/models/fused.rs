@@ -31,11 +31,12 @@
 //!   in one pass, and its gradient as one reduction, where candle broadcasts the bias into a
 //!   fresh tensor and reduces its gradient with per-element index arithmetic.
 //!
-//! - [`conv2d`]: a 2-D convolution as one GEMM per image on its im2col columns, images in
-//!   parallel, written straight in `[b, c, h, w]` order; backward: `dW = sum dy cols^T` and
-//!   `dx = col2im(W^T dy)`, recomputing each image's columns. The candle composition it
-//!   replaces transposes the batch to channels-first, pads by concatenation, stacks the taps
-//!   into one columns tensor for the whole batch and transposes back: copies in both passes.
+//! - [`conv2d`]: a 2-D convolution (with its bias) as one GEMM per image on its im2col
+//!   columns, images in parallel, written straight in `[b, c, h, w]` order onto the bias;
+//!   backward: `dW = sum dy cols^T`, `dx = col2im(W^T dy)` and `db = sum dy`, recomputing each
+//!   image's columns. The candle composition it replaces transposes the batch to
+//!   channels-first, pads by concatenation, stacks the taps into one columns tensor for the
+//!   whole batch and transposes back: copies in both passes.
 //!
 //! - [`blend`]: SVD's `AlphaBlender`, `a s + (1 - a) t` with a learned scalar `a`, in one pass
 //!   (two scalar broadcasts, a product and a sum in candle), backward in one pass too.
@@ -389,10 +390,18 @@ impl CustomOp1 for BiasGrad {
     }
 }
 
-/// `conv2d(x, weight)` without bias: `x [b, cin, h, w]`, `weight [cout, cin, kh, kw]`, stride
-/// `stride`, padding `[top, bottom, left, right]` -> `[b, cout, ho, wo]`; f32 on the CPU, with
-/// backward for both inputs.
-pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+/// `conv2d(x, weight) [+ bias]`: `x [b, cin, h, w]`, `weight [cout, cin, kh, kw]`, `bias
+/// [cout]`, stride `stride`, padding `[top, bottom, left, right]` -> `[b, cout, ho, wo]`; f32 on
+/// the CPU, with backward for every input. The bias is written before each image's GEMM adds
+/// onto it, and its gradient is summed while the backward pass reads `dy` for its GEMMs: no
+/// pass over the output of its own.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+) -> Result<Tensor> {
     let (_, cin, h, w) = x.dims4()?;
     let (cout, wcin, kh, kw) = weight.dims4()?;
     if wcin != cin {
@@ -402,6 +411,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: [usize; 4]) -> Re
     if h + pt + pb < kh || w + pl + pr < kw || stride == 0 {
         candle_core::bail!("conv2d: kernel {kh}x{kw} larger than the padded input {h}x{w}");
     }
+    let bias = match bias {
+        Some(b) if b.dims() != [cout] => {
+            candle_core::bail!("conv2d: bias {:?} for {cout} output channels", b.dims())
+        }
+        Some(b) => b.contiguous()?,
+        // No bias: an empty tensor (no gradient is asked of it).
+        None => Tensor::zeros(0, DType::F32, x.device())?,
+    };
     let g = Conv {
         cin,
         h,
@@ -416,13 +433,14 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: [usize; 4]) -> Re
         wo: (w + pl + pr - kw) / stride + 1,
     };
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Conv2dOp(g))
+        .apply_op3(&weight.contiguous()?, &bias, Conv2dOp(g))
 }
 
+/// Inputs `x`, `weight`, `bias` (`[cout]`, or empty for none).
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp(Conv);
 
-impl CustomOp2 for Conv2dOp {
+impl CustomOp3 for Conv2dOp {
     fn name(&self) -> &'static str {
         "conv2d-im2col"
     }
@@ -433,13 +451,16 @@ impl CustomOp2 for Conv2dOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "conv input")?;
         let w = f32_slice(s2, l2, "conv weight")?;
+        let bias = f32_slice(s3, l3, "conv bias")?;
         let g = self.0;
         let b = l1.dims()[0];
         let mut y = vec![0f32; b * g.cout * g.ho * g.wo];
-        conv2d_fwd(x, w, g, &mut y);
+        conv2d_fwd(x, w, bias, g, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((b, g.cout, g.ho, g.wo))))
     }
 
@@ -447,21 +468,32 @@ impl CustomOp2 for Conv2dOp {
         &self,
         x: &Tensor,
         weight: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &Conv2dBwd(self.0))?;
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, nw) = (x.elem_count(), weight.elem_count());
+        let op = Conv2dBwd {
+            g: self.0,
+            bias: bias.elem_count() > 0,
+        };
+        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)?;
         let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = out
-            .narrow(0, n, weight.elem_count())?
-            .reshape(weight.shape())?;
-        Ok((tracked(x, dx), tracked(weight, dw)))
+        let dw = out.narrow(0, n, nw)?.reshape(weight.shape())?;
+        let db = if op.bias {
+            tracked(bias, out.narrow(0, n + nw, bias.elem_count())?)
+        } else {
+            None
+        };
+        Ok((tracked(x, dx), tracked(weight, dw), db))
     }
 }
 
-/// Inputs `x`, `weight`, `dy`; output `[dx (flat); d weight (flat)]`.
-struct Conv2dBwd(Conv);
+/// Inputs `x`, `weight`, `dy`; output `[dx (flat); d weight (flat); d bias (if any)]`.
+struct Conv2dBwd {
+    g: Conv,
+    bias: bool,
+}
 
 impl CustomOp3 for Conv2dBwd {
     fn name(&self) -> &'static str {
@@ -481,10 +513,12 @@ impl CustomOp3 for Conv2dBwd {
         let w = f32_slice(s2, l2, "conv weight")?;
         let dy = f32_slice(s3, l3, "conv output gradient")?;
         let (n, nw) = (x.len(), w.len());
-        let mut out = vec![0f32; n + nw];
-        let (dx, dw) = out.split_at_mut(n);
-        conv2d_bwd(x, w, dy, self.0, dx, dw);
-        Ok((CpuStorage::F32(out), Shape::from(n + nw)))
+        let nb = if self.bias { self.g.cout } else { 0 };
+        let mut out = vec![0f32; n + nw + nb];
+        let (dx, rest) = out.split_at_mut(n);
+        let (dw, db) = rest.split_at_mut(nw);
+        conv2d_bwd(x, w, dy, self.g, dx, dw, db);
+        Ok((CpuStorage::F32(out), Shape::from(n + nw + nb)))
     }
 }
 
@@ -868,6 +902,7 @@ mod tests {
         for (b, cin, h, w, cout, k, s, pad) in cases {
             let x = var(Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev));
             let wt = var(Tensor::randn(0f32, 0.5, (cout, cin, k, k), &dev));
+            let bias = var(Tensor::randn(0f32, 1.0, cout, &dev));
             // candle's own conv2d on an explicitly padded input.
             let plain = || {
                 x.pad_with_zeros(2, pad[0], pad[1])
@@ -875,12 +910,26 @@ mod tests {
                     .and_then(|t| t.conv2d(&wt, 0, s, 1, 1))
                     .unwrap()
             };
+            let what = format!("conv {b} {cin} {h} {w} {cout} {k} {s} {pad:?}");
             assert_same(
-                || conv2d(&x, &wt, s, pad).unwrap(),
+                || conv2d(&x, &wt, None, s, pad).unwrap(),
                 plain,
                 &[&x, &wt],
                 (1e-4, 1e-4),
-                &format!("conv {b} {cin} {h} {w} {cout} {k} {s} {pad:?}"),
+                &what,
+            );
+            // With the bias inside the op: its gradient too.
+            let plain_bias = || {
+                plain()
+                    .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap()
+            };
+            assert_same(
+                || conv2d(&x, &wt, Some(&bias), s, pad).unwrap(),
+                plain_bias,
+                &[&x, &wt, &bias],
+                (1e-4, 1e-4),
+                &format!("{what} with bias"),
             );
         }
     }

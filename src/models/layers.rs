@@ -137,11 +137,8 @@ impl Conv2d {
         // f32 on the CPU: one GEMM per image in its own layout (`super::fused::conv2d`), no
         // transposes or batch-wide column tensor; elsewhere the composition below.
         if super::fused::fused_available(x, &self.weight) {
-            let y = super::fused::conv2d(x, &self.weight, self.stride, self.pad)?;
-            return match &self.bias {
-                Some(b) => super::fused::add_bias(&y, b, 1),
-                None => Ok(y),
-            };
+            let bias = self.bias.as_ref();
+            return super::fused::conv2d(x, &self.weight, bias, self.stride, self.pad);
         }
         let (b, cin, h, w) = x.dims4()?;
         let (cout, _, kh, kw) = self.weight.dims4()?;
