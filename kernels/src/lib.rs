@@ -196,6 +196,7 @@ multiversion! {
     ) {
         let (cpg, spatial) = (g.cpg, g.spatial);
         let (mean, rstd) = moments(xs, g.eps);
+        let (mut sum_d, mut sum_dxc) = (0f64, 0f64);
         // Pass 1, per channel: d xhat into dx, and the parameter gradients
         // d bias = sum gy, d weight = sum gy xhat (gy: the gradient before the affine part).
         for k in 0..cpg {
@@ -213,9 +214,13 @@ multiversion! {
                     go
                 };
             }
-            // dx holds gy here.
-            pb[k] = lane_sum(dx, |v| v) as f32;
-            pw[k] = (rstd as f64 * lane_dot(dx, xs, mean)) as f32;
+            // dx holds gy here; d xhat = gy w, so the group sums of d xhat and d xhat (x - mean)
+            // are the channel sums scaled by w.
+            let (sum_gy, sum_gy_xc) = (lane_sum(dx, |v| v), lane_dot(dx, xs, mean));
+            pb[k] = sum_gy as f32;
+            pw[k] = (rstd as f64 * sum_gy_xc) as f32;
+            sum_d += wc as f64 * sum_gy;
+            sum_dxc += wc as f64 * sum_gy_xc;
             for d in dx.iter_mut() {
                 *d *= wc;
             }
@@ -223,9 +228,7 @@ multiversion! {
         // Pass 2: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), the two means over
         // the group.
         let m = xs.len() as f64;
-        let sum_d = lane_sum(dx, |v| v);
-        let sum_dx = lane_dot(dx, xs, mean);
-        let (mean_d, mean_dx) = ((sum_d / m) as f32, (rstd as f64 * sum_dx / m) as f32);
+        let (mean_d, mean_dx) = ((sum_d / m) as f32, (rstd as f64 * sum_dxc / m) as f32);
         for (d, &v) in dx.iter_mut().zip(xs) {
             let xhat = (v - mean) * rstd;
             *d = rstd * (*d - mean_d - xhat * mean_dx);

@@ -157,13 +157,14 @@ fn list(g: &Global) -> anyhow::Result<ExitCode> {
     );
     for (hash, m) in sets {
         let p = &m.params;
+        let (height, width) = p.frame_size();
         println!(
             "\n{}  source={:?} {} frames x {}x{} @ {} fps, stride {}: {} train clips, {} test clips",
             &hash[..12],
             p.source,
             p.frames,
-            p.frame_size().0,
-            p.frame_size().1,
+            width,
+            height,
             p.fps,
             p.stride,
             m.train.clips,

@@ -12,7 +12,7 @@
 //!   rayon. Statistics are accumulated in f64 (PyTorch's CPU kernel uses a f32 Welford/ pairwise
 //!   scheme; the difference is far below the 1e-4 of the golden tests).
 //!
-//! - [`softmax_last`], [`scaled_softmax_last`]: `softmax(scale x)` over the last axis, one
+//! - [`scaled_softmax_last`]: `softmax(scale x)` over the last axis, one
 //!   pass per row forward (max, exp, sum, normalise) and one backward
 //!   (`dx = scale y (g - <g, y>)`), where the composition of primitive ops (candle's own CPU
 //!   softmax has no backward) writes five intermediates of the score matrix, plus one for the
@@ -205,13 +205,8 @@ impl CustomOp3 for GroupNormBwd {
     }
 }
 
-/// Softmax over the last axis of an f32 CPU tensor (see [`fused_available`]), with backward.
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    scaled_softmax_last(x, 1.0)
-}
-
-/// `softmax(scale x)` over the last axis of an f32 CPU tensor, with backward: attention's
-/// scores without a pass that scales them first.
+/// `softmax(scale x)` over the last axis of an f32 CPU tensor (see [`fused_available`]), with
+/// backward: attention's scores without a pass that scales them first.
 pub fn scaled_softmax_last(x: &Tensor, scale: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op1(SoftmaxLast { scale })
 }
