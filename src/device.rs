@@ -50,3 +50,56 @@ fn cuda_device() -> Result<candle_core::Device> {
 pub fn cuda_compiled() -> bool {
     cfg!(feature = "cuda")
 }
+
+/// The dtype a stage's frozen networks compute in: its `dtype` key (the spec's top-level
+/// `dtype` and `run --dtype` set it on every stage that has one). Half precision is
+/// autocast-style (norms, softmax, timestep sinusoids and the sampler's state stay in f32; the
+/// VAE always runs in f32). It covers the model an `fvd` stage evaluates, the teacher of the
+/// distillation stages, the frozen base weights of a LoRA student (its adapters stay f32 master
+/// weights) and every stage's preview samples. A fully fine-tuned student, the EMA target and
+/// the discriminator train in f32. `f32` is the default and stays out of a stage's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+    /// An error where a half-precision *trained* network would need backward passes that
+    /// candle's CPU backend lacks (conv2d and upsampling have none in f16/bf16): `what` names
+    /// the stage and the network.
+    pub fn check_trainable(self, device: &candle_core::Device, what: &str) -> Result<()> {
+        if !self.is_f32() && device.is_cpu() {
+            return Err(Error::Other(format!(
+                "{what}: dtype = \"{self}\" trains a half-precision network, and candle's CPU \
+                 backend has no f16/bf16 backward pass for conv2d or upsampling; use \
+                 dtype = \"f32\" on the CPU (half precision is for `device = \"cuda\"`), or \
+                 lora.rank = 0 (a fully fine-tuned student trains in f32 whatever dtype says)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        })
+    }
+}

@@ -126,6 +126,16 @@ pub struct LoadOptions {
     pub variant: Option<String>,
 }
 
+impl LoadOptions {
+    /// A stage's `dtype` ([`crate::device::Precision`]), with the folder's default weight files.
+    pub fn precision(p: crate::device::Precision) -> Self {
+        Self {
+            dtype: Some(p.dtype()),
+            variant: None,
+        }
+    }
+}
+
 pub struct VideoPipeline {
     pub settings: PipelineSettings,
     pub vae: AutoencoderKLTemporalDecoder,

@@ -215,6 +215,62 @@ mod tests {
     }
 
     #[test]
+    fn dtype_fills_in_the_stages_that_have_one_and_f32_keeps_their_identity() {
+        const S: &str = "name = \"x\"\n[stages.data]\nsize = 16\n[stages.teacher]\nsteps = 1\n\
+                         [stages.lcm]\nkind = \"consistency\"\n[stages.eval]\nkind = \"fvd\"\n";
+        let stages = |sets: &[&str]| plan_of(S, sets).runs[0].stages.clone();
+        let dtype = |s: &PlannedStage| {
+            s.params
+                .get("dtype")
+                .and_then(|v| v.as_str())
+                .map(String::from)
+        };
+        let plain = stages(&[]);
+        let f32s = stages(&["dtype=\"f32\""]);
+        let bf16 = stages(&["dtype=\"bf16\""]);
+        let own = stages(&["dtype=\"bf16\"", "stages.eval.dtype=\"f16\""]);
+        for i in 0..4 {
+            assert_eq!(
+                plain[i].hash, f32s[i].hash,
+                "f32 is the default: {}",
+                plain[i].name
+            );
+            assert_eq!(dtype(&f32s[i]), None, "f32 stays out of the params");
+        }
+        // The data stage has no dtype; the teacher, consistency and fvd stages take the spec's.
+        assert_eq!(plain[0].hash, bf16[0].hash);
+        assert_eq!(dtype(&bf16[0]), None);
+        for i in 1..4 {
+            assert_ne!(plain[i].hash, bf16[i].hash, "{}", plain[i].name);
+            assert_eq!(
+                dtype(&bf16[i]).as_deref(),
+                Some("bf16"),
+                "{}",
+                plain[i].name
+            );
+        }
+        // A stage's own dtype wins over the top level.
+        assert_eq!(dtype(&own[3]).as_deref(), Some("f16"));
+        assert_eq!(own[1].hash, bf16[1].hash);
+        // A bad value is an error naming the key.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.toml");
+        std::fs::write(&p, S).unwrap();
+        let e = crate::spec::load(&p, &["dtype=\"fp8\"".into()], &crate::stages::Registry)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dtype") && e.contains("fp8"), "{e}");
+        let e = crate::spec::load(
+            &p,
+            &["stages.eval.dtype=\"half\"".into()],
+            &crate::stages::Registry,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stages.eval.dtype"), "{e}");
+    }
+
+    #[test]
     fn params_are_flattened_for_the_store() {
         let a = plan_of(SPEC, &[]);
         let p = &a.runs[1].params;

@@ -1700,6 +1700,83 @@ fn gradient_checkpointing_trains_the_same_students() {
     }
 }
 
+/// `--dtype bf16` on the CPU: the frozen networks (the teacher's previews, the consistency
+/// student's teacher) compute in bf16 under new identities, a fully fine-tuned student still
+/// trains (in f32), and a LoRA student, whose frozen bf16 base would need half-precision
+/// backward passes the CPU backend lacks, is refused with an error naming the key.
+#[test]
+fn half_precision_runs_the_frozen_networks_and_refuses_cpu_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/cuda/toy.toml");
+    let spec = spec.to_str().unwrap();
+    let o = onestep(results, &["run", spec]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = onestep(results, &["run", spec, "--dtype", "bf16"]);
+    assert!(
+        !o.status.success(),
+        "LoRA in bf16 on the CPU must fail: {}",
+        text(&o)
+    );
+    let out = text(&o);
+    assert!(
+        out.contains("dtype = \"bf16\"") && out.contains("LoRA student") && out.contains("cuda"),
+        "{out}"
+    );
+    let store = Store::open(&results.join("onestep.sqlite")).unwrap();
+    let plan = |sets: &[String]| {
+        onestep::plan::plan(
+            &onestep::spec::load(Path::new(spec), sets, &onestep::stages::Registry).unwrap(),
+            None,
+        )
+        .unwrap()
+    };
+    let (plain, half) = (plan(&[]), plan(&["dtype=\"bf16\"".into()]));
+    let hash = |p: &onestep::plan::Plan, name: &str| {
+        p.runs[0]
+            .stages
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap()
+            .hash
+            .clone()
+    };
+    let values = |h: &str, key: &str| -> Vec<f64> {
+        let mut st = store
+            .conn()
+            .prepare("SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step")
+            .unwrap();
+        st.query_map(rusqlite::params![h, key], |r| r.get(0))
+            .unwrap()
+            .map(|v| v.unwrap())
+            .collect()
+    };
+    assert_eq!(
+        hash(&plain, "vae"),
+        hash(&half, "vae"),
+        "the autoencoder has no dtype"
+    );
+    for (name, key) in [
+        ("teacher", "sample_first_frame_psnr"),
+        ("student", "sample_first_frame_psnr"),
+    ] {
+        let (a, b) = (hash(&plain, name), hash(&half, name));
+        assert_ne!(a, b, "{name}: dtype is part of the identity");
+        let (va, vb) = (values(&a, key), values(&b, key));
+        assert!(va.len() == 1 && vb.len() == 1, "{name}: {va:?} vs {vb:?}");
+        // The same weights sampled in bf16: close to f32, not a different model.
+        assert!(
+            vb[0].is_finite() && (va[0] - vb[0]).abs() < 0.5,
+            "{name}: {va:?} vs {vb:?}"
+        );
+        let loss = values(&b, "loss");
+        assert!(
+            !loss.is_empty() && loss.iter().all(|v| v.is_finite()),
+            "{name}: {loss:?}"
+        );
+    }
+}
+
 /// Every file of every finished stage folder (but the timestamped `done.json`), by path.
 fn cache_files(results: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, d: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
@@ -1936,6 +2013,13 @@ fn the_svd_xt_siblings_are_tables_1_and_2_at_svd_xt_scale() {
         assert_eq!(param("data", "width").as_integer(), Some(1024));
         assert_eq!(param("data", "frames").as_integer(), Some(25));
         assert_eq!(param("teacher", "steps").as_integer(), Some(0));
+        // The frozen networks compute in bf16: every student, the teacher's previews and every
+        // evaluation take the overlay's top-level dtype.
+        for st in &run.stages {
+            let want = ["teacher", "consistency", "gan", "fvd"].contains(&st.kind.as_str());
+            let dtype = st.params.get("dtype").and_then(|v| v.as_str());
+            assert_eq!(dtype, want.then_some("bf16"), "{}", st.name);
+        }
         for s in students {
             assert_eq!(param(s, "lora.rank").as_integer(), Some(64), "{s}");
             assert_eq!(

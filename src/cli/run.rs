@@ -19,13 +19,26 @@ pub struct SpecArgs {
     /// Device for every run, overriding the spec's `device`.
     #[arg(long)]
     pub device: Option<DeviceArg>,
+    /// Dtype of every stage that has a `dtype` key and does not set it, overriding the spec's
+    /// top-level `dtype` (f32, bf16 or f16; half precision is for CUDA). It is part of the
+    /// stages' identities, as `--set dtype=...` would be.
+    #[arg(long, value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: Option<String>,
 }
 
 impl SpecArgs {
     pub fn plan(&self) -> anyhow::Result<onestep::plan::Plan> {
-        plan_of(&self.spec, &self.set, self.device)
+        plan_of(&self.spec, &self.sets(), self.device)
     }
-    /// The `run` arguments a worker or cluster task repeats: overrides and device.
+    /// `--set` overrides, with `--dtype` as the last.
+    fn sets(&self) -> Vec<String> {
+        let mut sets = self.set.clone();
+        if let Some(d) = &self.dtype {
+            sets.push(format!("dtype=\"{d}\""));
+        }
+        sets
+    }
+    /// The `run` arguments a worker or cluster task repeats: overrides, device and dtype.
     pub fn run_args(&self) -> Vec<String> {
         let mut out = Vec::new();
         for s in &self.set {
@@ -35,6 +48,10 @@ impl SpecArgs {
         if let Some(d) = self.device {
             out.push("--device".into());
             out.push(format!("{d:?}").to_lowercase());
+        }
+        if let Some(d) = &self.dtype {
+            out.push("--dtype".into());
+            out.push(d.clone());
         }
         out
     }

@@ -18,7 +18,7 @@ use source::{join, load_file, Sourced};
 use std::path::{Path, PathBuf};
 use sweep::expand;
 
-pub use crate::device::Device;
+pub use crate::device::{Device, Precision};
 
 /// The top level of a spec after merging, as validated (stage params are checked per kind).
 #[derive(Debug, Deserialize)]
@@ -33,6 +33,10 @@ struct SpecDoc {
     seeds: Vec<u64>,
     #[serde(default)]
     device: Device,
+    /// Default `dtype` of every stage that has one and does not set it (`run --dtype` sets
+    /// this): see [`Precision`].
+    #[serde(default)]
+    dtype: Option<Precision>,
     /// Metric keys (`stage/key`) shown in the summary table; empty = final metrics of the last stage.
     #[serde(default)]
     summary: Vec<String>,
@@ -120,6 +124,10 @@ pub trait StageKinds {
     ) -> Option<Result<toml::Value, crate::error::ParamError>>;
     /// The parameters (of the resolved table) that name other stages, with those names.
     fn references(&self, kind: &str, params: &toml::Value) -> Vec<(&'static str, String)>;
+    /// Whether the kind has a `dtype` parameter (the spec's top-level `dtype` fills it in).
+    fn takes_dtype(&self, _kind: &str) -> bool {
+        false
+    }
 }
 
 /// Load a spec file (following `extends`), apply `--set` overrides, validate and expand it.

@@ -37,6 +37,7 @@ pub(super) const TOP_KEYS: &[&str] = &[
     "description",
     "seeds",
     "device",
+    "dtype",
     "summary",
     "stages",
     "sweep",

@@ -105,6 +105,12 @@ pub(super) fn resolve_variant(
                 ));
             }
         }
+        // The spec's top-level `dtype` is the default of every stage that has one.
+        if let Some(d) = doc.dtype {
+            if !t.contains_key("dtype") && kinds.takes_dtype(&kind) {
+                t.insert("dtype".into(), toml::Value::String(d.to_string()));
+            }
+        }
         let resolved = kinds
             .resolve(&kind, toml::Value::Table(t))
             .unwrap_or_else(|| unreachable!("kind `{kind}` was checked above"));

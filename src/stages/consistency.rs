@@ -30,6 +30,7 @@
 
 use super::teacher::{encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::device::Precision;
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
 use crate::distill::{
     check_loss, ema_update, export_student, moved_grid_keys, student_sampler,
@@ -39,7 +40,7 @@ use crate::distill::{
 use crate::error::{Error, Result};
 use crate::models::checkpoint::WEIGHTS_FILE;
 use crate::models::UNetConfig;
-use crate::pipeline::{PipelineSettings, VideoPipeline};
+use crate::pipeline::{LoadOptions, PipelineSettings, VideoPipeline};
 use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{distance, Distance};
 use crate::train::optim::named_vars;
@@ -86,6 +87,11 @@ pub struct ConsistencyParams {
     pub sampler: SamplerConfig,
     pub sample_clips: usize,
     pub checkpoint_every: u64,
+    /// Dtype of the frozen teacher, of a LoRA student's frozen base weights and of the preview
+    /// samples ([`Precision`]); adapters and a fully fine-tuned student train in f32. f32
+    /// (default, left out of the identity), bf16 or f16; half precision with LoRA needs CUDA.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub dtype: Precision,
 }
 
 impl Default for ConsistencyParams {
@@ -113,6 +119,7 @@ impl Default for ConsistencyParams {
             sampler: student_sampler_default(),
             sample_clips: 4,
             checkpoint_every: 100,
+            dtype: Precision::F32,
         }
     }
 }
@@ -141,6 +148,9 @@ impl StageKind for ConsistencyStage {
     fn seeded(&self) -> bool {
         true
     }
+    fn takes_dtype(&self) -> bool {
+        true
+    }
     fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
         moved_grid_keys(&params).map_err(|(path, message)| ParamError { path, message })?;
         let (p, v) = resolve_typed::<ConsistencyParams>(params)?;
@@ -162,7 +172,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         p.teacher.as_deref(),
         "a teacher: put a `teacher` stage before it",
     )?;
-    let teacher = VideoPipeline::load(&tdir, &dev)?;
+    let teacher = VideoPipeline::load_with(&tdir, &dev, &LoadOptions::precision(p.dtype))?;
     if teacher.settings.consistency.is_some() {
         ctx.note("the teacher folder is itself a consistency student; distilling it anyway");
     }
@@ -183,7 +193,15 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         &p.lora,
         ctx.seed,
         &dev,
+        p.dtype,
     )?;
+    if !p.dtype.is_f32() && p.lora.rank == 0 {
+        ctx.note(&format!(
+            "dtype = \"{}\": the frozen networks compute in it; the fully fine-tuned student \
+             trains in f32",
+            p.dtype
+        ));
+    }
     let (target_map, target) = unet_from(&tdir, &unet_cfg, &dev)?;
     let vars = student.vars();
     let target_vars: HashMap<String, Var> = named_vars(&target_map).into_iter().collect();
@@ -285,5 +303,5 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     };
     export_student(&ctx.dir, &student, &unet_cfg, &tdir, &settings)?;
     drop(teacher);
-    write_samples(ctx, p.sample_clips, p.steps, test_set)
+    write_samples(ctx, p.sample_clips, p.steps, test_set, p.dtype)
 }

@@ -48,12 +48,13 @@
 
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
+use crate::device::Precision;
 use crate::diffusion::SamplerConfig;
 use crate::error::{Error, Result};
 use crate::metrics::bootstrap::{self, Interval, DEFAULT_RESAMPLES};
 use crate::metrics::i3d::{InceptionI3d, MIN_FRAMES};
 use crate::metrics::{assets, fidelity, motion, preprocess, FVD_FRAMES};
-use crate::pipeline::VideoPipeline;
+use crate::pipeline::{LoadOptions, VideoPipeline};
 use crate::train::{ce, clip_batch, device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -83,6 +84,10 @@ pub struct FvdParams {
     /// Also compute the reference rows: the real-vs-real floor, the static baseline and (for a
     /// model) its autoencoder's ceiling.
     pub references: bool,
+    /// Dtype the evaluated model's UNet and image encoder compute in
+    /// ([`crate::device::Precision`]): f32 (default, left out of the identity), bf16 or f16.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub dtype: Precision,
 }
 
 impl Default for FvdParams {
@@ -96,6 +101,7 @@ impl Default for FvdParams {
             fast: false,
             bootstrap: DEFAULT_RESAMPLES,
             references: true,
+            dtype: Precision::F32,
         }
     }
 }
@@ -110,6 +116,9 @@ impl StageKind for FvdStage {
         3
     }
     fn seeded(&self) -> bool {
+        true
+    }
+    fn takes_dtype(&self) -> bool {
         true
     }
     fn references(&self, params: &toml::Value) -> Vec<(&'static str, String)> {
@@ -439,7 +448,7 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
             p.model.as_deref(),
             "a model to evaluate: put a `teacher` (or student) stage before it, or set model = \"static\"",
         )?;
-        let pipe = VideoPipeline::load(&dir, &dev)?;
+        let pipe = VideoPipeline::load_with(&dir, &dev, &LoadOptions::precision(p.dtype))?;
         if pipe.settings.frames < p.frames {
             return Err(Error::Data(format!(
                 "stage `{}`: the model generates {} frames but frames = {}",

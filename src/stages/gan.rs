@@ -26,6 +26,7 @@
 
 use super::teacher::{encode_all, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
+use crate::device::Precision;
 use crate::diffusion::noise::NormalRng;
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
 use crate::distill::{
@@ -37,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::models::checkpoint::WEIGHTS_FILE;
 use crate::models::discriminator::{Backbone, BackboneKind, ConvBackbone, DiscInput};
 use crate::models::{Discriminator, DiscriminatorConfig, UNetConfig};
-use crate::pipeline::{PipelineSettings, VideoPipeline};
+use crate::pipeline::{LoadOptions, PipelineSettings, VideoPipeline};
 use crate::train::lora::{LoraConfig, Student};
 use crate::train::losses::{approx_r1, d_loss, distance, g_loss, mean_logit, Distance, GanLoss};
 use crate::train::optim::named_vars;
@@ -114,6 +115,10 @@ pub struct GanParams {
     pub eval_every: u64,
     pub eval_clips: usize,
     pub checkpoint_every: u64,
+    /// As in `consistency`: dtype of the frozen teacher and generator pipeline (image encoder),
+    /// of a LoRA student's frozen base and of the previews; the discriminator trains in f32.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub dtype: Precision,
 }
 
 impl Default for GanParams {
@@ -159,6 +164,7 @@ impl Default for GanParams {
             eval_every: 50,
             eval_clips: 16,
             checkpoint_every: 100,
+            dtype: Precision::F32,
         }
     }
 }
@@ -200,6 +206,9 @@ impl StageKind for GanStage {
         1
     }
     fn seeded(&self) -> bool {
+        true
+    }
+    fn takes_dtype(&self) -> bool {
         true
     }
     fn resolve(&self, params: toml::Value) -> std::result::Result<toml::Value, ParamError> {
@@ -332,16 +341,18 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         p.generator.as_deref(),
         "a model to start the generator from (a `teacher` or `consistency` stage before it)",
     )?;
-    let gen_pipe = VideoPipeline::load(&gdir, &dev)?;
+    let load = LoadOptions::precision(p.dtype);
+    let gen_pipe = VideoPipeline::load_with(&gdir, &dev, &load)?;
     let boundary = gen_pipe
         .settings
         .consistency
         .clone()
         .unwrap_or_else(|| p.boundary.clone());
     let teacher = match p.mode {
-        GanMode::Acd => Some(VideoPipeline::load(
+        GanMode::Acd => Some(VideoPipeline::load_with(
             &ctx.teacher_dir(p.teacher.as_deref())?,
             &dev,
+            &load,
         )?),
         GanMode::Lgp => None,
     };
@@ -362,7 +373,15 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         &p.lora,
         ctx.seed,
         &dev,
+        p.dtype,
     )?;
+    if !p.dtype.is_f32() && p.lora.rank == 0 {
+        ctx.note(&format!(
+            "dtype = \"{}\": the frozen networks compute in it; the fully fine-tuned student \
+             trains in f32",
+            p.dtype
+        ));
+    }
     let (t_map, t_unet) = unet_from(&gdir, &unet_cfg, &dev)?;
     let g_vars = student.vars();
     let t_vars: HashMap<String, Var> = named_vars(&t_map).into_iter().collect();
@@ -628,7 +647,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     export_student(&ctx.dir, &student, &unet_cfg, &gdir, &settings)?;
     drop(gen_pipe);
     drop(teacher);
-    write_samples(ctx, p.sample_clips, p.steps, test_set)
+    write_samples(ctx, p.sample_clips, p.steps, test_set, p.dtype)
 }
 
 #[cfg(test)]

@@ -42,6 +42,10 @@ pub trait StageKind: Sync {
     fn references(&self, _params: &toml::Value) -> Vec<(&'static str, String)> {
         Vec::new()
     }
+    /// Whether the kind has a `dtype` parameter ([`crate::device::Precision`]).
+    fn takes_dtype(&self) -> bool {
+        false
+    }
     fn run(&self, ctx: &mut StageContext<'_>) -> Result<()>;
 }
 
@@ -74,6 +78,9 @@ impl crate::spec::StageKinds for Registry {
     }
     fn references(&self, kind: &str, params: &toml::Value) -> Vec<(&'static str, String)> {
         self::kind(kind).map_or_else(Vec::new, |k| k.references(params))
+    }
+    fn takes_dtype(&self, kind: &str) -> bool {
+        self::kind(kind).is_some_and(|k| k.takes_dtype())
     }
 }
 

@@ -16,6 +16,7 @@
 
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
+use crate::device::Precision;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, Result};
 use crate::models::checkpoint::{load_weights, load_weights_files, weight_files};
@@ -23,7 +24,9 @@ use crate::models::{
     load_component, save_component, AutoencoderKLTemporalDecoder, ImageEncoder, ImageEncoderConfig,
     UNetConfig, UNetSpatioTemporal,
 };
-use crate::pipeline::{is_clip_folder, GenerateOptions, PipelineSettings, VideoPipeline};
+use crate::pipeline::{
+    is_clip_folder, GenerateOptions, LoadOptions, PipelineSettings, VideoPipeline,
+};
 use crate::train::optim::named_vars;
 use crate::train::state::TrainState;
 use crate::train::{
@@ -85,6 +88,10 @@ pub struct TeacherParams {
     pub sample_clips: usize,
     /// Steps between checkpoints (not part of the stage's identity).
     pub checkpoint_every: u64,
+    /// Dtype the preview samples are generated in ([`Precision`]; the UNet trains in f32):
+    /// f32 (default, left out of the identity), bf16 or f16.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub dtype: Precision,
 }
 
 impl Default for TeacherParams {
@@ -112,6 +119,7 @@ impl Default for TeacherParams {
             sampler: SamplerConfig::default(),
             sample_clips: 4,
             checkpoint_every: 200,
+            dtype: Precision::F32,
         }
     }
 }
@@ -171,6 +179,9 @@ impl StageKind for TeacherStage {
         1
     }
     fn seeded(&self) -> bool {
+        true
+    }
+    fn takes_dtype(&self) -> bool {
         true
     }
     fn resolve(&self, params: toml::Value) -> Result<toml::Value, ParamError> {
@@ -513,7 +524,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     settings.save(&ctx.dir)?;
     drop(unet);
     drop(encoder);
-    write_samples(ctx, p.sample_clips, p.steps, &test_set)
+    write_samples(ctx, p.sample_clips, p.steps, &test_set, p.dtype)
 }
 
 /// Posterior means x scaling factor of every clip: `[t, c, h, w]` each.
@@ -543,13 +554,14 @@ pub(crate) fn write_samples(
     sample_clips: usize,
     step: u64,
     test: &ClipSet,
+    dtype: Precision,
 ) -> Result<()> {
     let n = sample_clips.min(test.len());
     if n == 0 {
         return Ok(());
     }
     let dev = device(ctx.device)?;
-    let pipe = VideoPipeline::load(&ctx.dir, &dev)?;
+    let pipe = VideoPipeline::load_with(&ctx.dir, &dev, &LoadOptions::precision(dtype))?;
     let t = pipe.settings.frames;
     let e = ce("samples");
     let first = clip_batch(test, &(0..n).collect::<Vec<_>>(), &vec![0; n], 1, &dev)

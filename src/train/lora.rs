@@ -132,13 +132,16 @@ pub enum Student {
 }
 
 impl Student {
-    /// From a UNet folder's weights (`weights` = its safetensors file).
+    /// From a UNet folder's weights (`weights` = its safetensors file). A LoRA student's frozen
+    /// base is held in `dtype` (half precision needs CUDA: candle's CPU backend has no f16/bf16
+    /// backward for conv2d); a fully fine-tuned one trains in f32 whatever `dtype` says.
     pub fn new(
         weights: &std::path::Path,
         cfg: &UNetConfig,
         lora: &LoraConfig,
         seed: u64,
         dev: &Device,
+        dtype: crate::device::Precision,
     ) -> Result<Self> {
         if lora.rank == 0 {
             let map = VarMap::new();
@@ -147,8 +150,12 @@ impl Student {
             crate::models::checkpoint::load_weights(&map, weights)?;
             return Ok(Student::Full { map, unet });
         }
+        dtype.check_trainable(dev, "LoRA student")?;
         let base = candle_core::safetensors::load(weights, dev)
-            .map_err(|err| Error::Data(format!("{}: {err}", weights.display())))?;
+            .map_err(|err| Error::Data(format!("{}: {err}", weights.display())))?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype.dtype()).map_err(unet_err)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
         Self::lora_from_base(base, cfg, lora, seed, dev)
     }
 
@@ -317,7 +324,7 @@ mod tests {
             train_also: vec!["conv_out".into()],
             ..Default::default()
         };
-        let s = Student::new(&f, &cfg, &lora, 0, &dev).unwrap();
+        let s = Student::new(&f, &cfg, &lora, 0, &dev, crate::device::Precision::F32).unwrap();
         let vars = s.vars();
         assert!(vars.iter().any(|(n, _)| n.ends_with("to_q.weight.A")));
         assert!(vars.iter().any(|(n, _)| n == "conv_out.weight"));
