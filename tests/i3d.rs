@@ -152,6 +152,46 @@ fn i3d_matches_the_jax_reference() {
     }
 }
 
+/// The I3D as candle operations (the path a CUDA run takes), here on the CPU device: the same
+/// logits as the JAX reference and as onestep's own CPU kernels, one clip at a time and in a
+/// batch. The CUDA side of the same comparison is in `tools/cuda/device-check.sh` (`parity`).
+#[test]
+fn i3d_on_candle_ops_matches_the_reference_and_the_cpu_kernels() {
+    use onestep::metrics::i3d_device::DeviceI3d;
+    let r = Ref::load(&fixture("i3d/i3d_reference.safetensors"));
+    let dnet = DeviceI3d::new(net(), &candle_core::Device::Cpu).unwrap();
+    let mut sixteen = Vec::new();
+    for (k, &(t, h, w, seed)) in CLIPS.iter().enumerate() {
+        let x = preprocess(&clip(t, h, w, seed), t, h, w);
+        let got = dnet.forward(std::slice::from_ref(&x)).unwrap().remove(0);
+        let (_, want) = r.f32(&format!("logits_{k}"));
+        let e = max_rel(&got.logits, &want);
+        let own = net().forward(&x, &[]).unwrap();
+        let e_own = max_rel(&got.logits, &own.logits);
+        let e_pool = max_rel(&got.pool, &own.pool);
+        eprintln!("clip {k}: vs JAX {e:.2e}, vs CPU kernels {e_own:.2e}, pool {e_pool:.2e}");
+        assert!(e < 1e-3, "clip {k}: logits differ from JAX by {e}");
+        assert!(e_own < 1e-4 && e_pool < 1e-4, "clip {k}: {e_own}, {e_pool}");
+        if t == 16 {
+            sixteen.push((x, got.logits));
+        }
+    }
+    // A batch gives each clip's own logits.
+    let (xs, each): (Vec<_>, Vec<_>) = sixteen.into_iter().unzip();
+    let batch = dnet.forward(&xs).unwrap();
+    assert_eq!(batch.len(), each.len());
+    for (b, e) in batch.iter().zip(&each) {
+        assert!(max_rel(&b.logits, e) < 1e-5);
+    }
+    // A batch must share one clip length.
+    let short = preprocess(&clip(10, 224, 224, 3), 10, 224, 224);
+    let err = dnet
+        .forward(&[xs[0].clone(), short])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one t for the batch"), "{err}");
+}
+
 #[test]
 fn i3d_rejects_short_and_wrongly_sized_clips() {
     let x = preprocess(&clip(8, 224, 224, 1), 8, 224, 224);

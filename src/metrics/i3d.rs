@@ -13,7 +13,8 @@
 //! followed by one GEMM (the `gemm` crate, which is candle's CPU matmul), with BatchNorm folded
 //! into the weights and a bias. 1x1x1 convolutions are plain GEMMs on the activation buffer,
 //! and an inception module's four branches write straight into their slice of the
-//! concatenated output. Inference only; it runs on the CPU whatever device generated the clips.
+//! concatenated output. Inference only. On other devices (CUDA) the same network runs as candle
+//! operations ([`super::i3d_device`]).
 
 use super::pickle::{load_arrays, NdArray};
 use crate::error::{Error, Result};
@@ -57,7 +58,7 @@ impl Act {
 }
 
 /// TensorFlow "SAME": output size and the padding on the low side.
-fn same(input: usize, k: usize, s: usize) -> (usize, usize) {
+pub(super) fn same(input: usize, k: usize, s: usize) -> (usize, usize) {
     let out = input.div_ceil(s);
     let total = ((out - 1) * s + k).saturating_sub(input);
     (out, total / 2)
@@ -66,14 +67,14 @@ fn same(input: usize, k: usize, s: usize) -> (usize, usize) {
 /// Conv3d + folded BatchNorm (or bias) + optional ReLU.
 #[derive(Debug, Clone)]
 pub struct Unit {
-    k: [usize; 3],
-    s: [usize; 3],
-    cin: usize,
-    cout: usize,
+    pub(super) k: [usize; 3],
+    pub(super) s: [usize; 3],
+    pub(super) cin: usize,
+    pub(super) cout: usize,
     /// `[kt * kh * kw * cin, cout]`, the Flax kernel layout with BN's 1/sqrt(var+eps) folded in.
-    w: Vec<f32>,
-    b: Vec<f32>,
-    relu: bool,
+    pub(super) w: Vec<f32>,
+    pub(super) b: Vec<f32>,
+    pub(super) relu: bool,
 }
 
 impl Unit {
@@ -354,13 +355,13 @@ fn avg_pool_valid(x: &Act, k: [usize; 3]) -> Act {
 }
 
 #[derive(Debug, Clone)]
-struct Inception {
-    b0: Unit,
-    b1a: Unit,
-    b1b: Unit,
-    b2a: Unit,
-    b2b: Unit,
-    b3: Unit,
+pub(super) struct Inception {
+    pub(super) b0: Unit,
+    pub(super) b1a: Unit,
+    pub(super) b1b: Unit,
+    pub(super) b2a: Unit,
+    pub(super) b2b: Unit,
+    pub(super) b3: Unit,
 }
 
 impl Inception {
@@ -445,11 +446,11 @@ pub const ENDPOINTS: &[&str] = &[
 /// Kinetics-400 RGB Inception-I3D.
 #[derive(Debug, Clone)]
 pub struct InceptionI3d {
-    conv1a: Unit,
-    conv2b: Unit,
-    conv2c: Unit,
-    mixed: Vec<(String, Inception)>,
-    logits: Unit,
+    pub(super) conv1a: Unit,
+    pub(super) conv2b: Unit,
+    pub(super) conv2c: Unit,
+    pub(super) mixed: Vec<(String, Inception)>,
+    pub(super) logits: Unit,
 }
 
 fn take(ws: &HashMap<String, NdArray>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {

@@ -15,6 +15,7 @@ pub mod degrade;
 pub mod fidelity;
 pub mod frechet;
 pub mod i3d;
+pub mod i3d_device;
 pub mod motion;
 pub mod pickle;
 pub mod videos;
@@ -57,6 +58,46 @@ pub fn preprocess(frames: &[u8], t: usize, h: usize, w: usize) -> Act {
         }
     }
     out
+}
+
+/// The FVD network where it runs: onestep's own kernels on the CPU, candle operations on any
+/// other device (CUDA), with the same weights and the same logits within float rounding.
+pub enum I3dRunner {
+    Cpu(InceptionI3d),
+    Device(i3d_device::DeviceI3d),
+}
+
+impl I3dRunner {
+    /// The network for a run on `device`.
+    pub fn on(net: InceptionI3d, device: &candle_core::Device) -> Result<Self> {
+        Ok(if device.is_cpu() {
+            I3dRunner::Cpu(net)
+        } else {
+            I3dRunner::Device(i3d_device::DeviceI3d::new(&net, device)?)
+        })
+    }
+
+    /// Clips scored per call of [`Self::logits`]: one on the CPU (each clip's operations are
+    /// parallel already), a batch on a GPU.
+    pub fn batch(&self) -> usize {
+        match self {
+            I3dRunner::Cpu(_) => 1,
+            I3dRunner::Device(_) => 8,
+        }
+    }
+
+    /// The 400 logits of each clip `[t, 224, 224, 3]` (one `t` for all).
+    pub fn logits(&self, clips: &[Act]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            I3dRunner::Cpu(net) => clips
+                .iter()
+                .map(|c| Ok(net.forward(c, &[])?.logits))
+                .collect(),
+            I3dRunner::Device(net) => {
+                Ok(net.forward(clips)?.into_iter().map(|o| o.logits).collect())
+            }
+        }
+    }
 }
 
 /// I3D logits (400 per clip) of u8 clips `[t, h, w, 3]`.

@@ -52,8 +52,8 @@ use crate::device::Precision;
 use crate::diffusion::SamplerConfig;
 use crate::error::{Error, Result};
 use crate::metrics::bootstrap::{self, Interval, DEFAULT_RESAMPLES};
-use crate::metrics::i3d::{InceptionI3d, MIN_FRAMES};
-use crate::metrics::{assets, fidelity, motion, preprocess, FVD_FRAMES};
+use crate::metrics::i3d::MIN_FRAMES;
+use crate::metrics::{assets, fidelity, motion, preprocess, I3dRunner, FVD_FRAMES};
 use crate::pipeline::{LoadOptions, VideoPipeline};
 use crate::train::{ce, clip_batch, device};
 use serde::{Deserialize, Serialize};
@@ -152,23 +152,25 @@ impl StageKind for FvdStage {
     }
 }
 
-/// I3D logits of the first `frames` frames of each clip.
+/// I3D logits of the first `frames` frames of each clip, `net.batch()` clips at a time.
 pub fn clip_set_logits(
-    net: &InceptionI3d,
+    net: &I3dRunner,
     set: &ClipSet,
     n: usize,
     frames: usize,
     mut on_clip: impl FnMut(usize),
 ) -> Result<Vec<Vec<f32>>> {
     let fl = set.height * set.width * 3;
-    (0..n)
-        .map(|i| {
-            let x = preprocess(&set.clip(i)[..frames * fl], frames, set.height, set.width);
-            let l = net.forward(&x, &[])?.logits;
-            on_clip(i + 1);
-            Ok(l)
-        })
-        .collect()
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(net.batch()) {
+        let end = (start + net.batch()).min(n);
+        let clips: Vec<_> = (start..end)
+            .map(|i| preprocess(&set.clip(i)[..frames * fl], frames, set.height, set.width))
+            .collect();
+        out.extend(net.logits(&clips)?);
+        on_clip(end);
+    }
+    Ok(out)
 }
 
 /// Cache key of real-set logits: the pixels, the clip count and length, and the network.
@@ -343,7 +345,7 @@ const BOOTSTRAP_SEED: u64 = 0x5eed;
 /// I3D logits of a clip set, from the assets cache when the same pixels were scored before.
 fn cached_logits(
     ctx: &mut StageContext<'_>,
-    net: &InceptionI3d,
+    net: &I3dRunner,
     set: &ClipSet,
     n: usize,
     frames: usize,
@@ -462,7 +464,8 @@ fn run(ctx: &mut StageContext<'_>, p: &FvdParams) -> Result<()> {
             .map_or_else(|| dir.display().to_string(), |u| u.name.clone());
         Some((pipe, dev, label))
     };
-    let net = assets::load_i3d(&ctx.assets)?;
+    // I3D runs where the run does: its own kernels on the CPU, candle's on CUDA.
+    let net = I3dRunner::on(assets::load_i3d(&ctx.assets)?, &device(ctx.device)?)?;
     let (f, fast, b) = (p.frames, p.fast, p.bootstrap);
     let (h, w) = (test.height, test.width);
     let fl = h * w * 3;
