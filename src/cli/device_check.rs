@@ -288,6 +288,41 @@ fn parity() -> R<()> {
     if let Err(e) = r {
         emit(json!({"check": "euler_cfg_4_steps_tiny", "error": format!("{e:#}")}));
     }
+    // I3D, FVD's network, with random weights (the real 47 MB do not travel): onestep's CPU
+    // kernels against the candle operations the `fvd` stage runs on CUDA, and their speeds.
+    let r = (|| -> R<()> {
+        use onestep::metrics::i3d::{Act, InceptionI3d};
+        let net = InceptionI3d::random(7);
+        let clips: Vec<Act> = (0..8u64)
+            .map(|k| {
+                let mut a = Act::zeros(16, 224, 224, 3);
+                let mut s = 12345u32 + k as u32;
+                for v in &mut a.data {
+                    s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                    *v = (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0;
+                }
+                a
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        let cpu_logits = net.forward(&clips[0], &[])?.logits;
+        let cpu_s = t0.elapsed().as_secs_f64();
+        let dnet = onestep::metrics::i3d_device::DeviceI3d::new(&net, &gpu)?;
+        let first = dnet.forward(&clips[..1])?;
+        let scale = cpu_logits.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let rel = first[0]
+            .logits
+            .iter()
+            .zip(&cpu_logits)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
+        let (_, batch_s) = timed(&gpu, || Ok(dnet.forward(&clips)?))?;
+        emit(json!({"check": "i3d_random_weights", "logits_max_rel_diff_vs_cpu_kernels": rel,
+            "cpu_kernels_clips_per_s": 1.0 / cpu_s, "device_batch8_clips_per_s": 8.0 / batch_s}));
+        Ok(())
+    })();
+    if let Err(e) = r {
+        emit(json!({"check": "i3d_random_weights", "error": format!("{e:#}")}));
+    }
     // The diffusers-saved tiny SVD pipeline folder against diffusers' own frames.
     for (d, dt, variant) in [
         (&cpu, DType::F32, None),

@@ -501,6 +501,54 @@ impl InceptionI3d {
         })
     }
 
+    /// The architecture with random weights (uniform, scaled by fan-in, and small biases): for
+    /// device checks where the 47 MB of real weights cannot travel.
+    pub fn random(seed: u64) -> Self {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut rnd = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut unit = |cin: usize, cout: usize, k: [usize; 3], st: [usize; 3], relu: bool| {
+            let fan_in = k[0] * k[1] * k[2] * cin;
+            let scale = (3.0 / fan_in as f32).sqrt();
+            Unit {
+                k,
+                s: st,
+                cin,
+                cout,
+                w: (0..fan_in * cout).map(|_| rnd() * scale).collect(),
+                b: (0..cout).map(|_| rnd() * 0.1).collect(),
+                relu,
+            }
+        };
+        let conv1a = unit(3, 64, [7, 7, 7], [2, 2, 2], true);
+        let conv2b = unit(64, 64, [1, 1, 1], [1, 1, 1], true);
+        let conv2c = unit(64, 192, [3, 3, 3], [1, 1, 1], true);
+        let mixed = MIXED
+            .iter()
+            .map(|(n, cin, oc)| {
+                let m = Inception {
+                    b0: unit(*cin, oc[0], [1, 1, 1], [1, 1, 1], true),
+                    b1a: unit(*cin, oc[1], [1, 1, 1], [1, 1, 1], true),
+                    b1b: unit(oc[1], oc[2], [3, 3, 3], [1, 1, 1], true),
+                    b2a: unit(*cin, oc[3], [1, 1, 1], [1, 1, 1], true),
+                    b2b: unit(oc[3], oc[4], [3, 3, 3], [1, 1, 1], true),
+                    b3: unit(*cin, oc[5], [1, 1, 1], [1, 1, 1], true),
+                };
+                (n.to_string(), m)
+            })
+            .collect();
+        let logits = unit(1024, NUM_CLASSES, [1, 1, 1], [1, 1, 1], false);
+        InceptionI3d {
+            conv1a,
+            conv2b,
+            conv2c,
+            mixed,
+            logits,
+        }
+    }
+
     /// Load the converted checkpoint (safetensors written by [`convert_checkpoint`]).
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

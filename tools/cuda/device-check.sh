@@ -12,7 +12,9 @@
 # Sections (SECTIONS="parity toy torch svd toycpu", the default), each under its own time limit
 # so that one failure does not hide the others, all within TOTAL seconds (default 480):
 #   parity  CPU vs CUDA on the same random tiny models (UNet forward and gradients, single ops'
-#           gradients, VAE, 4 guided Euler steps), f32 and bf16/f16; diffusers' tiny SVD folder
+#           gradients, VAE, 4 guided Euler steps), f32 and bf16/f16; I3D with random weights
+#           (CPU kernels vs the candle ops the fvd stage runs on CUDA, and clips/s of each);
+#           diffusers' tiny SVD folder
 #           (tests/fixtures/svd_pipeline) against diffusers' frames on both devices
 #   toy     tools/cuda/toy.toml end to end with --device cuda (autoencoder -> teacher ->
 #           consistency -> LGP -> ACD -> SF-V GAN), a Time-Travel sample generated on CUDA, and
