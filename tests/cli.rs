@@ -1663,30 +1663,9 @@ fn gradient_checkpointing_trains_the_same_students() {
     )
     .unwrap();
     for (name, key) in [("student", "loss"), ("acd", "loss_g")] {
-        let hash = |p: &onestep::plan::Plan| {
-            p.runs[0]
-                .stages
-                .iter()
-                .find(|s| s.name == name)
-                .unwrap()
-                .hash
-                .clone()
-        };
-        let (a, b) = (hash(&plain), hash(&ck));
+        let (a, b) = (stage_hash(&plain, name), stage_hash(&ck, name));
         assert_ne!(a, b, "{name}: checkpointing is part of the identity");
-        let series = |h: &str| -> Vec<f64> {
-            let mut st = store
-                .conn()
-                .prepare(
-                    "SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step",
-                )
-                .unwrap();
-            st.query_map(rusqlite::params![h, key], |r| r.get(0))
-                .unwrap()
-                .map(|v| v.unwrap())
-                .collect()
-        };
-        let (sa, sb) = (series(&a), series(&b));
+        let (sa, sb) = (series(&store, &a, key), series(&store, &b, key));
         assert!(
             !sa.is_empty() && sa.len() == sb.len(),
             "{name}: {sa:?} vs {sb:?}"
@@ -1732,25 +1711,8 @@ fn half_precision_runs_the_frozen_networks_and_refuses_cpu_lora() {
         .unwrap()
     };
     let (plain, half) = (plan(&[]), plan(&["dtype=\"bf16\"".into()]));
-    let hash = |p: &onestep::plan::Plan, name: &str| {
-        p.runs[0]
-            .stages
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap()
-            .hash
-            .clone()
-    };
-    let values = |h: &str, key: &str| -> Vec<f64> {
-        let mut st = store
-            .conn()
-            .prepare("SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step")
-            .unwrap();
-        st.query_map(rusqlite::params![h, key], |r| r.get(0))
-            .unwrap()
-            .map(|v| v.unwrap())
-            .collect()
-    };
+    let hash = stage_hash;
+    let values = |h: &str, key: &str| series(&store, h, key);
     assert_eq!(
         hash(&plain, "vae"),
         hash(&half, "vae"),
@@ -1775,6 +1737,24 @@ fn half_precision_runs_the_frozen_networks_and_refuses_cpu_lora() {
             "{name}: {loss:?}"
         );
     }
+}
+
+/// The identity of stage `name` in a plan's first run.
+fn stage_hash(p: &onestep::plan::Plan, name: &str) -> String {
+    let st = p.runs[0].stages.iter().find(|s| s.name == name);
+    st.unwrap_or_else(|| panic!("no stage {name}")).hash.clone()
+}
+
+/// A stage's logged values of one metric key, in step order.
+fn series(store: &Store, hash: &str, key: &str) -> Vec<f64> {
+    let mut st = store
+        .conn()
+        .prepare("SELECT value FROM metrics WHERE stage_hash = ?1 AND key = ?2 ORDER BY step")
+        .unwrap();
+    st.query_map(rusqlite::params![hash, key], |r| r.get(0))
+        .unwrap()
+        .map(|v| v.unwrap())
+        .collect()
 }
 
 /// Every file of every finished stage folder (but the timestamped `done.json`), by path.

@@ -309,15 +309,20 @@ fn parity() -> R<()> {
         let cpu_s = t0.elapsed().as_secs_f64();
         let dnet = onestep::metrics::i3d_device::DeviceI3d::new(&net, &gpu)?;
         let first = dnet.forward(&clips[..1])?;
-        let scale = cpu_logits.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let scale = cpu_logits
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-6);
         let rel = first[0]
             .logits
             .iter()
             .zip(&cpu_logits)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs() / scale));
         let (_, batch_s) = timed(&gpu, || Ok(dnet.forward(&clips)?))?;
-        emit(json!({"check": "i3d_random_weights", "logits_max_rel_diff_vs_cpu_kernels": rel,
-            "cpu_kernels_clips_per_s": 1.0 / cpu_s, "device_batch8_clips_per_s": 8.0 / batch_s}));
+        emit(
+            json!({"check": "i3d_random_weights", "logits_max_rel_diff_vs_cpu_kernels": rel,
+            "cpu_kernels_clips_per_s": 1.0 / cpu_s, "device_batch8_clips_per_s": 8.0 / batch_s}),
+        );
         Ok(())
     })();
     if let Err(e) = r {

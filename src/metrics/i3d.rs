@@ -504,9 +504,13 @@ impl InceptionI3d {
     /// The architecture with random weights (uniform, scaled by fan-in, and small biases): for
     /// device checks where the 47 MB of real weights cannot travel.
     pub fn random(seed: u64) -> Self {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut rnd = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         };
         let mut unit = |cin: usize, cout: usize, k: [usize; 3], st: [usize; 3], relu: bool| {
