@@ -27,5 +27,10 @@ pub fn tune_for_tensors() {
         if std::env::var_os("ONESTEP_MALLOC_MMAP").is_none() {
             libc::mallopt(-4, 0);
         }
+        // M_ARENA_MAX = -8: one arena. Tensors are allocated on whichever thread runs the op,
+        // and each rayon worker's own arena grew its heap page by page (first-touch faults,
+        // which the kernel zeroes) although the main arena had the memory free: the first
+        // GAN step of the quickstart took 4.9-6.7 s instead of 2.1-2.7 s (results/README.md).
+        libc::mallopt(-8, 1);
     }
 }
