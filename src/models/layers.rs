@@ -380,12 +380,40 @@ pub fn scaled_softmax_last(x: &Tensor, scale: f64) -> Result<Tensor> {
     if super::fused::fused_available(x, x) {
         return super::fused::scaled_softmax_last(x, scale as f32);
     }
+    if !x.device().is_cpu() && !x.track_op() && device_softmax_enabled() {
+        return softmax_last_untracked(x, scale);
+    }
+    softmax_last_primitive(x, scale)
+}
+
+/// `softmax(scale x)` from primitive ops in f32 (differentiable on every device).
+fn softmax_last_primitive(x: &Tensor, scale: f64) -> Result<Tensor> {
     let dt = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let x = if scale == 1.0 { x } else { (x * scale)? };
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dt)
+}
+
+/// `softmax(scale x)` as candle-nn's one-kernel softmax (one pass over the rows, accumulating in
+/// f32 for half precision) where no gradient is needed: on CUDA the primitive path runs eight
+/// kernels over the full score block in f32 (the cast, scale, max, subtract, exp, sum, divide,
+/// cast back), and attention's softmax dominated the full-size SVD forward pass
+/// (`results/cuda-h200/README.md`). The kernel has no backward pass, so training keeps the
+/// primitive path. `ONESTEP_DEVICE_SOFTMAX=0` turns it off.
+fn softmax_last_untracked(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let x = if scale == 1.0 {
+        x.contiguous()?
+    } else {
+        (x * scale)?
+    };
+    candle_nn::ops::softmax_last_dim(&x)
+}
+
+fn device_softmax_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ONESTEP_DEVICE_SOFTMAX").map_or(true, |v| v != "0"))
 }
 
 /// The most bytes (at f32) one block of attention scores may take before
@@ -419,6 +447,14 @@ pub fn scaled_dot_product_attention(
     let per_row = b * h * m * 4;
     let rows = (attention_chunk_bytes() / per_row.max(1)).max(1);
     let kt = k.t()?;
+    // Off the CPU and without a gradient, the scale goes on the queries (n x d) rather than the
+    // scores (n x m), as PyTorch's attention does, so the softmax is one kernel.
+    let (q, scale) = if !q.device().is_cpu() && !q.track_op() && device_softmax_enabled() {
+        ((q * scale)?, 1.0)
+    } else {
+        (q.clone(), scale)
+    };
+    let q = &q;
     let block =
         |q: &Tensor| -> Result<Tensor> { scaled_softmax_last(&q.matmul(&kt)?, scale)?.matmul(v) };
     if rows >= n {
@@ -638,4 +674,31 @@ impl Upsample2D {
 /// A learned or fixed scalar initialised to `value` (the `mix_factor` of `AlphaBlender`).
 pub fn scalar_param(vb: &VarBuilder, name: &str, value: f64) -> Result<Tensor> {
     vb.get_with_hints(1, name, Init::Const(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The one-kernel softmax that CUDA inference takes equals the differentiable primitive
+    /// path (candle-nn's kernel has a CPU implementation too, so both run here); the CUDA side
+    /// is compared with the CPU by the GPU check's parity section.
+    #[test]
+    fn untracked_softmax_matches_the_primitive_path() {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3f32, (2, 3, 7, 37), &dev).unwrap()).contiguous().unwrap();
+        for scale in [1.0, 0.125, -0.7] {
+            let a = softmax_last_untracked(&x, scale).unwrap();
+            let b = softmax_last_primitive(&x, scale).unwrap();
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "scale {scale}");
+        }
+        // A transposed (non-contiguous) block, as attention's scores are not.
+        let xt = x.transpose(2, 3).unwrap();
+        let a = softmax_last_untracked(&xt, 1.0).unwrap();
+        let b = softmax_last_primitive(&xt, 1.0).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
 }
