@@ -1067,6 +1067,7 @@ fn adamw_follows_pytorch() {
         weight_decay: c["weight_decay"].as_f64().unwrap(),
         warmup: 0,
         grad_clip: c["grad_clip"].as_f64().unwrap(),
+        lr_min: None,
     };
     let dev = Device::Cpu;
     let mut names: Vec<String> = f["shapes"].as_object().unwrap().keys().cloned().collect();

@@ -249,7 +249,7 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
             (post.kl().map_err(&e)?.mean_all().map_err(&e)? / latent_elems as f64).map_err(&e)?;
         let loss = (&recon + (&kl * p.kl_weight).map_err(&e)?).map_err(&e)?;
         let grads = loss.backward().map_err(&e)?;
-        let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
+        let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
         ctx.metric("loss", step + 1, lv)?;

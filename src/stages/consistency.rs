@@ -273,7 +273,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
             .map_err(&e)?;
         let mut grads = loss.backward().map_err(&e)?;
         student_inner.merge_into(&mut grads)?;
-        let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
+        let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         // EMA target of the (merged) student weights.
         ema_update(&target_vars, &student.merged()?, p.ema_decay).map_err(&e)?;

@@ -580,7 +580,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             ctx.metric("r1", step + 1, r1.to_scalar::<f32>().map_err(&e)? as f64)?;
         }
         let grads_d = loss_d.backward().map_err(&e)?;
-        let lr = crate::train::warmup_lr(p.optimizer_d.lr, step, p.optimizer_d.warmup);
+        let lr = p.optimizer_d.lr_at(step, p.steps);
         let gnorm_d = opt_d.step(&grads_d, lr).map_err(&e)?;
         // Further discriminator updates on fresh pairs (`d_steps` > 1), drawn after this
         // step's pair so that `d_steps = 1` draws exactly what it always did.
@@ -601,7 +601,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let loss_g = ((&adv * p.adv_weight).map_err(&e)? + &dist).map_err(&e)?;
         let mut grads_g = loss_g.backward().map_err(&e)?;
         g_inner.merge_into(&mut grads_g)?;
-        let lr = crate::train::warmup_lr(p.optimizer_g.lr, step, p.optimizer_g.warmup);
+        let lr = p.optimizer_g.lr_at(step, p.steps);
         let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
         if p.mode == GanMode::Acd {
             ema_update(&t_vars, &student.merged()?, p.ema_decay).map_err(&e)?;

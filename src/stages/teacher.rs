@@ -466,7 +466,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         let d = den.denoise(&x, &sigma, &cond).map_err(&e)?;
         let loss = p.edm.loss(&d, &x0, &sigma).map_err(&e)?;
         let grads = loss.backward().map_err(&e)?;
-        let lr = crate::train::warmup_lr(p.optimizer.lr, step, p.optimizer.warmup);
+        let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         ema.update(&vars, step).map_err(&e)?;
         let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;

@@ -81,7 +81,7 @@ pub fn to_u8_frames(x: &Tensor) -> candle_core::Result<Vec<u8>> {
 }
 
 /// Linear warm-up to the base learning rate over `warmup` steps (nanoGPT's schedule without
-/// decay; the tiny runs here are too short for decay to matter).
+/// decay; `AdamWConfig::lr_at` adds the optional cosine decay).
 pub fn warmup_lr(base: f64, step: u64, warmup: u64) -> f64 {
     if warmup == 0 || step >= warmup {
         base

@@ -20,6 +20,10 @@ pub struct AdamWConfig {
     pub warmup: u64,
     /// Gradient clipping by global norm (0 = off).
     pub grad_clip: f64,
+    /// Cosine decay after warm-up from `lr` to this learning rate at the stage's last step
+    /// (nanoGPT's schedule); absent = constant after warm-up (and left out of the identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_min: Option<f64>,
 }
 
 impl Default for AdamWConfig {
@@ -32,6 +36,24 @@ impl Default for AdamWConfig {
             weight_decay: 0.01,
             warmup: 100,
             grad_clip: 1.0,
+            lr_min: None,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// The learning rate of update `step` (0-based) of a run of `total` updates: linear
+    /// warm-up, then constant or (with `lr_min`) a cosine decay reaching `lr_min` at the last
+    /// update. A function of the step alone, so a resumed stage continues the schedule.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        let base = crate::train::warmup_lr(self.lr, step, self.warmup);
+        match self.lr_min {
+            Some(min) if step >= self.warmup => {
+                let span = total.saturating_sub(self.warmup + 1).max(1) as f64;
+                let r = ((step - self.warmup) as f64 / span).min(1.0);
+                min + 0.5 * (1.0 + (std::f64::consts::PI * r).cos()) * (self.lr - min)
+            }
+            _ => base,
         }
     }
 }
@@ -166,4 +188,37 @@ pub fn named_vars(map: &candle_nn::VarMap) -> Vec<(String, Var)> {
     let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdamWConfig;
+
+    #[test]
+    fn the_cosine_schedule_warms_up_then_falls_to_lr_min_at_the_last_step() {
+        let constant = AdamWConfig {
+            lr: 1e-3,
+            warmup: 10,
+            ..Default::default()
+        };
+        let cosine = AdamWConfig {
+            lr_min: Some(1e-5),
+            ..constant.clone()
+        };
+        // Warm-up is the same in both; without lr_min the rate stays at lr.
+        for s in 0..10 {
+            assert_eq!(constant.lr_at(s, 110), cosine.lr_at(s, 110));
+        }
+        assert_eq!(constant.lr_at(109, 110), 1e-3);
+        assert!((cosine.lr_at(10, 110) - 1e-3).abs() < 1e-12);
+        assert!((cosine.lr_at(109, 110) - 1e-5).abs() < 1e-12);
+        let mid = cosine.lr_at(10 + 99 / 2, 110);
+        assert!((mid - (1e-5 + 0.5 * (1e-3 - 1e-5))).abs() < 2e-5, "{mid}");
+        let rates: Vec<f64> = (10..110).map(|s| cosine.lr_at(s, 110)).collect();
+        assert!(rates.windows(2).all(|w| w[1] <= w[0]));
+        // Left out of the serialised config when absent: old identities do not change.
+        let t = toml::Value::try_from(&constant).unwrap();
+        assert!(t.get("lr_min").is_none());
+        assert!(toml::Value::try_from(&cosine).unwrap().get("lr_min").is_some());
+    }
 }
