@@ -687,7 +687,9 @@ mod tests {
     #[test]
     fn untracked_softmax_matches_the_primitive_path() {
         let dev = Device::Cpu;
-        let x = (Tensor::randn(0f32, 3f32, (2, 3, 7, 37), &dev).unwrap()).contiguous().unwrap();
+        let x = (Tensor::randn(0f32, 3f32, (2, 3, 7, 37), &dev).unwrap())
+            .contiguous()
+            .unwrap();
         for scale in [1.0, 0.125, -0.7] {
             let a = softmax_last_untracked(&x, scale).unwrap();
             let b = softmax_last_primitive(&x, scale).unwrap();

@@ -80,16 +80,6 @@ pub fn to_u8_frames(x: &Tensor) -> candle_core::Result<Vec<u8>> {
     x.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<u8>()
 }
 
-/// Linear warm-up to the base learning rate over `warmup` steps (nanoGPT's schedule without
-/// decay; `AdamWConfig::lr_at` adds the optional cosine decay).
-pub fn warmup_lr(base: f64, step: u64, warmup: u64) -> f64 {
-    if warmup == 0 || step >= warmup {
-        base
-    } else {
-        base * (step + 1) as f64 / warmup as f64
-    }
-}
-
 /// A `VarBuilder` that creates missing variables in `varmap` from a seeded generator, so a
 /// model's initial weights are a function of the seed (candle's CPU generator cannot be
 /// seeded). Variables are drawn in construction order; the supported initialisations are

@@ -43,17 +43,20 @@ impl Default for AdamWConfig {
 
 impl AdamWConfig {
     /// The learning rate of update `step` (0-based) of a run of `total` updates: linear
-    /// warm-up, then constant or (with `lr_min`) a cosine decay reaching `lr_min` at the last
-    /// update. A function of the step alone, so a resumed stage continues the schedule.
+    /// warm-up over `warmup` updates (nanoGPT's), then constant or (with `lr_min`) a cosine
+    /// decay reaching `lr_min` at the last update. A function of the step alone, so a resumed
+    /// stage continues the schedule.
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        let base = crate::train::warmup_lr(self.lr, step, self.warmup);
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
         match self.lr_min {
-            Some(min) if step >= self.warmup => {
+            Some(min) => {
                 let span = total.saturating_sub(self.warmup + 1).max(1) as f64;
                 let r = ((step - self.warmup) as f64 / span).min(1.0);
                 min + 0.5 * (1.0 + (std::f64::consts::PI * r).cos()) * (self.lr - min)
             }
-            _ => base,
+            None => self.lr,
         }
     }
 }
@@ -219,6 +222,9 @@ mod tests {
         // Left out of the serialised config when absent: old identities do not change.
         let t = toml::Value::try_from(&constant).unwrap();
         assert!(t.get("lr_min").is_none());
-        assert!(toml::Value::try_from(&cosine).unwrap().get("lr_min").is_some());
+        assert!(toml::Value::try_from(&cosine)
+            .unwrap()
+            .get("lr_min")
+            .is_some());
     }
 }
