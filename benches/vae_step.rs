@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench vae_step` (PyTorch side via $ONESTEP_BENCH_PYTHON, default `python3`;
 //! skipped with a note when torch is not importable). Sizes: `-- FRAMES HW`.
-//! `ONESTEP_FUSED=0` runs onestep without its fused kernels (the before/after comparison).
+//! `ONESTEP_FUSED=0` runs onestep without its fused kernels (the before/after comparison);
+//! `ONESTEP_FUSED=noattention` without the attention kernel alone.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};

@@ -662,3 +662,166 @@ pub fn blend_bwd(s: &[f32], t: &[f32], g: &[f32], a: f32, ds: &mut [f32], dt: &m
         })
         .sum::<f64>() as f32
 }
+
+/// The geometry of a multi-head attention `softmax(q k^T scale) v` over `[batch, n, heads d]`
+/// queries and `[batch, m, heads d]` keys and values, the heads side by side in the last axis
+/// as the projections write them (so no head-split copies in either pass).
+#[derive(Debug, Clone, Copy)]
+pub struct Attn {
+    pub batch: usize,
+    pub heads: usize,
+    pub n: usize,
+    pub m: usize,
+    pub d: usize,
+    pub scale: f32,
+}
+
+impl Attn {
+    fn hd(&self) -> usize {
+        self.heads * self.d
+    }
+    /// Query rows per block: a block's scores stay within 64 Ki values (256 KiB), so the whole
+    /// score matrix is never held, forward or backward (each row's softmax reads its own row).
+    fn rows(&self) -> usize {
+        ((1usize << 16) / self.m.max(1)).clamp(1, self.n.max(1))
+    }
+    fn empty(&self) -> bool {
+        self.batch == 0 || self.heads == 0 || self.n == 0 || self.m == 0 || self.d == 0
+    }
+}
+
+multiversion! {
+    /// `softmax(scale s)` over rows of `m` values, in place.
+    fn softmax_rows_inplace(s: &mut [f32], m: usize, scale: f32) {
+        for row in s.chunks_mut(m.max(1)) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v * scale));
+            for v in row.iter_mut() {
+                *v = exp(*v * scale - max);
+            }
+            let inv = (1.0 / lane_sum(row, |v| v)) as f32;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `ds = scale p (dp - <go_i, o_i>)` for the `r` rows of a block, in place over `dp`; row `i`
+    /// of `go` and `o` starts at `i hd` and holds `d` values (the head's columns).
+    fn softmax_grad_rows(p: &[f32], dp: &mut [f32], go: &[f32], o: &[f32], shape: (usize, usize, usize, usize), scale: f32) {
+        let (r, m, d, hd) = shape;
+        for i in 0..r {
+            let di = lane_dot(&go[i * hd..i * hd + d], &o[i * hd..i * hd + d], 0.0) as f32;
+            for (g, &p) in dp[i * m..(i + 1) * m].iter_mut().zip(&p[i * m..(i + 1) * m]) {
+                *g = scale * p * (*g - di);
+            }
+        }
+    }
+}
+
+/// `out = softmax(q k^T scale) v` per (sample, head) (see [`Attn`]), samples in parallel, each
+/// head's scores one block of query rows at a time: two GEMMs and a softmax per block.
+pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: Attn, out: &mut [f32]) {
+    if a.empty() {
+        out.fill(0.0);
+        return;
+    }
+    let (hd, n, m, d) = (a.hd(), a.n, a.m, a.d);
+    let rows = a.rows();
+    out.par_chunks_mut(n * hd)
+        .zip(
+            q.par_chunks(n * hd)
+                .zip(k.par_chunks(m * hd).zip(v.par_chunks(m * hd))),
+        )
+        .for_each_init(
+            || vec![0f32; rows * m],
+            |s, (o, (q, (k, v)))| {
+                for h in 0..a.heads {
+                    let mut r0 = 0;
+                    while r0 < n {
+                        let r = rows.min(n - r0);
+                        let s = &mut s[..r * m];
+                        let qb = &q[r0 * hd + h * d..];
+                        gemm_into(r, m, d, s, (m, 1), false, qb, (hd, 1), &k[h * d..], (1, hd));
+                        softmax_rows_inplace(s, m, a.scale);
+                        let ob = &mut o[r0 * hd + h * d..];
+                        gemm_into(r, d, m, ob, (hd, 1), false, s, (m, 1), &v[h * d..], (hd, 1));
+                        r0 += r;
+                    }
+                }
+            },
+        );
+}
+
+/// Gradients of [`attention_fwd`] from its output `o` and the output gradient `go`, all
+/// overwritten: with `p = softmax(scale q k^T)` recomputed block by block,
+/// `dv = p^T go`, `ds = scale p (go v^T - <go_i, o_i>)` (the softmax's row sums `<dp_i, p_i>`
+/// equal `<go_i, o_i>`, so `p` is never stored), `dq = ds k`, `dk = ds^T q`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    go: &[f32],
+    a: Attn,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    if a.empty() {
+        dq.fill(0.0);
+        dk.fill(0.0);
+        dv.fill(0.0);
+        return;
+    }
+    let (hd, n, m, d) = (a.hd(), a.n, a.m, a.d);
+    let rows = a.rows();
+    let grads = dq
+        .par_chunks_mut(n * hd)
+        .zip(dk.par_chunks_mut(m * hd).zip(dv.par_chunks_mut(m * hd)));
+    let inputs = q
+        .par_chunks(n * hd)
+        .zip(o.par_chunks(n * hd).zip(go.par_chunks(n * hd)))
+        .zip(k.par_chunks(m * hd).zip(v.par_chunks(m * hd)));
+    grads.zip(inputs).for_each_init(
+        || (vec![0f32; rows * m], vec![0f32; rows * m]),
+        |(p, dp), ((dq, (dk, dv)), ((q, (o, go)), (k, v)))| {
+            for h in 0..a.heads {
+                let mut r0 = 0;
+                while r0 < n {
+                    let r = rows.min(n - r0);
+                    let first = r0 == 0;
+                    let (p, dp) = (&mut p[..r * m], &mut dp[..r * m]);
+                    let at = r0 * hd + h * d;
+                    let (kh, vh) = (&k[h * d..], &v[h * d..]);
+                    gemm_into(r, m, d, p, (m, 1), false, &q[at..], (hd, 1), kh, (1, hd));
+                    softmax_rows_inplace(p, m, a.scale);
+                    // dv (+)= p^T go.
+                    let dvh = &mut dv[h * d..];
+                    gemm_into(m, d, r, dvh, (hd, 1), !first, p, (1, m), &go[at..], (hd, 1));
+                    // dp = go v^T, then ds in its place.
+                    gemm_into(r, m, d, dp, (m, 1), false, &go[at..], (hd, 1), vh, (1, hd));
+                    softmax_grad_rows(p, dp, &go[at..], &o[at..], (r, m, d, hd), a.scale);
+                    // dq = ds k; dk (+)= ds^T q.
+                    gemm_into(
+                        r,
+                        d,
+                        m,
+                        &mut dq[at..],
+                        (hd, 1),
+                        false,
+                        dp,
+                        (m, 1),
+                        kh,
+                        (hd, 1),
+                    );
+                    let dkh = &mut dk[h * d..];
+                    gemm_into(m, d, r, dkh, (hd, 1), !first, dp, (1, m), &q[at..], (hd, 1));
+                    r0 += r;
+                }
+            }
+        },
+    );
+}

@@ -41,6 +41,15 @@
 //! - [`blend`]: SVD's `AlphaBlender`, `a s + (1 - a) t` with a learned scalar `a`, in one pass
 //!   (two scalar broadcasts, a product and a sum in candle), backward in one pass too.
 //!
+//! - [`attention`]: multi-head `softmax(q k^T scale) v` as one op over the projections' own
+//!   `[b, n, heads d]` layout: per sample and head, blocks of query rows through two GEMMs and a
+//!   softmax; backward recomputes each block's probabilities (`dv = p^T g`,
+//!   `ds = scale p (g v^T - <g_i, o_i>)`, `dq = ds k`, `dk = ds^T q`, the flash-attention
+//!   identity that the softmax's row sums equal `<g_i, o_i>`), so neither pass keeps the score
+//!   matrix. The composition splits the heads with three copies, keeps the scores and the
+//!   probabilities for backward, transposes operands for each batched matmul's gradient and
+//!   merges the heads with a fourth copy.
+//!
 //! LayerNorm over the last axis is the same kernel with one group over `[rows, dim, 1]`
 //! (`layers::LayerNorm` calls it so).
 //!
@@ -51,8 +60,9 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use onestep_kernels::{
-    bias_add_fwd, bias_add_grad, blend_bwd, blend_fwd, conv2d_bwd, conv2d_fwd, geglu_bwd,
-    geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd, softmax_fwd, Conv, Groups,
+    attention_bwd, attention_fwd, bias_add_fwd, bias_add_grad, blend_bwd, blend_fwd, conv2d_bwd,
+    conv2d_fwd, geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd, softmax_fwd,
+    Attn, Conv, Groups,
 };
 
 /// `silu(group_norm(x) * weight + bias)` (or without the SiLU) over `[b, c, ...]` with
@@ -92,6 +102,16 @@ pub fn enabled() -> bool {
 /// them off (the unfused composition everywhere), for benchmarks and for bisecting.
 pub fn fused_available(x: &Tensor, weight: &Tensor) -> bool {
     enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+}
+
+/// Whether [`attention`] serves the attention blocks: as [`fused_available`], and
+/// `ONESTEP_FUSED=noattention` keeps the other kernels but attention unfused (its
+/// before/after comparison in one build).
+pub fn attention_available(x: &Tensor, weight: &Tensor) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on =
+        *ON.get_or_init(|| std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "noattention"));
+    on && fused_available(x, weight)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -619,6 +639,114 @@ impl CustomOp3 for BlendBwd {
     }
 }
 
+/// Multi-head `softmax(q k^T scale) v` over `q`: `[b, n, heads d]`, `k`, `v`: `[b, m, heads d]`
+/// (f32 on the CPU, see [`fused_available`]) -> `[b, n, heads d]`, with backward.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    q.apply_op3(&k, &v, AttentionOp { heads, scale })
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+}
+
+impl AttentionOp {
+    fn geometry(&self, q: &[usize], k: &[usize], v: &[usize]) -> Result<Attn> {
+        let fits = q.len() == 3
+            && k.len() == 3
+            && v == k
+            && q[0] == k[0]
+            && q[2] == k[2]
+            && self.heads > 0
+            && q[2] % self.heads == 0;
+        if !fits {
+            candle_core::bail!(
+                "attention: queries {q:?} ([b, n, heads d]), keys {k:?} and values {v:?} \
+                 ([b, m, heads d]) do not fit {} heads",
+                self.heads
+            );
+        }
+        Ok(Attn {
+            batch: q[0],
+            heads: self.heads,
+            n: q[1],
+            m: k[1],
+            d: q[2] / self.heads,
+            scale: self.scale,
+        })
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor's storage (see `Tensor::storage_and_layout`), for a
+/// backward pass that reads more tensors than a custom op takes.
+fn storage_f32<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("attention: {what} must be on the CPU"),
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = self.geometry(l1.dims(), l2.dims(), l3.dims())?;
+        let q = f32_slice(s1, l1, "queries")?;
+        let k = f32_slice(s2, l2, "keys")?;
+        let v = f32_slice(s3, l3, "values")?;
+        let mut out = vec![0f32; q.len()];
+        attention_fwd(q, k, v, a, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let a = self.geometry(q.dims(), k.dims(), v.dims())?;
+        let (o, go) = (res.contiguous()?, grad.contiguous()?);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.elem_count()],
+            vec![0f32; k.elem_count()],
+            vec![0f32; v.elem_count()],
+        );
+        let tensors = [q, k, v, &o, &go];
+        let guards = tensors.map(|t| t.storage_and_layout());
+        let names = ["queries", "keys", "values", "output", "output gradient"];
+        let mut xs = Vec::with_capacity(5);
+        for ((s, l), what) in guards.iter().zip(names) {
+            xs.push(storage_f32(s, l, what)?);
+        }
+        attention_bwd(
+            xs[0], xs[1], xs[2], xs[3], xs[4], a, &mut dq, &mut dk, &mut dv,
+        );
+        drop(xs);
+        drop(guards);
+        let dev = q.device();
+        Ok((
+            tracked(q, Tensor::from_vec(dq, q.shape(), dev)?),
+            tracked(k, Tensor::from_vec(dk, k.shape(), dev)?),
+            tracked(v, Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,6 +1021,9 @@ mod tests {
             (3, 5, 4, 4, 6, 1, 1, [0, 0, 0, 0]),
             (1, 2, 7, 5, 2, 3, 2, [1, 1, 1, 1]),
             (1, 1, 2, 2, 1, 3, 1, [1, 1, 1, 1]),
+            // Strided, one column: some taps see no column of the image at all.
+            (2, 2, 3, 1, 2, 3, 2, [1, 1, 1, 1]),
+            (1, 3, 9, 11, 2, 3, 3, [1, 0, 2, 0]),
         ];
         for (b, cin, h, w, cout, k, s, pad) in cases {
             let x = var(Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev));
@@ -1005,6 +1136,131 @@ mod tests {
                 loss(&x0, &w0, &bm),
                 &format!("db[{k}]"),
             );
+        }
+    }
+
+    /// Multi-head attention as the unfused composition computes it: heads split into
+    /// `[b, heads, len, d]`, scores, a softmax of primitive ops, values, heads merged back.
+    fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let (b, n, hd) = q.dims3().unwrap();
+        let m = k.dim(1).unwrap();
+        let d = hd / heads;
+        let split = |x: &Tensor, len: usize| {
+            x.reshape((b, len, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(q, n), split(k, m), split(v, m));
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let e = s
+            .broadcast_sub(&s.max_keepdim(D::Minus1).unwrap())
+            .unwrap()
+            .exp()
+            .unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        p.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, n, hd))
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composition() {
+        let dev = Device::Cpu;
+        // (b, heads, n, m, d): odd sizes; cross-attention to one token (SVD's image embedding);
+        // the toy UNet's 16-wide heads; and scores past one block of query rows (2 blocks).
+        for (b, heads, n, m, d) in [
+            (2, 2, 7, 5, 3),
+            (3, 1, 4, 1, 8),
+            (1, 3, 37, 37, 5),
+            (2, 4, 64, 64, 16),
+            (1, 2, 300, 260, 4),
+        ] {
+            let hd = heads * d;
+            let q = var(Tensor::randn(0f32, 1.0, (b, n, hd), &dev));
+            let k = var(Tensor::randn(0f32, 1.0, (b, m, hd), &dev));
+            let v = var(Tensor::randn(0f32, 1.0, (b, m, hd), &dev));
+            let scale = 1.0 / (d as f64).sqrt();
+            assert_same(
+                || attention(&q, &k, &v, heads, scale as f32).unwrap(),
+                || attention_reference(&q, &k, &v, heads, scale),
+                &[&q, &k, &v],
+                (1e-5, 1e-4),
+                &format!("b {b} heads {heads} n {n} m {m} d {d}"),
+            );
+        }
+        // Shapes that do not fit the heads are an error, not a wrong answer.
+        let q = Tensor::zeros((1, 3, 6), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 4, 6), DType::F32, &dev).unwrap();
+        assert!(attention(&q, &k, &k, 4, 1.0).is_err());
+        assert!(attention(&q, &q.narrow(2, 0, 4).unwrap(), &k, 2, 1.0).is_err());
+    }
+
+    #[test]
+    fn fused_attention_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let (b, heads, n, m, d) = (2usize, 2usize, 3usize, 4usize, 2usize);
+        let hd = heads * d;
+        let vals = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 37 + seed * 11) % 23) as f32 / 9.0 - 1.2)
+                .collect()
+        };
+        let inputs = [
+            vals(b * n * hd, 1),
+            vals(b * m * hd, 2),
+            vals(b * m * hd, 3),
+        ];
+        let shapes = [(b, n, hd), (b, m, hd), (b, m, hd)];
+        let probe = Tensor::from_vec(vals(b * n * hd, 4), (b, n, hd), &dev).unwrap();
+        let loss = |xs: &[Vec<f32>; 3]| -> f64 {
+            let t: Vec<Tensor> = xs
+                .iter()
+                .zip(shapes)
+                .map(|(x, s)| Tensor::from_slice(x, s, &dev).unwrap())
+                .collect();
+            let y = attention(&t[0], &t[1], &t[2], heads, 0.7).unwrap();
+            (y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let vars: Vec<Var> = inputs
+            .iter()
+            .zip(shapes)
+            .map(|(x, s)| Var::from_slice(x, s, &dev).unwrap())
+            .collect();
+        let y = attention(&vars[0], &vars[1], &vars[2], heads, 0.7).unwrap();
+        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let h = 1e-2f32;
+        for (which, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            let analytic = g
+                .get(vars[which].as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for i in (0..inputs[which].len()).step_by(5) {
+                let (mut plus, mut minus) = (inputs.clone(), inputs.clone());
+                plus[which][i] += h;
+                minus[which][i] -= h;
+                let numeric = (loss(&plus) - loss(&minus)) / (2.0 * h as f64);
+                assert!(
+                    (analytic[i] as f64 - numeric).abs() < 1e-2 * numeric.abs().max(1.0),
+                    "{name}[{i}]: analytic {} vs numeric {numeric}",
+                    analytic[i]
+                );
+            }
         }
     }
 }

@@ -532,11 +532,19 @@ impl Attention {
     /// `x`: `[b, n, query_dim]`, `context`: `[b, m, cross_dim]` -> `[b, n, query_dim]`
     pub fn forward_seq(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, _) = x.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
         let ctx = context.unwrap_or(x);
+        let scale = 1.0 / (self.dim_head as f64).sqrt();
+        let q = self.to_q.forward(x)?;
+        if super::fused::attention_available(&q, &self.to_q.weight) {
+            // One op for all heads, reading them in place (no head split copies, no score
+            // matrix kept for the backward pass).
+            let (k, v) = (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
+            let out = super::fused::attention(&q, &k, &v, self.heads, scale as f32)?;
+            return self.to_out.forward(&out);
+        }
+        let q = self.split_heads(&q)?;
         let k = self.split_heads(&self.to_k.forward(ctx)?)?;
         let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let scale = 1.0 / (self.dim_head as f64).sqrt();
         let out = scaled_dot_product_attention(&q, &k, &v, scale)?;
         let out = out
             .transpose(1, 2)?
