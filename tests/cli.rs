@@ -808,6 +808,29 @@ fn teacher_chain_trains_logs_and_generates_from_any_image_size() {
         );
     }
     assert!(count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'loss'") >= 8);
+    // The teacher's fixed denoising losses (`eval_every = 2` of 4 steps): at steps 0, 2 and 4,
+    // on test and on training clips, finite, and not the same numbers (different clips).
+    let fixed = |key: &str| -> Vec<(i64, f64)> {
+        let mut q = store
+            .conn()
+            .prepare(&format!(
+                "SELECT step, value FROM metrics WHERE key = '{key}' ORDER BY step"
+            ))
+            .unwrap();
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    let (held, train) = (fixed("heldout_loss"), fixed("train_fixed_loss"));
+    for rows in [&held, &train] {
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 2, 4]);
+        assert!(
+            rows.iter().all(|r| r.1.is_finite() && r.1 > 0.0),
+            "{rows:?}"
+        );
+    }
+    assert_ne!(held, train);
     // The VAE's global colour shift, in [0, 1] pixel units.
     let colour: f64 = store
         .conn()
@@ -1008,6 +1031,67 @@ fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
     };
     let (wa, wb) = (w(a.path()), w(b.path()));
     assert_eq!(wa.len(), wb.len());
+    // The fixed evaluations (`eval_every = 2`) swap the EMA weights in and back out: a run
+    // without them trains the same weights.
+    let c = tempfile::tempdir().unwrap();
+    let mut cmd = bin();
+    cmd.arg("--results")
+        .arg(c.path())
+        .arg("--assets")
+        .arg(assets())
+        .args(["--progress", "lines", "run"])
+        .arg(&spec)
+        .args(set)
+        .args(["--set", "stages.teacher.eval_every=0"]);
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let s0 = onestep::spec::load(
+        &spec,
+        &[
+            "stages.teacher.steps=6".into(),
+            "stages.teacher.sample_clips=0".into(),
+            "stages.teacher.eval_every=0".into(),
+        ],
+        &onestep::stages::Registry,
+    )
+    .unwrap();
+    let plan0 = onestep::plan::plan(&s0, None).unwrap();
+    let wc = candle_core::safetensors::load(
+        onestep::plan::cache_dir(c.path(), &plan0.runs[0].stages[2].hash)
+            .join("unet/diffusion_pytorch_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for (k, ta) in &wa {
+        let d = (ta - &wc[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d == 0.0,
+            "{k} differs by {d} with the fixed evaluations off"
+        );
+    }
+    // The resumed run's evaluations after the resume are the uninterrupted run's.
+    let held = |r: &Path| -> Vec<(i64, f64)> {
+        let store = Store::open(&r.join("onestep.sqlite")).unwrap();
+        let mut q = store
+            .conn()
+            .prepare("SELECT step, value FROM metrics WHERE key = 'heldout_loss' AND step >= 4 ORDER BY step")
+            .unwrap();
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert_eq!(held(a.path()), held(b.path()));
+    assert_eq!(held(a.path()).len(), 2);
     for (k, ta) in &wa {
         let d = (ta - &wb[k])
             .unwrap()

@@ -12,11 +12,13 @@
 //! Metrics: `loss` per step (EDM-weighted MSE), `grad_norm`; at the end `sample_nfe`,
 //! `sample_motion` / `real_motion` (mean absolute frame difference of generated / real test
 //! clips, pixels in [0, 1]) and `sample_first_frame_psnr` (how well the generated first frame
-//! keeps the conditioning image).
+//! keeps the conditioning image); with `eval_every`, `heldout_loss` and `train_fixed_loss` (the
+//! same fixed denoising loss on test and on training clips, EMA weights).
 
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::data::ClipSet;
 use crate::device::Precision;
+use crate::diffusion::noise::NormalRng;
 use crate::diffusion::{Conditioning, Denoiser, EdmLoss, SamplerConfig, SvdDenoiser};
 use crate::error::{Error, Result};
 use crate::models::checkpoint::{load_weights, load_weights_files, weight_files};
@@ -27,10 +29,10 @@ use crate::models::{
 use crate::pipeline::{
     is_clip_folder, GenerateOptions, LoadOptions, PipelineSettings, VideoPipeline,
 };
-use crate::train::optim::named_vars;
+use crate::train::optim::{named_vars, Ema};
 use crate::train::state::TrainState;
 use crate::train::{
-    ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig, Ema,
+    ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig,
 };
 use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
@@ -88,6 +90,20 @@ pub struct TeacherParams {
     pub sample_clips: usize,
     /// Steps between checkpoints (not part of the stage's identity).
     pub checkpoint_every: u64,
+    /// Steps between evaluations of the fixed denoising loss (0 = none, left out of the
+    /// identity): `heldout_loss` on the first `eval_clips` test clips and `train_fixed_loss` on
+    /// as many training clips, both with the EMA weights, fixed noise and four fixed noise
+    /// levels, so the two curves differ only by the clips; their gap tells overfitting from
+    /// underfitting. Also at step 0 of a fresh run (a pretrained teacher with `steps = 0`
+    /// gets exactly that one evaluation).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eval_every: u64,
+    /// Clips of each set in that evaluation (left out of the identity at its default, 32).
+    #[serde(
+        default = "default_eval_clips",
+        skip_serializing_if = "is_default_eval_clips"
+    )]
+    pub eval_clips: usize,
     /// Dtype the preview samples are generated in ([`Precision`]; the UNet trains in f32):
     /// f32 (default, left out of the identity), bf16 or f16.
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
@@ -119,9 +135,23 @@ impl Default for TeacherParams {
             sampler: SamplerConfig::default(),
             sample_clips: 4,
             checkpoint_every: 200,
+            eval_every: 0,
+            eval_clips: default_eval_clips(),
             dtype: Precision::F32,
         }
     }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn default_eval_clips() -> usize {
+    32
+}
+
+fn is_default_eval_clips(v: &usize) -> bool {
+    *v == default_eval_clips()
 }
 
 impl TeacherParams {
@@ -163,6 +193,12 @@ impl TeacherParams {
         }
         if self.batch_clips == 0 {
             return Err(bad("batch_clips", "must be at least 1".into()));
+        }
+        if self.eval_every > 0 && self.eval_clips == 0 {
+            return Err(bad(
+                "eval_clips",
+                "must be at least 1 when eval_every is set".into(),
+            ));
         }
         self.sampler.validate().map_err(|m| bad("sampler", m))?;
         Ok(())
@@ -266,6 +302,223 @@ pub fn clip_motion(clip: &[u8], frames: usize) -> f64 {
             .sum::<u64>();
     }
     s as f64 / ((frames - 1) * n) as f64 / 255.0
+}
+
+/// The clips of one denoising batch: windows `starts[j]..` of clips `idx[j]` of `set`, with the
+/// set's latents and motion buckets.
+struct Batch<'a> {
+    set: &'a ClipSet,
+    latents: &'a [Tensor],
+    buckets: &'a [f64],
+    idx: &'a [usize],
+    starts: &'a [usize],
+}
+
+/// The random draws of one denoising batch: conditioning augmentation strengths and noise,
+/// which conditionings are kept, noise levels and the latents' noise.
+struct Draws {
+    aug: Vec<f64>,
+    eps_img: Tensor,
+    keep: Vec<f32>,
+    sigma: Vec<f32>,
+    noise: Tensor,
+}
+
+impl Draws {
+    /// A training step's, in the order its generator has always been drawn from (so resumed
+    /// and earlier runs draw the same).
+    fn training(
+        rng: &mut NormalRng,
+        p: &TeacherParams,
+        img: [usize; 4],
+        lat: &[usize],
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let b = img[0];
+        let aug = (0..b)
+            .map(|_| (p.noise_aug_mean + p.noise_aug_std * rng.normal()).exp())
+            .collect();
+        let eps_img = rng.tensor(&img, dev)?;
+        let keep = (0..b)
+            .map(|_| if rng.uniform() < p.p_uncond { 0.0 } else { 1.0 })
+            .collect();
+        let sigma = (0..b)
+            .map(|_| p.edm.sigma_from_normal(rng.normal()) as f32)
+            .collect();
+        let noise = rng.tensor(lat, dev)?;
+        Ok(Self {
+            aug,
+            eps_img,
+            keep,
+            sigma,
+            noise,
+        })
+    }
+
+    /// The fixed evaluation's: the median augmentation strength, every conditioning kept, one
+    /// noise level `sigma` for the whole batch.
+    fn fixed(
+        rng: &mut NormalRng,
+        p: &TeacherParams,
+        img: [usize; 4],
+        lat: &[usize],
+        sigma: f64,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let b = img[0];
+        Ok(Self {
+            aug: vec![p.noise_aug_mean.exp(); b],
+            eps_img: rng.tensor(&img, dev)?,
+            keep: vec![1.0; b],
+            sigma: vec![sigma as f32; b],
+            noise: rng.tensor(lat, dev)?,
+        })
+    }
+}
+
+/// `[b, frames, c, h, w]`: a batch of `b` windows of `frames` latent frames.
+fn latent_dims(latents: &[Tensor], b: usize, frames: usize) -> Vec<usize> {
+    let mut d = vec![b, frames];
+    d.extend_from_slice(&latents[0].dims()[1..]);
+    d
+}
+
+/// SVD's training objective on one batch: the window's first frame, noise-augmented and
+/// VAE-encoded (frozen), and the trained image embedding condition the denoiser (both dropped
+/// where `keep` is 0); the EDM-weighted MSE of the denoised latents.
+#[allow(clippy::too_many_arguments)]
+fn batch_loss(
+    den: &SvdDenoiser<'_>,
+    vae: &AutoencoderKLTemporalDecoder,
+    encoder: &TeacherEncoder,
+    edm: &EdmLoss,
+    batch: &Batch<'_>,
+    (frames, fps): (usize, f64),
+    d: &Draws,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let b = batch.idx.len();
+    let (h, w) = (batch.set.height, batch.set.width);
+    let windows = batch
+        .idx
+        .iter()
+        .zip(batch.starts)
+        .map(|(&i, &s)| batch.latents[i].narrow(0, s, frames))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let x0 = Tensor::stack(&windows, 0)?;
+    let first = clip_batch(batch.set, batch.idx, batch.starts, 1, dev)?.reshape((b, 3, h, w))?;
+    let aug: Vec<f32> = d.aug.iter().map(|&a| a as f32).collect();
+    let aug_t = Tensor::from_vec(aug, (b, 1, 1, 1), dev)?;
+    let noisy = (&first + d.eps_img.broadcast_mul(&aug_t)?)?;
+    let image_latents = vae.encode(&noisy)?.mean.detach().unsqueeze(1)?;
+    let embeds = match encoder {
+        TeacherEncoder::Trained(enc) => enc.forward(&first),
+        TeacherEncoder::Clip(clip) => clip.embed(&first).map(|t| t.detach()),
+    }?;
+    let keep = Tensor::from_vec(d.keep.clone(), (b, 1, 1, 1, 1), dev)?;
+    let image_latents = image_latents.broadcast_mul(&keep)?;
+    let embeds = embeds.broadcast_mul(&keep.reshape((b, 1, 1))?)?;
+    let ids: Vec<f32> = (0..b)
+        .flat_map(|j| {
+            let bucket = batch.buckets[batch.idx[j]];
+            [(fps - 1.0) as f32, bucket as f32, d.aug[j] as f32]
+        })
+        .collect();
+    let cond = Conditioning {
+        image_latents,
+        image_embeds: embeds,
+        added_time_ids: Tensor::from_vec(ids, (b, 3), dev)?,
+    };
+    let sigma = Tensor::from_vec(d.sigma.clone(), b, dev)?;
+    let x = (&x0 + d.noise.broadcast_mul(&sigma.reshape((b, 1, 1, 1, 1))?)?)?;
+    let denoised = den.denoise(&x, &sigma, &cond)?;
+    edm.loss(&denoised, &x0, &sigma)
+}
+
+/// Normal quantiles at 1/8, 3/8, 5/8 and 7/8: the fixed evaluation's four noise levels
+/// `exp(P_mean + P_std z)` stand for the four quarters of the training distribution.
+const FIXED_Z: [f64; 4] = [-1.150_349, -0.318_639, 0.318_639, 1.150_349];
+
+/// The fixed denoising loss of every clip of `latents` (windows from frame 0), averaged over
+/// the clips and the four noise levels of [`FIXED_Z`], the noise drawn from `seed` alone.
+#[allow(clippy::too_many_arguments)]
+fn fixed_loss(
+    den: &SvdDenoiser<'_>,
+    vae: &AutoencoderKLTemporalDecoder,
+    encoder: &TeacherEncoder,
+    p: &TeacherParams,
+    (set, latents, buckets): (&ClipSet, &[Tensor], &[f64]),
+    (frames, fps): (usize, f64),
+    seed: u64,
+    dev: &candle_core::Device,
+) -> candle_core::Result<f64> {
+    let mut rng = NormalRng::new(seed);
+    let (mut total, mut count) = (0.0, 0usize);
+    let n = latents.len();
+    for first in (0..n).step_by(p.batch_clips) {
+        let idx: Vec<usize> = (first..(first + p.batch_clips).min(n)).collect();
+        let starts = vec![0; idx.len()];
+        let b = idx.len();
+        let batch = Batch {
+            set,
+            latents,
+            buckets,
+            idx: &idx,
+            starts: &starts,
+        };
+        let img = [b, 3, set.height, set.width];
+        for z in FIXED_Z {
+            let sigma = p.edm.sigma_from_normal(z);
+            let draws = Draws::fixed(
+                &mut rng,
+                p,
+                img,
+                &latent_dims(latents, b, frames),
+                sigma,
+                dev,
+            )?;
+            let loss = batch_loss(
+                den,
+                vae,
+                encoder,
+                &p.edm,
+                &batch,
+                (frames, fps),
+                &draws,
+                dev,
+            )?;
+            total += loss.to_scalar::<f32>()? as f64 * b as f64;
+            count += b;
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// `f` computed with the EMA weights in place of the trained ones (when `use_ema`), which are
+/// put back afterwards, also when `f` fails.
+fn with_ema_weights<R>(
+    vars: &[(String, candle_core::Var)],
+    ema: &Ema,
+    use_ema: bool,
+    f: impl FnOnce() -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    if !use_ema {
+        return f();
+    }
+    let saved = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().copy())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for (n, v) in vars {
+        if let Some((_, s)) = ema.shadow.iter().find(|(m, _)| m == n) {
+            v.set(s)?;
+        }
+    }
+    let out = f();
+    for ((_, v), s) in vars.iter().zip(&saved) {
+        v.set(s)?;
+    }
+    out
 }
 
 fn build_vars<M>(
@@ -394,6 +647,52 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
 
     let den = SvdDenoiser { unet: &unet };
     let (h, w) = (train_set.height, train_set.width);
+    // The fixed held-out and training losses (`eval_every`), with the EMA weights.
+    let eval_n = p.eval_clips.min(test_set.len()).min(train_set.len());
+    let test_latents = if p.eval_every > 0 {
+        encode_clips(&vae, test_set, eval_n, &dev)?
+    } else {
+        Vec::new()
+    };
+    let test_buckets = motion_buckets(test_set, p);
+    let evaluate = |ctx: &mut StageContext<'_>,
+                    step: u64,
+                    vars: &[(String, candle_core::Var)],
+                    ema: &Ema|
+     -> Result<()> {
+        let e = ce("fixed denoising loss");
+        let sets = [
+            (
+                "heldout_loss",
+                (test_set, &test_latents[..], &test_buckets[..]),
+            ),
+            (
+                "train_fixed_loss",
+                (train_set, &latents[..eval_n], &buckets[..]),
+            ),
+        ];
+        for (key, set) in sets {
+            // The same noise for both sets: the curves differ by their clips alone.
+            let v = with_ema_weights(vars, ema, p.ema_decay > 0.0, || {
+                fixed_loss(
+                    &den,
+                    &vae,
+                    &encoder,
+                    p,
+                    set,
+                    (frames, fps),
+                    ctx.seed ^ 0xF1_5ED,
+                    &dev,
+                )
+            })
+            .map_err(&e)?;
+            ctx.metric(key, step, v)?;
+        }
+        Ok(())
+    };
+    if p.eval_every > 0 && start == 0 {
+        evaluate(ctx, 0, &vars, &ema)?;
+    }
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let t0 = std::time::Instant::now();
@@ -401,70 +700,26 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
         let (idx, starts) = random_windows(&mut rng, train_set.len(), train_set.frames, frames, b);
-        // Clean latents of the window [b, t, c, h, w].
-        let x0 = Tensor::stack(
-            &idx.iter()
-                .zip(&starts)
-                .map(|(&i, &s)| latents[i].narrow(0, s, frames))
-                .collect::<candle_core::Result<Vec<_>>>()
-                .map_err(&e)?,
-            0,
-        )
-        .map_err(&e)?;
-        // Conditioning: the window's first frame, noise-augmented, VAE-encoded (frozen).
-        let first = clip_batch(&train_set, &idx, &starts, 1, &dev)
-            .and_then(|x| x.reshape((b, 3, h, w)))
-            .map_err(&e)?;
-        let aug: Vec<f64> = (0..b)
-            .map(|_| (p.noise_aug_mean + p.noise_aug_std * rng.normal()).exp())
-            .collect();
-        let aug_t = Tensor::from_vec(
-            aug.iter().map(|&a| a as f32).collect::<Vec<_>>(),
-            (b, 1, 1, 1),
+        let lat_dims = latent_dims(&latents, b, frames);
+        let draws = Draws::training(&mut rng, p, [b, 3, h, w], &lat_dims, &dev).map_err(&e)?;
+        let batch = Batch {
+            set: train_set,
+            latents: &latents,
+            buckets: &buckets,
+            idx: &idx,
+            starts: &starts,
+        };
+        let loss = batch_loss(
+            &den,
+            &vae,
+            &encoder,
+            &p.edm,
+            &batch,
+            (frames, fps),
+            &draws,
             &dev,
         )
         .map_err(&e)?;
-        let eps_img = rng.tensor(&[b, 3, h, w], &dev).map_err(&e)?;
-        let noisy = (&first + eps_img.broadcast_mul(&aug_t).map_err(&e)?).map_err(&e)?;
-        let image_latents = vae
-            .encode(&noisy)
-            .map_err(&e)?
-            .mean
-            .detach()
-            .unsqueeze(1)
-            .map_err(&e)?;
-        let embeds = match &encoder {
-            TeacherEncoder::Trained(enc) => enc.forward(&first),
-            TeacherEncoder::Clip(clip) => clip.embed(&first).map(|t| t.detach()),
-        }
-        .map_err(&e)?;
-        let keep: Vec<f32> = (0..b)
-            .map(|_| if rng.uniform() < p.p_uncond { 0.0 } else { 1.0 })
-            .collect();
-        let keep = Tensor::from_vec(keep, (b, 1, 1, 1, 1), &dev).map_err(&e)?;
-        let image_latents = image_latents.broadcast_mul(&keep).map_err(&e)?;
-        let embeds = embeds
-            .broadcast_mul(&keep.reshape((b, 1, 1)).map_err(&e)?)
-            .map_err(&e)?;
-        let ids: Vec<f32> = (0..b)
-            .flat_map(|j| [(fps - 1.0) as f32, buckets[idx[j]] as f32, aug[j] as f32])
-            .collect();
-        let cond = Conditioning {
-            image_latents,
-            image_embeds: embeds,
-            added_time_ids: Tensor::from_vec(ids, (b, 3), &dev).map_err(&e)?,
-        };
-        let sig: Vec<f32> = (0..b)
-            .map(|_| p.edm.sigma_from_normal(rng.normal()) as f32)
-            .collect();
-        let sigma = Tensor::from_vec(sig, b, &dev).map_err(&e)?;
-        let n = rng.tensor(x0.dims(), &dev).map_err(&e)?;
-        let x = (&x0
-            + n.broadcast_mul(&sigma.reshape((b, 1, 1, 1, 1)).map_err(&e)?)
-                .map_err(&e)?)
-        .map_err(&e)?;
-        let d = den.denoise(&x, &sigma, &cond).map_err(&e)?;
-        let loss = p.edm.loss(&d, &x0, &sigma).map_err(&e)?;
         let grads = loss.backward().map_err(&e)?;
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
@@ -475,6 +730,9 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));
         let done = step + 1 == p.steps;
+        if p.eval_every > 0 && ((step + 1) % p.eval_every == 0 || done) {
+            evaluate(ctx, step + 1, &vars, &ema)?;
+        }
         if (p.checkpoint_every > 0 && (step + 1) % p.checkpoint_every == 0) || done {
             let state = TrainState::new(step + 1)
                 .with("model", &vars)
@@ -533,8 +791,18 @@ pub(crate) fn encode_all(
     set: &ClipSet,
     dev: &candle_core::Device,
 ) -> Result<Vec<Tensor>> {
+    encode_clips(vae, set, set.len(), dev)
+}
+
+/// [`encode_all`] of the first `n` clips.
+fn encode_clips(
+    vae: &AutoencoderKLTemporalDecoder,
+    set: &ClipSet,
+    n: usize,
+    dev: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
     let e = ce("encoding clips");
-    (0..set.len())
+    (0..n.min(set.len()))
         .map(|i| {
             let x = clip_frames(set, i, dev).map_err(&e)?;
             let z = vae.encode(&x).map_err(&e)?.mean;
