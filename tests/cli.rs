@@ -810,19 +810,10 @@ fn teacher_chain_trains_logs_and_generates_from_any_image_size() {
     assert!(count(&store, "SELECT COUNT(*) FROM metrics WHERE key = 'loss'") >= 8);
     // The teacher's fixed denoising losses (`eval_every = 2` of 4 steps): at steps 0, 2 and 4,
     // on test and on training clips, finite, and not the same numbers (different clips).
-    let fixed = |key: &str| -> Vec<(i64, f64)> {
-        let mut q = store
-            .conn()
-            .prepare(&format!(
-                "SELECT step, value FROM metrics WHERE key = '{key}' ORDER BY step"
-            ))
-            .unwrap();
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect()
-    };
-    let (held, train) = (fixed("heldout_loss"), fixed("train_fixed_loss"));
+    let (held, train) = (
+        key_rows(&store, "heldout_loss", 0),
+        key_rows(&store, "train_fixed_loss", 0),
+    );
     for rows in [&held, &train] {
         assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 2, 4]);
         assert!(
@@ -1062,8 +1053,8 @@ fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    for (k, ta) in &wa {
-        let d = (ta - &wc[k])
+    let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b)
             .unwrap()
             .abs()
             .unwrap()
@@ -1072,37 +1063,27 @@ fn teacher_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does() {
             .max(0)
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap();
+            .unwrap()
+    };
+    for (k, ta) in &wa {
+        let d = max_diff(ta, &wc[k]);
         assert!(
             d == 0.0,
             "{k} differs by {d} with the fixed evaluations off"
         );
     }
     // The resumed run's evaluations after the resume are the uninterrupted run's.
-    let held = |r: &Path| -> Vec<(i64, f64)> {
-        let store = Store::open(&r.join("onestep.sqlite")).unwrap();
-        let mut q = store
-            .conn()
-            .prepare("SELECT step, value FROM metrics WHERE key = 'heldout_loss' AND step >= 4 ORDER BY step")
-            .unwrap();
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect()
+    let held = |r: &Path| {
+        key_rows(
+            &Store::open(&r.join("onestep.sqlite")).unwrap(),
+            "heldout_loss",
+            4,
+        )
     };
     assert_eq!(held(a.path()), held(b.path()));
     assert_eq!(held(a.path()).len(), 2);
     for (k, ta) in &wa {
-        let d = (ta - &wb[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(ta, &wb[k]);
         assert!(d <= 1e-6, "{k} differs by {d} after resume");
     }
 }
@@ -1830,6 +1811,18 @@ fn stage_hash(p: &onestep::plan::Plan, name: &str) -> String {
 }
 
 /// A stage's logged values of one metric key, in step order.
+/// `(step, value)` of every row of metric `key` at `step >= from`, by step.
+fn key_rows(store: &Store, key: &str, from: i64) -> Vec<(i64, f64)> {
+    let mut q = store
+        .conn()
+        .prepare("SELECT step, value FROM metrics WHERE key = ?1 AND step >= ?2 ORDER BY step")
+        .unwrap();
+    q.query_map(rusqlite::params![key, from], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
 fn series(store: &Store, hash: &str, key: &str) -> Vec<f64> {
     let mut st = store
         .conn()

@@ -795,6 +795,18 @@ mod tests {
             .unwrap()
     }
 
+    /// `sum(y * probe)` in f64: the scalar a finite-difference check differentiates.
+    fn probe_sum(y: Tensor, probe: &Tensor) -> f64 {
+        (y * probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     fn var(t: candle_core::Result<Tensor>) -> Var {
         Var::from_tensor(&t.unwrap()).unwrap()
     }
@@ -1073,15 +1085,7 @@ mod tests {
             let w = Tensor::from_slice(w, 4, &dev).unwrap();
             let b = Tensor::from_slice(b, 4, &dev).unwrap();
             let p = Tensor::from_slice(&probe, &shape, &dev).unwrap();
-            let y = group_norm(&x, &w, &b, 2, 1e-5, true).unwrap();
-            (y * p)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            probe_sum(group_norm(&x, &w, &b, 2, 1e-5, true).unwrap(), &p)
         };
         let x = Var::from_slice(&x0, &shape, &dev).unwrap();
         let w = Var::from_slice(&w0, 4, &dev).unwrap();
@@ -1224,15 +1228,7 @@ mod tests {
                 .zip(shapes)
                 .map(|(x, s)| Tensor::from_slice(x, s, &dev).unwrap())
                 .collect();
-            let y = attention(&t[0], &t[1], &t[2], heads, 0.7).unwrap();
-            (y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            probe_sum(attention(&t[0], &t[1], &t[2], heads, 0.7).unwrap(), &probe)
         };
         let vars: Vec<Var> = inputs
             .iter()
