@@ -59,6 +59,11 @@ pub struct DataParams {
     /// Synthetic: number of train and test clips.
     pub train_clips: usize,
     pub test_clips: usize,
+    /// Synthetic: training clips added after the `train_clips` (from a range of clip indices
+    /// of their own), so a training set grows while the test clips, which follow the
+    /// `train_clips`, stay the same clips. Left out of the identity when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub extra_train_clips: usize,
     /// Synthetic: sprites | pan | mixed.
     pub motion: Motion,
     /// Synthetic: at most this many sprites per clip.
@@ -88,6 +93,7 @@ impl Default for DataParams {
             max_test: 0,
             train_clips: 256,
             test_clips: 64,
+            extra_train_clips: 0,
             motion: Motion::Mixed,
             sprites: 3,
             seed: 0,
@@ -98,7 +104,27 @@ impl Default for DataParams {
     }
 }
 
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+/// The first clip index of the synthetic `extra_train_clips`: far past any `train_clips +
+/// test_clips`, so the extra clips never repeat a training or test clip.
+const EXTRA_TRAIN_BASE: u64 = 1 << 40;
+
 impl DataParams {
+    /// Synthetic: the clip index rendered at generation position `pos` and whether it is a
+    /// training clip. Positions run over the `train_clips`, then the `test_clips`, then the
+    /// `extra_train_clips`.
+    fn synthetic_index(&self, pos: u64) -> (u64, bool) {
+        let (train, test) = (self.train_clips as u64, self.test_clips as u64);
+        if pos < train + test {
+            (pos, pos < train)
+        } else {
+            (EXTRA_TRAIN_BASE + pos - train - test, true)
+        }
+    }
+
     /// Frame height and width: `height` and `width` where set, `size` otherwise.
     pub fn frame_size(&self) -> (usize, usize) {
         (
@@ -157,6 +183,10 @@ impl DataParams {
         match self.source {
             Source::Synthetic if self.train_clips == 0 => bad("train_clips", "must be at least 1"),
             Source::Synthetic if self.sprites == 0 => bad("sprites", "must be at least 1"),
+            s if s != Source::Synthetic && self.extra_train_clips > 0 => bad(
+                "extra_train_clips",
+                "only synthetic data has extra training clips",
+            ),
             Source::Folder if self.path.trim().is_empty() => bad(
                 "path",
                 "source = \"folder\" needs `path`, a folder of videos",
@@ -285,7 +315,7 @@ fn resume_step(ctx: &StageContext<'_>, steps: u64) -> Result<u64> {
 }
 
 fn synthetic(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<Vec<SourceRecord>> {
-    let total = (p.train_clips + p.test_clips) as u64;
+    let total = (p.train_clips + p.test_clips + p.extra_train_clips) as u64;
     let steps = total.div_ceil(p.chunk as u64);
     let start = resume_step(ctx, steps)?;
     if start > 0 {
@@ -298,9 +328,10 @@ fn synthetic(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<Vec<SourceRec
             ClipSet::new(p.frames, p.size, p.size),
         );
         let lo = step * p.chunk as u64;
-        for i in lo..(lo + p.chunk as u64).min(total) {
+        for pos in lo..(lo + p.chunk as u64).min(total) {
+            let (i, is_train) = p.synthetic_index(pos);
             let clip = render_clip(p.seed, i, p.motion, p.frames, p.size, p.sprites);
-            if (i as usize) < p.train_clips {
+            if is_train {
                 train.push(&clip, 0, i as i64);
             } else {
                 test.push(&clip, 0, i as i64);
@@ -329,7 +360,7 @@ fn synthetic(ctx: &mut StageContext<'_>, p: &DataParams) -> Result<Vec<SourceRec
         frames: 0,
         train_span_s: [0.0, 0.0],
         test_span_s: [0.0, 0.0],
-        train_clips: p.train_clips,
+        train_clips: p.train_clips + p.extra_train_clips,
         test_clips: p.test_clips,
     }])
 }
@@ -656,6 +687,36 @@ mod tests {
         assert_eq!(test.len(), 3); // starts 30, 33, 36
                                    // Each clip holds the frames it says it starts at.
         assert_eq!(test.clip(1)[0], 33);
+    }
+
+    #[test]
+    fn extra_training_clips_leave_the_test_clips_and_the_first_training_clips_alone() {
+        let base = DataParams {
+            train_clips: 5,
+            test_clips: 3,
+            ..Default::default()
+        };
+        let grown = DataParams {
+            extra_train_clips: 4,
+            ..base.clone()
+        };
+        for pos in 0..8 {
+            assert_eq!(base.synthetic_index(pos), grown.synthetic_index(pos));
+        }
+        let extra: Vec<(u64, bool)> = (8..12).map(|pos| grown.synthetic_index(pos)).collect();
+        assert!(extra
+            .iter()
+            .all(|&(i, train)| train && i >= EXTRA_TRAIN_BASE));
+        let mut ids: Vec<u64> = extra.iter().map(|e| e.0).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 4);
+        assert_eq!((0..8).filter(|&p| base.synthetic_index(p).1).count(), 5);
+        let film = DataParams {
+            source: Source::Bbb,
+            extra_train_clips: 1,
+            ..Default::default()
+        };
+        assert_eq!(film.check().unwrap_err().path, "extra_train_clips");
     }
 
     #[test]
