@@ -94,8 +94,13 @@ pub fn group_norm(
 /// Whether the fused kernels are on in this process (`ONESTEP_FUSED=0` turns them off), read
 /// once.
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "0"))
+    setting() != "0"
+}
+
+/// `ONESTEP_FUSED` as this process started with it (empty when unset), read once.
+fn setting() -> &'static str {
+    static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SETTING.get_or_init(|| std::env::var("ONESTEP_FUSED").unwrap_or_default())
 }
 
 /// Whether the fused kernels serve these tensors (f32 on the CPU). `ONESTEP_FUSED=0` turns
@@ -108,10 +113,7 @@ pub fn fused_available(x: &Tensor, weight: &Tensor) -> bool {
 /// `ONESTEP_FUSED=noattention` keeps the other kernels but attention unfused (its
 /// before/after comparison in one build).
 pub fn attention_available(x: &Tensor, weight: &Tensor) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on =
-        *ON.get_or_init(|| std::env::var("ONESTEP_FUSED").map_or(true, |v| v != "noattention"));
-    on && fused_available(x, weight)
+    setting() != "noattention" && fused_available(x, weight)
 }
 
 #[derive(Debug, Clone, Copy)]

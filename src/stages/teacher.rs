@@ -494,6 +494,16 @@ fn fixed_loss(
     Ok(total / count.max(1) as f64)
 }
 
+/// Every variable that has an EMA shadow takes its value.
+fn set_ema_weights(vars: &[(String, candle_core::Var)], ema: &Ema) -> candle_core::Result<()> {
+    for (n, v) in vars {
+        if let Some((_, s)) = ema.shadow.iter().find(|(m, _)| m == n) {
+            v.set(s)?;
+        }
+    }
+    Ok(())
+}
+
 /// `f` computed with the EMA weights in place of the trained ones (when `use_ema`), which are
 /// put back afterwards, also when `f` fails.
 fn with_ema_weights<R>(
@@ -509,11 +519,7 @@ fn with_ema_weights<R>(
         .iter()
         .map(|(_, v)| v.as_tensor().copy())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    for (n, v) in vars {
-        if let Some((_, s)) = ema.shadow.iter().find(|(m, _)| m == n) {
-            v.set(s)?;
-        }
-    }
+    set_ema_weights(vars, ema)?;
     let out = f();
     for ((_, v), s) in vars.iter().zip(&saved) {
         v.set(s)?;
@@ -654,7 +660,11 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     } else {
         Vec::new()
     };
-    let test_buckets = motion_buckets(test_set, p);
+    let test_buckets = if p.eval_every > 0 {
+        motion_buckets(test_set, p)
+    } else {
+        Vec::new()
+    };
     let evaluate = |ctx: &mut StageContext<'_>,
                     step: u64,
                     vars: &[(String, candle_core::Var)],
@@ -671,21 +681,18 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
                 (train_set, &latents[..eval_n], &buckets[..]),
             ),
         ];
-        for (key, set) in sets {
-            // The same noise for both sets: the curves differ by their clips alone.
-            let v = with_ema_weights(vars, ema, p.ema_decay > 0.0, || {
-                fixed_loss(
-                    &den,
-                    &vae,
-                    &encoder,
-                    p,
-                    set,
-                    (frames, fps),
-                    ctx.seed ^ 0xF1_5ED,
-                    &dev,
-                )
+        // One swap to the EMA weights for both sets, and the same noise for both: the curves
+        // differ by their clips alone.
+        let values = with_ema_weights(vars, ema, p.ema_decay > 0.0, || {
+            sets.map(|(_, set)| {
+                let seed = ctx.seed ^ 0xF1_5ED;
+                fixed_loss(&den, &vae, &encoder, p, set, (frames, fps), seed, &dev)
             })
-            .map_err(&e)?;
+            .into_iter()
+            .collect::<candle_core::Result<Vec<f64>>>()
+        })
+        .map_err(&e)?;
+        for ((key, _), v) in sets.iter().zip(values) {
             ctx.metric(key, step, v)?;
         }
         Ok(())
@@ -744,12 +751,8 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
 
     // Export the EMA weights as a pipeline folder.
     let use_ema = p.ema_decay > 0.0 && p.steps > 0;
-    for (n, v) in &vars {
-        if use_ema {
-            if let Some((_, s)) = ema.shadow.iter().find(|(m, _)| m == n) {
-                v.set(s).map_err(ce("EMA export"))?;
-            }
-        }
+    if use_ema {
+        set_ema_weights(&vars, &ema).map_err(ce("EMA export"))?;
     }
     save_component(&ctx.dir.join("unet"), &unet_cfg, &unet_map)?;
     match &clip_dir {
