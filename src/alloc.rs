@@ -14,6 +14,11 @@ pub fn tune_for_tensors() {
         // Set before any thread exists (first thing in main).
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
+    // Candle's element-wise pool serialises concurrent callers, which sharded steps are
+    // (`train::shard`); at one thread its ops run inline on each shard's own thread.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() && crate::train::shard::enabled() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
         // M_MMAP_THRESHOLD = -3 (malloc.h): blocks below it come from the heap and are reused;

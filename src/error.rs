@@ -73,6 +73,14 @@ pub enum Error {
     Other(String),
 }
 
+/// Only for errors that arise outside any op a caller could name (a data-parallel shard's
+/// thread that panicked, `train::shard`); everywhere else [`Error::candle`] gives the context.
+impl From<candle_core::Error> for Error {
+    fn from(source: candle_core::Error) -> Self {
+        Error::candle("parallel shard", source)
+    }
+}
+
 impl Error {
     pub fn candle(context: impl Into<String>, source: candle_core::Error) -> Self {
         Error::Tensor {

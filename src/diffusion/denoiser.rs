@@ -17,6 +17,15 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
+    /// Samples `lo..lo + n` of the batch (a data-parallel shard, `train::shard`).
+    pub fn narrow(&self, lo: usize, n: usize) -> Result<Self> {
+        Ok(Self {
+            image_latents: self.image_latents.narrow(0, lo, n)?,
+            image_embeds: self.image_embeds.narrow(0, lo, n)?,
+            added_time_ids: self.added_time_ids.narrow(0, lo, n)?,
+        })
+    }
+
     /// The unconditional branch of classifier-free guidance: zero image latent and embedding
     /// (as in SVD's pipeline), same time ids.
     pub fn unconditional(&self) -> Result<Self> {
@@ -43,7 +52,7 @@ impl Conditioning {
 }
 
 /// A denoiser: the estimate of the clean latent video at noise level sigma.
-pub trait Denoiser {
+pub trait Denoiser: Sync {
     /// # Shapes
     /// `x`: `[b, t, c, h, w]`, `sigma`: `[b]` -> `[b, t, c, h, w]`
     fn denoise(&self, x: &Tensor, sigma: &Tensor, cond: &Conditioning) -> Result<Tensor>;
@@ -52,7 +61,7 @@ pub trait Denoiser {
 /// The network inside SVD's preconditioning: diffusers' `UNetSpatioTemporalConditionModel`
 /// call (implemented by [`crate::models::UNetSpatioTemporal`]). A trait, so that the
 /// preconditioning and the samplers do not depend on one concrete network.
-pub trait SvdBackbone {
+pub trait SvdBackbone: Send + Sync {
     /// The dtype the network computes in (its inputs are cast to it).
     fn dtype(&self) -> DType;
     /// # Shapes

@@ -22,7 +22,8 @@ use crate::train::state::TrainState;
 use crate::train::{
     ce, clip_batch, clip_frames, device, random_windows, step_rng, AdamW, AdamWConfig,
 };
-use candle_core::DType;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -213,6 +214,7 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         ctx.note(&format!("resuming from step {start}"));
     }
 
+    let shards = crate::train::shard::Shards::new(p.batch_clips).map_err(ce("shards"))?;
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let t0 = std::time::Instant::now();
@@ -227,38 +229,62 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
         let e = ce("autoencoder step");
         let x = clip_batch(&train_set, &idx, &starts, frames, &dev).map_err(&e)?;
         let (b, t, c, h, w) = x.dims5().map_err(&e)?;
-        let x = x.reshape((b * t, c, h, w)).map_err(&e)?;
-        let post = vae.encode(&x).map_err(&e)?;
-        let z = match p.posterior {
-            Posterior::Sample => {
-                let eps = rng.tensor(post.mean.dims(), &dev).map_err(&e)?;
-                post.sample_with(&eps).map_err(&e)?
-            }
-            Posterior::Mode => post.mode().clone(),
+        // The posterior sample's noise for the whole batch, drawn as before from the latent
+        // shape, so that the clips can be split into shards run side by side
+        // (`train::shard`): every clip's loss is its own.
+        let f = vae.config.downsample_factor();
+        let lat = [b * t, vae.config.latent_channels, h / f, w / f];
+        let eps = match p.posterior {
+            Posterior::Sample => Some(rng.tensor(&lat, &dev).map_err(&e)?),
+            Posterior::Mode => None,
         };
-        let xr = vae.decode(&z, t).map_err(&e)?;
-        let diff = (xr - &x).map_err(&e)?;
-        let recon = match p.recon {
-            Recon::L1 => diff.abs(),
-            Recon::L2 => diff.sqr(),
+        let latent_elems: usize = lat[1..].iter().product();
+        let parts = shards.map(b, |r| -> Result<([f32; 3], GradStore)> {
+            let (lo, n) = (r.start, r.len());
+            let share = n as f64 / b as f64;
+            let x = x
+                .narrow(0, lo, n)
+                .and_then(|x| x.reshape((n * t, c, h, w)))
+                .map_err(&e)?;
+            let post = vae.encode(&x).map_err(&e)?;
+            let z = match &eps {
+                Some(eps) => {
+                    let eps = eps.narrow(0, lo * t, n * t).map_err(&e)?;
+                    post.sample_with(&eps).map_err(&e)?
+                }
+                None => post.mode().clone(),
+            };
+            let xr = vae.decode(&z, t).map_err(&e)?;
+            let diff = (xr - &x).map_err(&e)?;
+            let recon = match p.recon {
+                Recon::L1 => diff.abs(),
+                Recon::L2 => diff.sqr(),
+            }
+            .and_then(|d| d.mean_all())
+            .and_then(|d| d * share)
+            .map_err(&e)?;
+            let kl = (post.kl().map_err(&e)?.mean_all().map_err(&e)?
+                / (latent_elems as f64 / share))
+                .map_err(&e)?;
+            let loss = (&recon + (&kl * p.kl_weight).map_err(&e)?).map_err(&e)?;
+            let grads = loss.backward().map_err(&e)?;
+            let scalar = |t: &Tensor| t.to_scalar::<f32>().map_err(&e);
+            Ok(([scalar(&loss)?, scalar(&recon)?, scalar(&kl)?], grads))
+        })?;
+        let mut sums = [0f32; 3];
+        for (v, _) in &parts {
+            for (s, x) in sums.iter_mut().zip(v) {
+                *s += x;
+            }
         }
-        .and_then(|d| d.mean_all())
-        .map_err(&e)?;
-        let latent_elems = post.mean.elem_count() / (b * t);
-        let kl =
-            (post.kl().map_err(&e)?.mean_all().map_err(&e)? / latent_elems as f64).map_err(&e)?;
-        let loss = (&recon + (&kl * p.kl_weight).map_err(&e)?).map_err(&e)?;
-        let grads = loss.backward().map_err(&e)?;
+        let parts = parts.into_iter().map(|(v, g)| (v[0], g)).collect();
+        let (_, grads) = crate::train::shard::sum(parts).map_err(&e)?;
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
-        let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
+        let lv = sums[0] as f64;
         ctx.metric("loss", step + 1, lv)?;
-        ctx.metric(
-            "recon",
-            step + 1,
-            recon.to_scalar::<f32>().map_err(&e)? as f64,
-        )?;
-        ctx.metric("kl", step + 1, kl.to_scalar::<f32>().map_err(&e)? as f64)?;
+        ctx.metric("recon", step + 1, sums[1] as f64)?;
+        ctx.metric("kl", step + 1, sums[2] as f64)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
         ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));

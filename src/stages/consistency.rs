@@ -46,6 +46,7 @@ use crate::train::losses::{distance, Distance};
 use crate::train::optim::named_vars;
 use crate::train::state::TrainState;
 use crate::train::{ce, device, step_rng, AdamW, AdamWConfig};
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -244,6 +245,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     let target_inner = SvdDenoiser { unet: &target };
     let target_den = p.boundary.wrap(&target_inner);
 
+    let shards = crate::train::shard::Shards::new(p.batch_clips).map_err(ce("shards"))?;
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let t0 = std::time::Instant::now();
@@ -252,32 +254,47 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let b = p.batch_clips;
         let Batch { x0, cond } = source.draw(&mut rng, &teacher, b, &dev).map_err(&e)?;
         let ns = grid.draw(&mut rng, b);
-        let bcast = |t: &Tensor| t.reshape((b, 1, 1, 1, 1));
         let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
-        let x_hi = (&x0 + z.broadcast_mul(&bcast(&s_hi).map_err(&e)?).map_err(&e)?).map_err(&e)?;
-        // Teacher: m Euler steps down the grid, guided, no gradient.
-        let x = teacher_solve(&teacher_den, &x_hi, &ns, &grid, &cond, &guidance).map_err(&e)?;
-        let s_lo = grid.at(&ns, 0, &dev).map_err(&e)?;
-        let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
-        let student_inner = student.for_step(p.gradient_checkpointing)?;
-        let pred = p
-            .boundary
-            .wrap(&student_inner)
-            .denoise(&x_hi, &s_hi, &cond)
-            .map_err(&e)?;
-        let per_sample = distance(&pred, &target_x, p.distance, p.huber_c).map_err(&e)?;
-        let lambda = grid.lambda(&ns, p.weighting, &dev).map_err(&e)?;
-        let loss = (per_sample * lambda)
-            .and_then(|v| v.mean_all())
-            .map_err(&e)?;
-        let mut grads = loss.backward().map_err(&e)?;
-        student_inner.merge_into(&mut grads)?;
+        // Every sample's loss is its own: the batch is split into shards run side by side
+        // (`train::shard`), each with its own backward pass, the gradients summed.
+        let parts = shards.map(b, |r| -> Result<(f32, GradStore)> {
+            let (lo, n) = (r.start, r.len());
+            let share = n as f64 / b as f64;
+            let narrow = |t: &Tensor| t.narrow(0, lo, n);
+            let (x0, z, s_hi) = (narrow(&x0), narrow(&z), narrow(&s_hi));
+            let (x0, z, s_hi) = (x0.map_err(&e)?, z.map_err(&e)?, s_hi.map_err(&e)?);
+            let cond = cond.narrow(lo, n).map_err(&e)?;
+            let ns = &ns[r];
+            let bcast = |t: &Tensor| t.reshape((n, 1, 1, 1, 1));
+            let x_hi =
+                (&x0 + z.broadcast_mul(&bcast(&s_hi).map_err(&e)?).map_err(&e)?).map_err(&e)?;
+            // Teacher: m Euler steps down the grid, guided, no gradient.
+            let x = teacher_solve(&teacher_den, &x_hi, ns, &grid, &cond, &guidance).map_err(&e)?;
+            let s_lo = grid.at(ns, 0, &dev).map_err(&e)?;
+            let target_x = target_den.denoise(&x, &s_lo, &cond).map_err(&e)?.detach();
+            let student_inner = student.for_step(p.gradient_checkpointing)?;
+            let pred = p
+                .boundary
+                .wrap(&student_inner)
+                .denoise(&x_hi, &s_hi, &cond)
+                .map_err(&e)?;
+            let per_sample = distance(&pred, &target_x, p.distance, p.huber_c).map_err(&e)?;
+            let lambda = grid.lambda(ns, p.weighting, &dev).map_err(&e)?;
+            let loss = (per_sample * lambda)
+                .and_then(|v| v.mean_all())
+                .and_then(|v| v * share)
+                .map_err(&e)?;
+            let mut grads = loss.backward().map_err(&e)?;
+            student_inner.merge_into(&mut grads)?;
+            Ok((loss.to_scalar::<f32>().map_err(&e)?, grads))
+        })?;
+        let (lv, grads) = crate::train::shard::sum(parts).map_err(&e)?;
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         // EMA target of the (merged) student weights.
         ema_update(&target_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
-        let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
+        let lv = lv as f64;
         let mean_sigma = ns.iter().map(|&n| grid.sigmas[n + m]).sum::<f64>() / b as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;

@@ -55,6 +55,7 @@ use crate::metrics::bootstrap::{self, Interval, DEFAULT_RESAMPLES};
 use crate::metrics::i3d::MIN_FRAMES;
 use crate::metrics::{assets, fidelity, motion, preprocess, I3dRunner, FVD_FRAMES};
 use crate::pipeline::{LoadOptions, VideoPipeline};
+use crate::train::shard::Shards;
 use crate::train::{ce, clip_batch, device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -297,6 +298,9 @@ fn generate(
     let seed = ctx.seed;
     let mut nfe = 0;
     let size = (pipe.settings.frames, test.height, test.width);
+    // Each clip's noise comes from its own seed, so a batch split into shards side by side
+    // (`train::shard`) makes the same clips.
+    let shards = Shards::new(p.batch).map_err(&e)?;
     let gen = in_batches(ctx, p.batch, n, size, "generating", |idx| {
         let first = clip_batch(test, idx, &vec![0; idx.len()], 1, dev)
             .and_then(|x| x.squeeze(1))
@@ -305,9 +309,13 @@ fn generate(
             .iter()
             .map(|&i| seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
             .collect();
-        let (video, k) = pipe.generate(&first, &seeds, &opts, |_, _| {})?;
-        nfe = k;
-        Ok(video)
+        let parts = shards.map(idx.len(), |r| {
+            let first = first.narrow(0, r.start, r.len()).map_err(&e)?;
+            pipe.generate(&first, &seeds[r], &opts, |_, _| {})
+        })?;
+        nfe = parts[0].1;
+        let videos: Vec<_> = parts.into_iter().map(|(v, _)| v).collect();
+        candle_core::Tensor::cat(&videos, 0).map_err(&e)
     })?;
     Ok((gen, nfe))
 }
@@ -325,6 +333,7 @@ fn reconstructions(
 ) -> Result<ClipSet> {
     let chunk = pipe.default_options().decode_chunk_size;
     let e = ce("fvd ceiling: autoencoder reconstruction");
+    let shards = Shards::new(p.batch).map_err(&e)?;
     let size = (frames, test.height, test.width);
     in_batches(
         ctx,
@@ -334,7 +343,11 @@ fn reconstructions(
         "autoencoder reconstructions",
         |idx| {
             let x = clip_batch(test, idx, &vec![0; idx.len()], frames, dev).map_err(&e)?;
-            pipe.reconstruct(&x, chunk).map_err(&e)
+            shards
+                .cat(idx.len(), |r| {
+                    pipe.reconstruct(&x.narrow(0, r.start, r.len())?, chunk)
+                })
+                .map_err(&e)
         },
     )
 }

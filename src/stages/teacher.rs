@@ -314,6 +314,19 @@ struct Batch<'a> {
     starts: &'a [usize],
 }
 
+impl<'a> Batch<'a> {
+    /// Samples `r` of the batch (a shard of [`crate::train::shard::Shards`]).
+    fn part(&self, r: std::ops::Range<usize>) -> Self {
+        Batch {
+            set: self.set,
+            latents: self.latents,
+            buckets: self.buckets,
+            idx: &self.idx[r.clone()],
+            starts: &self.starts[r],
+        }
+    }
+}
+
 /// The random draws of one denoising batch: conditioning augmentation strengths and noise,
 /// which conditionings are kept, noise levels and the latents' noise.
 struct Draws {
@@ -325,6 +338,18 @@ struct Draws {
 }
 
 impl Draws {
+    /// Samples `r` of the batch's draws.
+    fn part(&self, r: std::ops::Range<usize>) -> candle_core::Result<Self> {
+        let (lo, n) = (r.start, r.len());
+        Ok(Self {
+            aug: self.aug[r.clone()].to_vec(),
+            eps_img: self.eps_img.narrow(0, lo, n)?,
+            keep: self.keep[r.clone()].to_vec(),
+            sigma: self.sigma[r].to_vec(),
+            noise: self.noise.narrow(0, lo, n)?,
+        })
+    }
+
     /// A training step's, in the order its generator has always been drawn from (so resumed
     /// and earlier runs draw the same).
     fn training(
@@ -700,6 +725,7 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
     if p.eval_every > 0 && start == 0 {
         evaluate(ctx, 0, &vars, &ema)?;
     }
+    let shards = crate::train::shard::Shards::new(p.batch_clips).map_err(ce("shards"))?;
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let t0 = std::time::Instant::now();
@@ -716,22 +742,27 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
             idx: &idx,
             starts: &starts,
         };
-        let loss = batch_loss(
-            &den,
-            &vae,
-            &encoder,
-            &p.edm,
-            &batch,
-            (frames, fps),
-            &draws,
-            &dev,
-        )
-        .map_err(&e)?;
-        let grads = loss.backward().map_err(&e)?;
+        // The batch's loss and gradients, its shards side by side (`train::shard`).
+        let (lv, grads) = shards
+            .backward(b, |r| {
+                let draws = draws.part(r.clone())?;
+                let batch = batch.part(r);
+                batch_loss(
+                    &den,
+                    &vae,
+                    &encoder,
+                    &p.edm,
+                    &batch,
+                    (frames, fps),
+                    &draws,
+                    &dev,
+                )
+            })
+            .map_err(&e)?;
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         ema.update(&vars, step).map_err(&e)?;
-        let lv = loss.to_scalar::<f32>().map_err(&e)? as f64;
+        let lv = lv as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
         ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;

@@ -4,6 +4,7 @@
 pub mod lora;
 pub mod losses;
 pub mod optim;
+pub mod shard;
 pub mod state;
 
 pub use optim::{AdamW, AdamWConfig, Ema};
