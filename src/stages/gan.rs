@@ -44,6 +44,7 @@ use crate::train::losses::{approx_r1, d_loss, distance, g_loss, mean_logit, Dist
 use crate::train::optim::named_vars;
 use crate::train::state::TrainState;
 use crate::train::{ce, device, seeded_varbuilder, step_rng, AdamW, AdamWConfig};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -306,6 +307,28 @@ struct Pair<'a> {
     g_inner: crate::train::lora::StepUNet<'a>,
 }
 
+/// The random draws of one training pair (see `draw_pair` in [`run`]'s step).
+struct PairDraws {
+    x0: Tensor,
+    cond: crate::diffusion::Conditioning,
+    ns: Vec<usize>,
+    z: Tensor,
+    d_noise: Option<Tensor>,
+}
+
+/// One shard's discriminator step: its weighted loss and diagnostics, its gradients and its
+/// pair, kept for the generator step.
+struct DShard<'a> {
+    loss: f64,
+    r1: Option<f64>,
+    d_real: f64,
+    d_fake: f64,
+    real_scores: Vec<f64>,
+    fake_scores: Vec<f64>,
+    grads: GradStore,
+    pair: Pair<'a>,
+}
+
 /// Seed offset of the held-out discriminator check's draws.
 const HELDOUT_SEED: u64 = 0x4845_4c44;
 
@@ -442,30 +465,50 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let teacher_den = teacher.as_ref().map(|t| SvdDenoiser { unet: &t.unet });
     let vae = (p.discriminator.input == DiscInput::Decoder).then_some(&gen_pipe.vae);
 
-    // One training pair: the discriminator's "real" and the student's "fake" for `b` clips of
-    // `source`, with the distance weights, the conditioning and the latent input's noise.
-    let make_pair = |rng: &mut NormalRng,
-                     source: &BatchSource,
-                     b: usize,
-                     checkpointing: bool|
-     -> Result<Pair<'_>> {
+    // One training pair's random draws, in the order they have always been drawn: `b` clips
+    // of `source` with their conditioning, grid indices, latent noise and (SF-V's latent
+    // input) the discriminator's noise.
+    let draw_pair = |rng: &mut NormalRng, source: &BatchSource, b: usize| -> Result<PairDraws> {
         let e = ce("gan step");
         let Batch { x0, cond } = source.draw(rng, &gen_pipe, b, &dev).map_err(&e)?;
         let ns = grid.draw(rng, b);
-        let s_hi = grid.at(&ns, m, &dev).map_err(&e)?;
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
+        let d_noise = match p.discriminator.input {
+            DiscInput::Latent => Some(rng.tensor(x0.dims(), &dev).map_err(&e)?),
+            _ => None,
+        };
+        Ok(PairDraws {
+            x0,
+            cond,
+            ns,
+            z,
+            d_noise,
+        })
+    };
+    // The pair of clips `r` of the draws: the discriminator's "real" and the student's "fake",
+    // with the distance weights, the conditioning and the latent input's noise. A shard's
+    // share of a step (`train::shard`): every clip's pair is its own.
+    let pair_part = |d: &PairDraws, r: std::ops::Range<usize>, checkpointing: bool| {
+        let e = ce("gan step");
+        let (lo, b) = (r.start, r.len());
+        let narrow = |t: &Tensor| t.narrow(0, lo, b).map_err(&e);
+        let (x0, z) = (narrow(&d.x0)?, narrow(&d.z)?);
+        let cond = d.cond.narrow(lo, b).map_err(&e)?;
+        let ns = &d.ns[r];
+        let d_noise = d.d_noise.as_ref().map(narrow).transpose()?;
+        let s_hi = grid.at(ns, m, &dev).map_err(&e)?;
         let x_hi = (&x0
             + z.broadcast_mul(&s_hi.reshape((b, 1, 1, 1, 1)).map_err(&e)?)
                 .map_err(&e)?)
         .map_err(&e)?;
         let (real, lambda) = match &teacher_den {
             Some(tden) => {
-                let x_lo = teacher_solve(tden, &x_hi, &ns, &grid, &cond, &guidance).map_err(&e)?;
+                let x_lo = teacher_solve(tden, &x_hi, ns, &grid, &cond, &guidance).map_err(&e)?;
                 let real = t_den
-                    .denoise(&x_lo, &grid.at(&ns, 0, &dev).map_err(&e)?, &cond)
+                    .denoise(&x_lo, &grid.at(ns, 0, &dev).map_err(&e)?, &cond)
                     .map_err(&e)?
                     .detach();
-                (real, grid.lambda(&ns, p.weighting, &dev).map_err(&e)?)
+                (real, grid.lambda(ns, p.weighting, &dev).map_err(&e)?)
             }
             None => (x0.clone(), unit_weights(b, &dev)?),
         };
@@ -474,12 +517,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             .wrap(&g_inner)
             .denoise(&x_hi, &s_hi, &cond)
             .map_err(&e)?;
-        // The latent input (SF-V) noises real and fake with one shared sample.
-        let d_noise = match p.discriminator.input {
-            DiscInput::Latent => Some(rng.tensor(x0.dims(), &dev).map_err(&e)?),
-            _ => None,
-        };
-        Ok(Pair {
+        Ok::<_, Error>(Pair {
             real,
             fake,
             lambda,
@@ -491,19 +529,18 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     // The discriminator's loss on one pair, plus the approximated R1 term when it is on:
     // (loss, real logits, fake logits, R1).
     type Objective = (Tensor, Vec<Tensor>, Vec<Tensor>, Option<Tensor>);
-    let d_objective = |rng: &mut NormalRng,
-                       real: &Tensor,
+    let d_objective = |real: &Tensor,
                        fake: &Tensor,
-                       dc: Option<(&crate::diffusion::Conditioning, &Tensor)>|
+                       dc: Option<(&crate::diffusion::Conditioning, &Tensor)>,
+                       r1_eps: Option<&Tensor>|
      -> Result<Objective> {
         let e = ce("gan discriminator step");
         let lr_real = disc.forward_cond(real, vae, dc).map_err(&e)?;
         let lr_fake = disc.forward_cond(fake, vae, dc).map_err(&e)?;
         let loss = d_loss(&lr_real, &lr_fake, p.gan_loss).map_err(&e)?;
-        if p.r1_weight <= 0.0 {
+        let Some(eps) = r1_eps.filter(|_| p.r1_weight > 0.0) else {
             return Ok((loss, lr_real, lr_fake, None));
-        }
-        let eps = rng.tensor(real.dims(), &dev).map_err(&e)?;
+        };
         let perturbed = (real + (eps * p.r1_sigma).map_err(&e)?).map_err(&e)?;
         let lp = disc.forward_cond(&perturbed, vae, dc).map_err(&e)?;
         let r1 = approx_r1(&lr_real, &lp).map_err(&e)?;
@@ -540,7 +577,8 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let mut left = heldout_set.len();
         while left > 0 {
             let b = left.min(p.batch_clips);
-            let pair = make_pair(&mut rng, &heldout, b, false)?;
+            let draws = draw_pair(&mut rng, &heldout, b)?;
+            let pair = pair_part(&draws, 0..b, false)?;
             let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
             let fake = pair.fake.detach();
             real_scores.extend(
@@ -559,65 +597,131 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         evaluate_d(ctx, 0)?;
     }
 
+    let shards = crate::train::shard::Shards::new(p.batch_clips).map_err(ce("shards"))?;
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
         let t0 = std::time::Instant::now();
         let e = ce("gan step");
         let mut rng = step_rng(ctx.seed, step);
         let b = p.batch_clips;
-        let Pair {
-            real,
-            fake,
-            lambda,
-            cond,
-            d_noise,
-            g_inner,
-        } = make_pair(&mut rng, &source, b, p.gradient_checkpointing)?;
-        let dc = d_noise.as_ref().map(|n| (&cond, n));
-        // Discriminator step on detached samples.
-        let (loss_d, lr_real, lr_fake, r1) = d_objective(&mut rng, &real, &fake.detach(), dc)?;
-        if let Some(r1) = r1 {
-            ctx.metric("r1", step + 1, r1.to_scalar::<f32>().map_err(&e)? as f64)?;
+        // The R1 term's perturbation of the real clips: drawn after the pair, as always.
+        let r1_eps = |rng: &mut NormalRng, d: &PairDraws| {
+            (p.r1_weight > 0.0)
+                .then(|| rng.tensor(d.x0.dims(), &dev).map_err(&e))
+                .transpose()
+        };
+        let draws = draw_pair(&mut rng, &source, b)?;
+        let eps = r1_eps(&mut rng, &draws)?;
+        // Every clip's pair and losses are its own: the batch runs as shards side by side
+        // (`train::shard`), each with its own backward passes, the gradients summed.
+        // Discriminator step on detached samples; each shard keeps its pair for the generator.
+        let d_parts = shards.map(b, |r| -> Result<DShard<'_>> {
+            let share = r.len() as f64 / b as f64;
+            let eps = eps
+                .as_ref()
+                .map(|t| t.narrow(0, r.start, r.len()))
+                .transpose();
+            let eps = eps.map_err(&e)?;
+            let pair = pair_part(&draws, r, p.gradient_checkpointing)?;
+            let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
+            let (loss, lr_real, lr_fake, r1) =
+                d_objective(&pair.real, &pair.fake.detach(), dc, eps.as_ref())?;
+            let loss = (loss * share).map_err(&e)?;
+            let grads = loss.backward().map_err(&e)?;
+            let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
+            Ok(DShard {
+                loss: scalar(&loss)?,
+                r1: r1.map(|r| scalar(&r).map(|v| v * share)).transpose()?,
+                d_real: mean_logit(&lr_real).map_err(&e)? * share,
+                d_fake: mean_logit(&lr_fake).map_err(&e)? * share,
+                real_scores: clip_scores(&lr_real).map_err(&e)?,
+                fake_scores: clip_scores(&lr_fake).map_err(&e)?,
+                grads,
+                pair,
+            })
+        })?;
+        let sum_of = |f: &dyn Fn(&DShard<'_>) -> f64| d_parts.iter().map(f).sum::<f64>();
+        let (loss_d, d_real, d_fake) = (
+            sum_of(&|d| d.loss),
+            sum_of(&|d| d.d_real),
+            sum_of(&|d| d.d_fake),
+        );
+        if d_parts[0].r1.is_some() {
+            ctx.metric("r1", step + 1, sum_of(&|d| d.r1.unwrap_or(0.0)))?;
         }
-        let grads_d = loss_d.backward().map_err(&e)?;
+        let real_scores: Vec<f64> = d_parts.iter().flat_map(|d| d.real_scores.clone()).collect();
+        let fake_scores: Vec<f64> = d_parts.iter().flat_map(|d| d.fake_scores.clone()).collect();
+        let mut pairs = Vec::with_capacity(d_parts.len());
+        let mut d_grads = Vec::with_capacity(d_parts.len());
+        for d in d_parts {
+            d_grads.push((d.loss as f32, d.grads));
+            pairs.push(d.pair);
+        }
+        let (_, grads_d) = crate::train::shard::sum(d_grads).map_err(&e)?;
         let lr = p.optimizer_d.lr_at(step, p.steps);
         let gnorm_d = opt_d.step(&grads_d, lr).map_err(&e)?;
         // Further discriminator updates on fresh pairs (`d_steps` > 1), drawn after this
         // step's pair so that `d_steps = 1` draws exactly what it always did.
         for _ in 1..p.d_steps {
-            let extra = make_pair(&mut rng, &source, b, false)?;
-            let dc = extra.d_noise.as_ref().map(|n| (&extra.cond, n));
-            let (l, ..) = d_objective(&mut rng, &extra.real, &extra.fake.detach(), dc)?;
-            let g = l.backward().map_err(&e)?;
+            let extra = draw_pair(&mut rng, &source, b)?;
+            let eps = r1_eps(&mut rng, &extra)?;
+            let parts = shards.map(b, |r| -> Result<(f32, GradStore)> {
+                let share = r.len() as f64 / b as f64;
+                let eps = eps
+                    .as_ref()
+                    .map(|t| t.narrow(0, r.start, r.len()))
+                    .transpose();
+                let eps = eps.map_err(&e)?;
+                let pair = pair_part(&extra, r, false)?;
+                let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
+                let (l, ..) = d_objective(&pair.real, &pair.fake.detach(), dc, eps.as_ref())?;
+                let l = (l * share).map_err(&e)?;
+                let g = l.backward().map_err(&e)?;
+                Ok((l.to_scalar::<f32>().map_err(&e)?, g))
+            })?;
+            let (_, g) = crate::train::shard::sum(parts).map_err(&e)?;
             opt_d.step(&g, lr).map_err(&e)?;
         }
 
-        // Generator step through the updated discriminator.
-        let lf = disc.forward_cond(&fake, vae, dc).map_err(&e)?;
-        let adv = g_loss(&lf, p.gan_loss).map_err(&e)?;
-        let dist = (distance(&fake, &real, p.distance, p.huber_c).map_err(&e)? * &lambda)
-            .and_then(|v| v.mean_all())
-            .map_err(&e)?;
-        let loss_g = ((&adv * p.adv_weight).map_err(&e)? + &dist).map_err(&e)?;
-        let mut grads_g = loss_g.backward().map_err(&e)?;
-        g_inner.merge_into(&mut grads_g)?;
+        // Generator step through the updated discriminator, each shard on its own pair.
+        let g_parts = shards.run(pairs, |_, pair| -> Result<([f64; 3], GradStore)> {
+            let b_shard = pair.fake.dim(0).map_err(&e)?;
+            let share = b_shard as f64 / b as f64;
+            let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
+            let lf = disc.forward_cond(&pair.fake, vae, dc).map_err(&e)?;
+            let adv = (g_loss(&lf, p.gan_loss).map_err(&e)? * share).map_err(&e)?;
+            let dist = (distance(&pair.fake, &pair.real, p.distance, p.huber_c).map_err(&e)?
+                * &pair.lambda)
+                .and_then(|v| v.mean_all())
+                .and_then(|v| v * share)
+                .map_err(&e)?;
+            let loss_g = ((&adv * p.adv_weight).map_err(&e)? + &dist).map_err(&e)?;
+            let mut grads = loss_g.backward().map_err(&e)?;
+            pair.g_inner.merge_into(&mut grads)?;
+            let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
+            Ok(([scalar(&loss_g)?, scalar(&adv)?, scalar(&dist)?], grads))
+        })?;
+        let mut g_sums = [0f64; 3];
+        for (v, _) in &g_parts {
+            for (s, x) in g_sums.iter_mut().zip(v) {
+                *s += x;
+            }
+        }
+        let g_grads = g_parts.into_iter().map(|(v, g)| (v[0] as f32, g)).collect();
+        let (_, grads_g) = crate::train::shard::sum(g_grads).map_err(&e)?;
         let lr = p.optimizer_g.lr_at(step, p.steps);
         let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
         if p.mode == GanMode::Acd {
             ema_update(&t_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
         }
-        let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
-        let lg = scalar(&loss_g)?;
+        let lg = g_sums[0];
         ctx.metric("loss_g", step + 1, lg)?;
-        ctx.metric("loss_d", step + 1, scalar(&loss_d)?)?;
-        ctx.metric("loss_adv", step + 1, scalar(&adv)?)?;
-        ctx.metric("loss_distill", step + 1, scalar(&dist)?)?;
-        ctx.metric("d_real", step + 1, mean_logit(&lr_real).map_err(&e)?)?;
-        ctx.metric("d_fake", step + 1, mean_logit(&lr_fake).map_err(&e)?)?;
-        let (acc, _) = separation(
-            &clip_scores(&lr_real).map_err(&e)?,
-            &clip_scores(&lr_fake).map_err(&e)?,
-        );
+        ctx.metric("loss_d", step + 1, loss_d)?;
+        ctx.metric("loss_adv", step + 1, g_sums[1])?;
+        ctx.metric("loss_distill", step + 1, g_sums[2])?;
+        ctx.metric("d_real", step + 1, d_real)?;
+        ctx.metric("d_fake", step + 1, d_fake)?;
+        let (acc, _) = separation(&real_scores, &fake_scores);
         ctx.metric("d_accuracy", step + 1, acc)?;
         ctx.metric("grad_norm_g", step + 1, gnorm_g)?;
         ctx.metric("grad_norm_d", step + 1, gnorm_d)?;

@@ -105,16 +105,42 @@ impl Shards {
         E: Send + From<candle_core::Error>,
         F: Fn(std::ops::Range<usize>) -> std::result::Result<T, E> + Sync,
     {
-        let ranges = self.ranges(b);
-        if self.pools.is_empty() || ranges.len() == 1 {
-            return Ok(vec![f(0..b)?]);
+        self.run(self.ranges(b), |_, r| f(r))
+    }
+
+    /// `f(i, items[i])` for every item, item `i` on shard `i`'s pool, side by side; in item
+    /// order (at most [`Self::count`] items; one item, or no pools: on the caller's thread).
+    /// A later pass over what an earlier [`Self::map`] made per shard (the GAN's generator
+    /// step on the fakes of its discriminator step).
+    pub fn run<I, T, E, F>(&self, items: Vec<I>, f: F) -> std::result::Result<Vec<T>, E>
+    where
+        I: Send,
+        T: Send,
+        E: Send + From<candle_core::Error>,
+        F: Fn(usize, I) -> std::result::Result<T, E> + Sync,
+    {
+        if items.len() > self.count() {
+            return Err(candle_core::Error::Msg(format!(
+                "{} shard items for {} shards",
+                items.len(),
+                self.count()
+            ))
+            .into());
+        }
+        if self.pools.is_empty() || items.len() <= 1 {
+            return items
+                .into_iter()
+                .enumerate()
+                .map(|(i, x)| f(i, x))
+                .collect();
         }
         let f = &f;
         let results: Vec<std::result::Result<T, E>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ranges
+            let handles: Vec<_> = items
                 .into_iter()
+                .enumerate()
                 .zip(&self.pools)
-                .map(|(r, pool)| s.spawn(move || pool.install(|| f(r))))
+                .map(|((i, x), pool)| s.spawn(move || pool.install(|| f(i, x))))
                 .collect();
             handles
                 .into_iter()
