@@ -6,7 +6,10 @@
 //! `cargo bench --bench unet_step` (PyTorch side via $ONESTEP_BENCH_PYTHON, default `python3`;
 //! skipped with a note when torch is not importable). Sizes: `-- B T HW`.
 //! `ONESTEP_FUSED=0` runs onestep without its fused kernels (the before/after comparison);
-//! `ONESTEP_FUSED=noattention` without the attention kernel alone.
+//! `ONESTEP_FUSED=noattention` without the attention kernel alone. Both onestep rows split the
+//! batch into data-parallel shards as the stages do (`onestep::train::shard`: the train step
+//! as the training stages run it, the forward pass as the FVD stage's generations);
+//! `ONESTEP_SHARDS=1` runs the whole batch on one shard (the before/after comparison).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -61,23 +64,31 @@ fn main() -> candle_core::Result<()> {
         },
     )?;
 
+    let shards = onestep::train::shard::Shards::new(b)?;
+    let part = |t: &Tensor, r: &std::ops::Range<usize>| t.narrow(0, r.start, r.len());
+    let forward = |r: std::ops::Range<usize>| {
+        let (xr, tr) = (part(&x, &r)?, part(&ts, &r)?);
+        unet.forward(&xr, &tr, &part(&ehs, &r)?, &part(&ids, &r)?)
+    };
     let fwd = best_of(reps, || {
-        unet.forward(&x, &ts, &ehs, &ids).expect("forward").detach();
+        shards.cat(b, &forward).expect("forward").detach();
     });
     let only_forward = std::env::var_os("ONESTEP_BENCH_FORWARD_ONLY").is_some();
     let step = best_of(if only_forward { 0 } else { reps }, || {
-        let out = unet.forward(&x, &ts, &ehs, &ids).expect("forward");
-        let loss = (out - &target)
-            .and_then(|d| d.sqr())
-            .and_then(|d| d.mean_all())
+        let (_, grads) = shards
+            .backward(b, |r| {
+                let out = forward(r.clone())?;
+                (out - part(&target, &r)?)?.sqr()?.mean_all()
+            })
             .expect("loss");
-        opt.backward_step(&loss).expect("step");
+        opt.step(&grads).expect("step");
     });
     let fused = onestep::models::fused::enabled();
     println!(
-        "{} UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}, fused kernels {}",
+        "{} UNet, {params} parameters, batch {b} x {t} frames x {hw}x{hw}, best of {reps}, fused kernels {}, {} shard(s)",
         if small { "small" } else { "tiny" },
-        if fused { "on" } else { "off" }
+        if fused { "on" } else { "off" },
+        shards.count()
     );
     report(&torch, "forward", fwd, step);
     Ok(())
