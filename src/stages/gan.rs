@@ -597,6 +597,27 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         evaluate_d(ctx, 0)?;
     }
 
+    // One shard's discriminator pass on clips `r` of a pair's draws (R1's noise `eps` for the
+    // whole batch): its pair, its objective with the loss weighted by the shard's share of the
+    // `b` clips, and that loss's gradients.
+    let d_shard = |d: &PairDraws,
+                   eps: Option<&Tensor>,
+                   r: std::ops::Range<usize>,
+                   b: usize,
+                   checkpointing: bool|
+     -> Result<(Pair<'_>, Objective, GradStore)> {
+        let e = ce("gan discriminator step");
+        let share = r.len() as f64 / b as f64;
+        let eps = eps.map(|t| t.narrow(0, r.start, r.len())).transpose();
+        let eps = eps.map_err(&e)?;
+        let pair = pair_part(d, r, checkpointing)?;
+        let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
+        let (loss, lr_real, lr_fake, r1) =
+            d_objective(&pair.real, &pair.fake.detach(), dc, eps.as_ref())?;
+        let loss = (loss * share).map_err(&e)?;
+        let grads = loss.backward().map_err(&e)?;
+        Ok((pair, (loss, lr_real, lr_fake, r1), grads))
+    };
     let shards = crate::train::shard::Shards::new(p.batch_clips).map_err(ce("shards"))?;
     for step in start..p.steps {
         ctx.check_interrupt(step)?;
@@ -617,17 +638,8 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         // Discriminator step on detached samples; each shard keeps its pair for the generator.
         let d_parts = shards.map(b, |r| -> Result<DShard<'_>> {
             let share = r.len() as f64 / b as f64;
-            let eps = eps
-                .as_ref()
-                .map(|t| t.narrow(0, r.start, r.len()))
-                .transpose();
-            let eps = eps.map_err(&e)?;
-            let pair = pair_part(&draws, r, p.gradient_checkpointing)?;
-            let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
-            let (loss, lr_real, lr_fake, r1) =
-                d_objective(&pair.real, &pair.fake.detach(), dc, eps.as_ref())?;
-            let loss = (loss * share).map_err(&e)?;
-            let grads = loss.backward().map_err(&e)?;
+            let (pair, (loss, lr_real, lr_fake, r1), grads) =
+                d_shard(&draws, eps.as_ref(), r, b, p.gradient_checkpointing)?;
             let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
             Ok(DShard {
                 loss: scalar(&loss)?,
@@ -666,17 +678,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             let extra = draw_pair(&mut rng, &source, b)?;
             let eps = r1_eps(&mut rng, &extra)?;
             let parts = shards.map(b, |r| -> Result<(f32, GradStore)> {
-                let share = r.len() as f64 / b as f64;
-                let eps = eps
-                    .as_ref()
-                    .map(|t| t.narrow(0, r.start, r.len()))
-                    .transpose();
-                let eps = eps.map_err(&e)?;
-                let pair = pair_part(&extra, r, false)?;
-                let dc = pair.d_noise.as_ref().map(|n| (&pair.cond, n));
-                let (l, ..) = d_objective(&pair.real, &pair.fake.detach(), dc, eps.as_ref())?;
-                let l = (l * share).map_err(&e)?;
-                let g = l.backward().map_err(&e)?;
+                let (_, (l, ..), g) = d_shard(&extra, eps.as_ref(), r, b, false)?;
                 Ok((l.to_scalar::<f32>().map_err(&e)?, g))
             })?;
             let (_, g) = crate::train::shard::sum(parts).map_err(&e)?;
