@@ -73,11 +73,10 @@ pub enum Error {
     Other(String),
 }
 
-/// Only for errors that arise outside any op a caller could name (a data-parallel shard's
-/// thread that panicked, `train::shard`); everywhere else [`Error::candle`] gives the context.
-impl From<candle_core::Error> for Error {
-    fn from(source: candle_core::Error) -> Self {
-        Error::candle("parallel shard", source)
+/// A data-parallel shard that could not run (`train::shard`).
+impl From<crate::train::shard::ShardError> for Error {
+    fn from(e: crate::train::shard::ShardError) -> Self {
+        Error::Other(e.0)
     }
 }
 

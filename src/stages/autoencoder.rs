@@ -239,7 +239,7 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
             Posterior::Mode => None,
         };
         let latent_elems: usize = lat[1..].iter().product();
-        let parts = shards.map(b, |r| -> Result<([f32; 3], GradStore)> {
+        let parts = shards.map(b, |r| -> Result<([f64; 3], GradStore)> {
             let (lo, n) = (r.start, r.len());
             let share = n as f64 / b as f64;
             let x = x
@@ -268,23 +268,15 @@ fn train(ctx: &mut StageContext<'_>, p: &AutoencoderParams) -> Result<()> {
                 .map_err(&e)?;
             let loss = (&recon + (&kl * p.kl_weight).map_err(&e)?).map_err(&e)?;
             let grads = loss.backward().map_err(&e)?;
-            let scalar = |t: &Tensor| t.to_scalar::<f32>().map_err(&e);
+            let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
             Ok(([scalar(&loss)?, scalar(&recon)?, scalar(&kl)?], grads))
         })?;
-        let mut sums = [0f32; 3];
-        for (v, _) in &parts {
-            for (s, x) in sums.iter_mut().zip(v) {
-                *s += x;
-            }
-        }
-        let parts = parts.into_iter().map(|(v, g)| (v[0], g)).collect();
-        let (_, grads) = crate::train::shard::sum(parts).map_err(&e)?;
+        let ([lv, recon, kl], grads) = crate::train::shard::sum(parts).map_err(&e)?;
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
-        let lv = sums[0] as f64;
         ctx.metric("loss", step + 1, lv)?;
-        ctx.metric("recon", step + 1, sums[1] as f64)?;
-        ctx.metric("kl", step + 1, sums[2] as f64)?;
+        ctx.metric("recon", step + 1, recon)?;
+        ctx.metric("kl", step + 1, kl)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
         ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;
         ctx.progress(step + 1, p.steps, &format!("loss {lv:.4}"));

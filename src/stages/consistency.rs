@@ -258,7 +258,7 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
         let z = rng.tensor(x0.dims(), &dev).map_err(&e)?;
         // Every sample's loss is its own: the batch is split into shards run side by side
         // (`train::shard`), each with its own backward pass, the gradients summed.
-        let parts = shards.map(b, |r| -> Result<(f32, GradStore)> {
+        let parts = shards.map(b, |r| -> Result<([f64; 1], GradStore)> {
             let (lo, n) = (r.start, r.len());
             let share = n as f64 / b as f64;
             let narrow = |t: &Tensor| t.narrow(0, lo, n);
@@ -287,14 +287,13 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
                 .map_err(&e)?;
             let mut grads = loss.backward().map_err(&e)?;
             student_inner.merge_into(&mut grads)?;
-            Ok((loss.to_scalar::<f32>().map_err(&e)?, grads))
+            Ok(([loss.to_scalar::<f32>().map_err(&e)? as f64], grads))
         })?;
-        let (lv, grads) = crate::train::shard::sum(parts).map_err(&e)?;
+        let ([lv], grads) = crate::train::shard::sum(parts).map_err(&e)?;
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         // EMA target of the (merged) student weights.
         ema_update(&target_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
-        let lv = lv as f64;
         let mean_sigma = ns.iter().map(|&n| grid.sigmas[n + m]).sum::<f64>() / b as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;

@@ -666,7 +666,7 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         let mut pairs = Vec::with_capacity(d_parts.len());
         let mut d_grads = Vec::with_capacity(d_parts.len());
         for d in d_parts {
-            d_grads.push((d.loss as f32, d.grads));
+            d_grads.push(([d.loss], d.grads));
             pairs.push(d.pair);
         }
         let (_, grads_d) = crate::train::shard::sum(d_grads).map_err(&e)?;
@@ -677,9 +677,9 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
         for _ in 1..p.d_steps {
             let extra = draw_pair(&mut rng, &source, b)?;
             let eps = r1_eps(&mut rng, &extra)?;
-            let parts = shards.map(b, |r| -> Result<(f32, GradStore)> {
+            let parts = shards.map(b, |r| -> Result<([f64; 1], GradStore)> {
                 let (_, (l, ..), g) = d_shard(&extra, eps.as_ref(), r, b, false)?;
-                Ok((l.to_scalar::<f32>().map_err(&e)?, g))
+                Ok(([l.to_scalar::<f32>().map_err(&e)? as f64], g))
             })?;
             let (_, g) = crate::train::shard::sum(parts).map_err(&e)?;
             opt_d.step(&g, lr).map_err(&e)?;
@@ -703,24 +703,16 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
             let scalar = |t: &Tensor| t.to_scalar::<f32>().map(|v| v as f64).map_err(&e);
             Ok(([scalar(&loss_g)?, scalar(&adv)?, scalar(&dist)?], grads))
         })?;
-        let mut g_sums = [0f64; 3];
-        for (v, _) in &g_parts {
-            for (s, x) in g_sums.iter_mut().zip(v) {
-                *s += x;
-            }
-        }
-        let g_grads = g_parts.into_iter().map(|(v, g)| (v[0] as f32, g)).collect();
-        let (_, grads_g) = crate::train::shard::sum(g_grads).map_err(&e)?;
+        let ([lg, adv, dist], grads_g) = crate::train::shard::sum(g_parts).map_err(&e)?;
         let lr = p.optimizer_g.lr_at(step, p.steps);
         let gnorm_g = opt_g.step(&grads_g, lr).map_err(&e)?;
         if p.mode == GanMode::Acd {
             ema_update(&t_vars, &student.merged()?, p.ema_decay).map_err(&e)?;
         }
-        let lg = g_sums[0];
         ctx.metric("loss_g", step + 1, lg)?;
         ctx.metric("loss_d", step + 1, loss_d)?;
-        ctx.metric("loss_adv", step + 1, g_sums[1])?;
-        ctx.metric("loss_distill", step + 1, g_sums[2])?;
+        ctx.metric("loss_adv", step + 1, adv)?;
+        ctx.metric("loss_distill", step + 1, dist)?;
         ctx.metric("d_real", step + 1, d_real)?;
         ctx.metric("d_fake", step + 1, d_fake)?;
         let (acc, _) = separation(&real_scores, &fake_scores);

@@ -762,7 +762,6 @@ fn train(ctx: &mut StageContext<'_>, p: &TeacherParams) -> Result<()> {
         let lr = p.optimizer.lr_at(step, p.steps);
         let gnorm = opt.step(&grads, lr).map_err(&e)?;
         ema.update(&vars, step).map_err(&e)?;
-        let lv = lv as f64;
         ctx.metric("loss", step + 1, lv)?;
         ctx.metric("grad_norm", step + 1, gnorm)?;
         ctx.metric("step_seconds", step + 1, t0.elapsed().as_secs_f64())?;

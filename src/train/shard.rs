@@ -24,6 +24,17 @@
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
+/// What went wrong in [`Shards::run`] itself (a shard's thread panicked, more items than
+/// shards), in the caller's error type.
+#[derive(Debug)]
+pub struct ShardError(pub String);
+
+impl From<ShardError> for candle_core::Error {
+    fn from(e: ShardError) -> Self {
+        candle_core::Error::Msg(e.0)
+    }
+}
+
 /// The thread pools of the shards, built once per stage.
 pub struct Shards {
     pools: Vec<rayon::ThreadPool>,
@@ -45,10 +56,8 @@ fn requested() -> Result<Option<usize>> {
 /// more than one thread). Read once at start-up to leave candle's element-wise thread pool at
 /// one thread ([`crate::alloc::tune_for_tensors`]).
 pub fn enabled() -> bool {
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(1);
+    // candle's reading of RAYON_NUM_THREADS, without starting rayon's pool.
+    let threads = candle_core::utils::get_num_threads();
     match requested() {
         Ok(Some(n)) => n > 1 && threads > 1,
         Ok(None) => threads > 1,
@@ -102,7 +111,7 @@ impl Shards {
     pub fn map<T, E, F>(&self, b: usize, f: F) -> std::result::Result<Vec<T>, E>
     where
         T: Send,
-        E: Send + From<candle_core::Error>,
+        E: Send + From<ShardError>,
         F: Fn(std::ops::Range<usize>) -> std::result::Result<T, E> + Sync,
     {
         self.run(self.ranges(b), |_, r| f(r))
@@ -116,16 +125,12 @@ impl Shards {
     where
         I: Send,
         T: Send,
-        E: Send + From<candle_core::Error>,
+        E: Send + From<ShardError>,
         F: Fn(usize, I) -> std::result::Result<T, E> + Sync,
     {
         if items.len() > self.count() {
-            return Err(candle_core::Error::Msg(format!(
-                "{} shard items for {} shards",
-                items.len(),
-                self.count()
-            ))
-            .into());
+            let what = format!("{} shard items for {} shards", items.len(), self.count());
+            return Err(ShardError(what).into());
         }
         if self.pools.is_empty() || items.len() <= 1 {
             return items
@@ -146,7 +151,7 @@ impl Shards {
                 .into_iter()
                 .map(|h| {
                     h.join().unwrap_or_else(|_| {
-                        Err(candle_core::Error::Msg("a shard's thread panicked".into()).into())
+                        Err(ShardError("a parallel shard's thread panicked".into()).into())
                     })
                 })
                 .collect()
@@ -170,7 +175,7 @@ impl Shards {
     /// The loss of a batch of `b` samples and its gradients: `loss(range)` is the mean loss of
     /// the samples `range`, run once per shard and weighted by the shard's share of the batch.
     /// Returns the batch's loss (the weighted sum) and the summed gradients.
-    pub fn backward<F>(&self, b: usize, loss: F) -> Result<(f32, GradStore)>
+    pub fn backward<F>(&self, b: usize, loss: F) -> Result<(f64, GradStore)>
     where
         F: Fn(std::ops::Range<usize>) -> Result<Tensor> + Sync,
     {
@@ -179,19 +184,22 @@ impl Shards {
             let l = loss(r)?;
             let l = if share == 1.0 { l } else { (l * share)? };
             let g = l.backward()?;
-            Ok::<_, candle_core::Error>((l.to_scalar::<f32>()?, g))
+            Ok::<_, candle_core::Error>(([l.to_scalar::<f32>()? as f64], g))
         })?;
-        sum(parts)
+        let ([total], grads) = sum(parts)?;
+        Ok((total, grads))
     }
 }
 
-/// The shards' weighted losses and gradients (`Shards::map` of closures that each ran their
-/// own backward pass) summed into the batch's.
-pub fn sum(parts: Vec<(f32, GradStore)>) -> Result<(f32, GradStore)> {
-    let mut total = 0f32;
+/// The shards' weighted values (losses, diagnostics) and gradients (`Shards::map` of closures
+/// that each ran their own backward pass) summed into the batch's.
+pub fn sum<const N: usize>(parts: Vec<([f64; N], GradStore)>) -> Result<([f64; N], GradStore)> {
+    let mut total = [0f64; N];
     let mut grads: Option<GradStore> = None;
-    for (l, g) in parts {
-        total += l;
+    for (v, g) in parts {
+        for (t, x) in total.iter_mut().zip(v) {
+            *t += x;
+        }
         match &mut grads {
             None => grads = Some(g),
             Some(acc) => acc.extend(g)?,
