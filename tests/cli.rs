@@ -1248,6 +1248,21 @@ fn fvd_stage_logs_a_labelled_distance_and_caches_real_logits() {
     let method: Vec<&str> = lines[4].split(',').collect();
     let fvd_csv: f64 = method[col].parse().unwrap();
     assert!((fvd_csv - d).abs() < 1e-9 * d.max(1.0), "{fvd_csv} vs {d}");
+    // The method's high-frequency energy against the real clips', from its kept generations:
+    // a positive ratio with an interval around it.
+    let hf = |name: &str| -> f64 {
+        let c = header.iter().position(|h| *h == name).unwrap();
+        method[c].parse().unwrap()
+    };
+    let (ratio, low, high) = (
+        hf("hf_energy_ratio"),
+        hf("hf_energy_ratio_low"),
+        hf("hf_energy_ratio_high"),
+    );
+    assert!(
+        ratio > 0.0 && low <= ratio && ratio <= high,
+        "{ratio} [{low}, {high}]"
+    );
     let tex = std::fs::read_to_string(dir.join("table.tex")).unwrap();
     assert!(
         tex.contains("\\toprule") && tex.contains("\\bottomrule") && tex.contains("teacher (fvd)")
@@ -1409,6 +1424,13 @@ fn consistency_student_trains_resumes_generates_and_is_scored() {
     let a = tempfile::tempdir().unwrap();
     let o = run(a.path(), None);
     assert!(o.status.success(), "{}", text(&o));
+    // The stages after the teacher encode the same clips with the same VAE: all but the first
+    // read the latents from the assets cache.
+    let log = text(&o);
+    assert!(
+        log.matches("latents of the").count() >= 3,
+        "the distillation stages did not share the encoded latents:\n{log}"
+    );
     let store = Store::open(&a.path().join("onestep.sqlite")).unwrap();
     let s = onestep::spec::load(&spec, &[], &onestep::stages::Registry).unwrap();
     let plan = onestep::plan::plan(&s, None).unwrap();

@@ -114,9 +114,81 @@ pub fn ssim(a: &[u8], b: &[u8], h: usize, w: usize) -> f64 {
     total / 3.0
 }
 
+/// High-frequency energy of a clip (u8 RGB `[t, h, w, 3]`, pixels scaled to [0, 1]): the mean
+/// squared response of the 5-point Laplacian `4 x(y, x) - x(y-1, x) - x(y+1, x) - x(y, x-1) -
+/// x(y, x+1)` over every frame, channel and interior pixel (no border rows or columns). Blur
+/// lowers it, noise and sharp edges raise it; a report sets a method's value against the real
+/// clips' (issue 14: does the adversarial term make frames sharper?).
+pub fn laplacian_energy(clip: &[u8], frames: usize, h: usize, w: usize) -> f64 {
+    assert_eq!(
+        clip.len(),
+        frames * h * w * 3,
+        "laplacian_energy: clip size"
+    );
+    if h < 3 || w < 3 {
+        return 0.0;
+    }
+    let px = |f: usize, y: usize, x: usize, c: usize| clip[((f * h + y) * w + x) * 3 + c] as f64;
+    let mut sum = 0.0;
+    for f in 0..frames {
+        for y in 1..h - 1 {
+            for x in 1..w - 1 {
+                for c in 0..3 {
+                    let l = 4.0 * px(f, y, x, c)
+                        - px(f, y - 1, x, c)
+                        - px(f, y + 1, x, c)
+                        - px(f, y, x - 1, c)
+                        - px(f, y, x + 1, c);
+                    sum += (l / 255.0).powi(2);
+                }
+            }
+        }
+    }
+    sum / (frames * (h - 2) * (w - 2) * 3).max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn laplacian_energy_of_flat_ramp_and_checkerboard() {
+        let (t, h, w) = (2, 5, 6);
+        // Flat and linear ramps have no second derivative.
+        let flat = vec![77u8; t * h * w * 3];
+        assert_eq!(laplacian_energy(&flat, t, h, w), 0.0);
+        let mut ramp = vec![0u8; t * h * w * 3];
+        for f in 0..t {
+            for y in 0..h {
+                for x in 0..w {
+                    for c in 0..3 {
+                        ramp[((f * h + y) * w + x) * 3 + c] = (10 * x + 20 * y) as u8;
+                    }
+                }
+            }
+        }
+        assert_eq!(laplacian_energy(&ramp, t, h, w), 0.0);
+        // A 0/255 checkerboard: every interior response is +-4 * 255, energy 16.
+        let mut board = vec![0u8; t * h * w * 3];
+        for f in 0..t {
+            for y in 0..h {
+                for x in 0..w {
+                    let v = if (x + y) % 2 == 0 { 255 } else { 0 };
+                    for c in 0..3 {
+                        board[((f * h + y) * w + x) * 3 + c] = v;
+                    }
+                }
+            }
+        }
+        assert!((laplacian_energy(&board, t, h, w) - 16.0).abs() < 1e-12);
+        // Blurring the board (averaging with a shifted copy) lowers it.
+        let blurred: Vec<u8> = board
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ((*v as u16 + board[(i + 3) % board.len()] as u16) / 2) as u8)
+            .collect();
+        assert!(laplacian_energy(&blurred, t, h, w) < 16.0);
+    }
 
     #[test]
     fn identical_frames_score_the_ceiling() {

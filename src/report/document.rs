@@ -149,7 +149,7 @@ pub fn write_report(
 
     if let Some(t) = &table {
         md += &format!(
-            "## Comparison\n\nOne row per method x sampler x NFE; verdicts are paired differences against {} on the same conditioning frames (negative FVD difference favours the method). Also as [LaTeX](table.tex) and [CSV](table.csv).\n\n",
+            "## Comparison\n\nOne row per method x sampler x NFE; verdicts are paired differences against {} on the same conditioning frames (negative FVD difference favours the method). `HF energy / real`: the frames' mean squared Laplacian over the real clips' on the same conditioning frames (below 1: smoother than real; `docs/evaluation.md`). Also as [LaTeX](table.tex) and [CSV](table.csv).\n\n",
             t.reference_name()
         );
         md += &t.markdown();

@@ -77,7 +77,8 @@ impl MethodRow {
 pub fn run_methods(store: &Store, results: &Path, run: &RunRow) -> Result<Vec<MethodRow>> {
     let metrics = store.final_metrics(run.id)?;
     let mut rows = Vec::new();
-    for st in store.stages_of(run.id)? {
+    let stages = store.stages_of(run.id)?;
+    for st in stages.clone() {
         if st.kind != "fvd" || st.status != "finished" {
             continue;
         }
@@ -101,7 +102,69 @@ pub fn run_methods(store: &Store, results: &Path, run: &RunRow) -> Result<Vec<Me
             dir,
         });
     }
+    add_sharpness(results, &stages, &mut rows)?;
     Ok(rows)
+}
+
+/// `hf_energy_ratio` (with its interval) for every method row whose generations are kept: the
+/// high-frequency energy of its clips over the real test clips' on the same conditioning
+/// frames ([`crate::metrics::fidelity::laplacian_energy`], the ratio of the sums, paired
+/// bootstrap over clips). Below 1 the method's frames are smoother than the real ones. Computed
+/// here from the `fvd` stages' `generated.safetensors`, so reports of stages evaluated before
+/// this metric existed have it too.
+fn add_sharpness(
+    results: &Path,
+    stages: &[crate::store::RunStageRow],
+    rows: &mut [MethodRow],
+) -> Result<()> {
+    use crate::data::ClipSet;
+    use crate::metrics::fidelity::laplacian_energy;
+    let mut real: Option<(ClipSet, Vec<f64>)> = None;
+    for r in rows.iter_mut().filter(|r| !r.is_static()) {
+        let Ok(gen) = ClipSet::load(&r.dir.join("generated.safetensors")) else {
+            continue;
+        };
+        if real.as_ref().is_none_or(|(t, _)| {
+            (t.height, t.width, t.frames) != (gen.height, gen.width, gen.frames)
+        }) {
+            real = stages
+                .iter()
+                .filter(|s| s.kind == "data")
+                .filter_map(|d| {
+                    ClipSet::load(&cache_dir(results, &d.hash).join("test.safetensors")).ok()
+                })
+                .find(|t| (t.height, t.width, t.frames) == (gen.height, gen.width, gen.frames))
+                .map(|t| {
+                    let e = (0..t.len())
+                        .map(|i| laplacian_energy(t.clip(i), t.frames, t.height, t.width))
+                        .collect();
+                    (t, e)
+                });
+        }
+        let Some((_, real_e)) = &real else {
+            continue;
+        };
+        let n = gen.len().min(real_e.len());
+        if n == 0 {
+            continue;
+        }
+        let gen_e: Vec<f64> = (0..n)
+            .map(|i| laplacian_energy(gen.clip(i), gen.frames, gen.height, gen.width))
+            .collect();
+        let i = bootstrap::bootstrap(n, r.eval.resamples, 0x5ba2, true, |idx| {
+            let (g, t) = idx
+                .iter()
+                .fold((0.0, 0.0), |(g, t), &i| (g + gen_e[i], t + real_e[i]));
+            Ok(if t > 0.0 { g / t } else { 0.0 })
+        })?;
+        let k = key(r.eval.fast, "hf_energy_ratio");
+        r.metrics.insert(k.clone(), i.value);
+        if i.has_interval() {
+            r.metrics.insert(format!("{k}/low"), i.low);
+            r.metrics.insert(format!("{k}/high"), i.high);
+        }
+    }
+    Ok(())
 }
 
 fn cell(i: Option<Interval>, decimals: usize) -> String {

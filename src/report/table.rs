@@ -101,11 +101,12 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// The columns, in order: (key, header, decimals).
-pub const COLUMNS: [(&str, &str, usize); 6] = [
+pub const COLUMNS: [(&str, &str, usize); 7] = [
     ("fvd", "FVD", 1),
     ("motion_fd", "motion FD", 3),
     ("first_frame_psnr", "first-frame PSNR", 2),
     ("first_frame_ssim", "first-frame SSIM", 3),
+    ("hf_energy_ratio", "HF energy / real", 3),
     ("seconds_per_clip", "s / clip", 3),
     ("vs_reference", "FVD minus reference", 1),
 ];
@@ -399,6 +400,7 @@ pub fn build(
                         ("motion_fd", "motion_fd"),
                         ("first_frame_psnr", "first_frame_psnr"),
                         ("first_frame_ssim", "first_frame_ssim"),
+                        ("hf_energy_ratio", "hf_energy_ratio"),
                     ] {
                         row.add(col, r.interval(metric));
                     }

@@ -28,7 +28,7 @@
 //! 1-step consistency sampler. Metrics: `loss`, `grad_norm`, `sigma` (mean `t_{n+m}`) per
 //! step; the preview metrics of the teacher stage at the end.
 
-use super::teacher::{encode_all, write_samples};
+use super::teacher::{encode_all_cached, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::device::Precision;
 use crate::diffusion::{ConsistencyParam, Denoiser, SamplerConfig, SvdDenoiser};
@@ -209,11 +209,14 @@ fn train(ctx: &mut StageContext<'_>, p: &ConsistencyParams) -> Result<()> {
     let mut opt = AdamW::new(vars.clone(), p.optimizer.clone()).map_err(ce("optimizer"))?;
     let fps = data.fps();
 
-    ctx.note(&format!(
-        "encoding {} training clips with the teacher's VAE",
-        train_set.len()
-    ));
-    let latents = encode_all(&teacher.vae, train_set, &dev)?;
+    let latents = encode_all_cached(
+        ctx,
+        &teacher.vae,
+        &tdir.join("vae"),
+        &p.dtype.to_string(),
+        train_set,
+        &dev,
+    )?;
     let source = BatchSource {
         set: train_set,
         latents: &latents,

@@ -24,7 +24,7 @@
 //! exactly as training pairs are, the same pairs each time, so a rise is the discriminator
 //! learning, not the batch changing; the preview metrics at the end.
 
-use super::teacher::{encode_all, write_samples};
+use super::teacher::{encode_all, encode_all_cached, write_samples};
 use super::{resolve_typed, ParamError, StageContext, StageKind};
 use crate::device::Precision;
 use crate::diffusion::noise::NormalRng;
@@ -427,8 +427,14 @@ fn train(ctx: &mut StageContext<'_>, p: &GanParams) -> Result<()> {
     let mut opt_g = AdamW::new(g_vars.clone(), p.optimizer_g.clone()).map_err(ce("optimizer"))?;
     let mut opt_d = AdamW::new(d_vars.clone(), p.optimizer_d.clone()).map_err(ce("optimizer"))?;
     let fps = data.fps();
-    ctx.note(&format!("encoding {} training clips", train_set.len()));
-    let latents = encode_all(&gen_pipe.vae, train_set, &dev)?;
+    let latents = encode_all_cached(
+        ctx,
+        &gen_pipe.vae,
+        &gdir.join("vae"),
+        &p.dtype.to_string(),
+        train_set,
+        &dev,
+    )?;
     let source = BatchSource {
         set: train_set,
         latents: &latents,
