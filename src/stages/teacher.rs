@@ -884,14 +884,7 @@ pub(crate) fn encode_all_cached(
     ctx.note(&format!("encoding {n} training clips with the VAE"));
     let shards = crate::train::shard::Shards::new(n).map_err(&e)?;
     let parts = shards.map(n, |r| -> Result<Vec<Tensor>> {
-        r.map(|i| {
-            let x = clip_frames(set, i, dev).map_err(&e)?;
-            let z = vae.encode(&x).map_err(&e)?.mean;
-            (z * vae.config.scaling_factor)
-                .map(|z| z.detach())
-                .map_err(&e)
-        })
-        .collect()
+        r.map(|i| encode_clip(vae, set, i, dev)).collect()
     })?;
     let latents: Vec<Tensor> = parts.into_iter().flatten().collect();
     let all = Tensor::stack(&latents, 0).map_err(&e)?;
@@ -922,17 +915,25 @@ fn encode_clips(
     n: usize,
     dev: &candle_core::Device,
 ) -> Result<Vec<Tensor>> {
-    let e = ce("encoding clips");
     (0..n.min(set.len()))
-        .map(|i| {
-            let x = clip_frames(set, i, dev).map_err(&e)?;
-            let z = vae.encode(&x).map_err(&e)?.mean;
-            // Detached: a kept latent must not keep the encoder's graph alive.
-            (z * vae.config.scaling_factor)
-                .map(|z| z.detach())
-                .map_err(&e)
-        })
+        .map(|i| encode_clip(vae, set, i, dev))
         .collect()
+}
+
+/// Clip `i`'s posterior mean x scaling factor, `[t, c, h, w]`.
+fn encode_clip(
+    vae: &AutoencoderKLTemporalDecoder,
+    set: &ClipSet,
+    i: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let e = ce("encoding clips");
+    let x = clip_frames(set, i, dev).map_err(&e)?;
+    let z = vae.encode(&x).map_err(&e)?.mean;
+    // Detached: a kept latent must not keep the encoder's graph alive.
+    (z * vae.config.scaling_factor)
+        .map(|z| z.detach())
+        .map_err(&e)
 }
 
 /// Preview samples from the pipeline exported to the stage folder, with its own sampler:
