@@ -825,3 +825,178 @@ pub fn attention_bwd(
         },
     );
 }
+
+/// The geometry of a depthwise 2-D convolution over `[n, c, h, w]`: one `k x k` filter per
+/// channel (`[c, 1, k, k]`), zero padding `pad_top` / `pad_left` (and whatever the bottom and
+/// right need for `ho x wo` outputs), stride `stride` (EfficientNet's MBConv depthwise layers).
+#[derive(Debug, Clone, Copy)]
+pub struct Depthwise {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Depthwise {
+    /// The input row of output row `o` and tap `t` (along one axis), if it is inside.
+    #[inline(always)]
+    fn src(o: usize, t: usize, s: usize, pad: usize, n: usize) -> Option<usize> {
+        (o * s + t).checked_sub(pad).filter(|&i| i < n)
+    }
+    /// Outputs `lo..hi` along the width whose input column for tap `t` is inside.
+    #[inline(always)]
+    fn span(&self, t: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = self.pad_left.saturating_sub(t).div_ceil(s);
+        // ox s + t - pl <= w - 1  <=>  ox <= (w - 1 + pl - t) / s
+        let hi = match (self.w + self.pad_left).checked_sub(t + 1) {
+            Some(v) => (v / s + 1).min(self.wo),
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
+}
+
+multiversion! {
+    /// One channel plane: `y = bias + sum_taps w[t] x[shifted]`.
+    fn depthwise_plane_fwd(x: &[f32], wk: &[f32], bias: f32, g: Depthwise, y: &mut [f32]) {
+        let (k, s) = (g.k, g.stride);
+        y.fill(bias);
+        for oy in 0..g.ho {
+            let yr = &mut y[oy * g.wo..(oy + 1) * g.wo];
+            for ty in 0..k {
+                let Some(iy) = Depthwise::src(oy, ty, s, g.pad_top, g.h) else {
+                    continue;
+                };
+                let xr = &x[iy * g.w..(iy + 1) * g.w];
+                for tx in 0..k {
+                    let wv = wk[ty * k + tx];
+                    let (lo, hi) = g.span(tx);
+                    let off = tx as isize - g.pad_left as isize;
+                    if s == 1 {
+                        let a = (lo as isize + off) as usize;
+                        for (o, &v) in yr[lo..hi].iter_mut().zip(&xr[a..a + (hi - lo)]) {
+                            *o += wv * v;
+                        }
+                    } else {
+                        for ox in lo..hi {
+                            yr[ox] += wv * xr[((ox * s) as isize + off) as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One channel plane's gradients: `dx` (written) and the filter's and bias's partial sums
+    /// (added to `dw` `[k k]` and returned).
+    fn depthwise_plane_bwd(
+        x: &[f32],
+        wk: &[f32],
+        dy: &[f32],
+        g: Depthwise,
+        dx: &mut [f32],
+        dw: &mut [f32],
+    ) -> f32 {
+        let (k, s) = (g.k, g.stride);
+        dx.fill(0.0);
+        let mut db = 0f32;
+        for oy in 0..g.ho {
+            let gr = &dy[oy * g.wo..(oy + 1) * g.wo];
+            db += gr.iter().sum::<f32>();
+            for ty in 0..k {
+                let Some(iy) = Depthwise::src(oy, ty, s, g.pad_top, g.h) else {
+                    continue;
+                };
+                let xr = &x[iy * g.w..(iy + 1) * g.w];
+                let dxr = &mut dx[iy * g.w..(iy + 1) * g.w];
+                for tx in 0..k {
+                    let wv = wk[ty * k + tx];
+                    let (lo, hi) = g.span(tx);
+                    let off = tx as isize - g.pad_left as isize;
+                    let mut acc = 0f32;
+                    if s == 1 {
+                        let a = (lo as isize + off) as usize;
+                        for ((d, &v), &go) in dxr[a..a + (hi - lo)]
+                            .iter_mut()
+                            .zip(&xr[a..a + (hi - lo)])
+                            .zip(&gr[lo..hi])
+                        {
+                            *d += wv * go;
+                            acc += go * v;
+                        }
+                    } else {
+                        for ox in lo..hi {
+                            let i = ((ox * s) as isize + off) as usize;
+                            dxr[i] += wv * gr[ox];
+                            acc += gr[ox] * xr[i];
+                        }
+                    }
+                    dw[ty * k + tx] += acc;
+                }
+            }
+        }
+        db
+    }
+}
+
+/// Depthwise convolution forward over `[n, c, h, w]` into `y` `[n, c, ho, wo]`, planes in
+/// parallel; `bias` `[c]` or empty.
+pub fn depthwise_fwd(x: &[f32], wt: &[f32], bias: &[f32], g: Depthwise, y: &mut [f32]) {
+    let (plane, out) = ((g.h * g.w).max(1), (g.ho * g.wo).max(1));
+    let kk = g.k * g.k;
+    y.par_chunks_mut(out)
+        .zip(x.par_chunks(plane))
+        .enumerate()
+        .for_each(|(i, (y, x))| {
+            let c = i % g.c.max(1);
+            let b = bias.get(c).copied().unwrap_or(0.0);
+            depthwise_plane_fwd(x, &wt[c * kk..(c + 1) * kk], b, g, y);
+        });
+}
+
+/// Gradients of [`depthwise_fwd`]: `dx` `[n, c, h, w]`, `dw` `[c, 1, k, k]` and `db` `[c]`
+/// (left alone when empty), planes in parallel, each filter's sums reduced over the batch.
+pub fn depthwise_bwd(
+    x: &[f32],
+    wt: &[f32],
+    dy: &[f32],
+    g: Depthwise,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (plane, out) = ((g.h * g.w).max(1), (g.ho * g.wo).max(1));
+    let kk = g.k * g.k;
+    // Per plane: its filter's partial sums and its bias's, `[k k | 1]`.
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(plane)
+        .zip(x.par_chunks(plane).zip(dy.par_chunks(out)))
+        .enumerate()
+        .map(|(i, (dx, (x, dy)))| {
+            let c = i % g.c.max(1);
+            let mut acc = vec![0f32; kk + 1];
+            let b = depthwise_plane_bwd(x, &wt[c * kk..(c + 1) * kk], dy, g, dx, &mut acc[..kk]);
+            acc[kk] = b;
+            acc
+        })
+        .collect();
+    dw.fill(0.0);
+    db.fill(0.0);
+    for (i, acc) in partial.iter().enumerate() {
+        let c = i % g.c.max(1);
+        for (d, a) in dw[c * kk..(c + 1) * kk].iter_mut().zip(acc) {
+            *d += a;
+        }
+        if let Some(d) = db.get_mut(c) {
+            *d += acc[kk];
+        }
+    }
+}

@@ -343,12 +343,14 @@ pub enum Backbone {
 }
 
 impl Backbone {
-    pub fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// Features of every layer up to `upto` (exclusive) at least: the EfficientNet stops after
+    /// that block (layers beyond it feed no head).
+    pub fn features(&self, x: &Tensor, upto: usize) -> Result<Vec<Tensor>> {
         match self {
             Backbone::Conv(c) => c.features(x),
             // [-1, 1] -> (255 (x + 1) / 2 - 127) / 128
             Backbone::EfficientNet(e) => {
-                Ok(e.features(&((x * (127.5 / 128.0))? + 0.5 / 128.0)?)?.0)
+                e.blocks_upto(&((x * (127.5 / 128.0))? + 0.5 / 128.0)?, upto)
             }
             Backbone::Dinov2(d, size) => d.features(&super::dinov2::resize_square(x, *size)?),
             Backbone::TeacherUnet(..) => Err(candle_core::Error::Msg(
@@ -468,7 +470,10 @@ impl Discriminator {
                 let s = Tensor::full(sigma.max(1e-3) as f32, b, z.device())?;
                 SvdDenoiser { unet: &**unet }.encoder_features(&x, &s, cond)?
             }
-            _ => self.backbone.features(&self.images(z, vae)?)?,
+            _ => {
+                let upto = self.heads.iter().map(|(l, ..)| l + 1).max().unwrap_or(1);
+                self.backbone.features(&self.images(z, vae)?, upto)?
+            }
         };
         let mut out = Vec::new();
         for (l, s, t) in &self.heads {

@@ -61,6 +61,15 @@ impl ConvBn {
         let (_, c, h, w) = x.dims4()?;
         let (pt, pb) = same_pad(h, self.k, self.stride);
         let (pl, pr) = same_pad(w, self.k, self.stride);
+        if super::fused::fused_available(x, &self.w) {
+            // One op each, padding, taps and bias inside (`models::fused`).
+            let pad = [pt, pb, pl, pr];
+            return if self.depthwise {
+                super::fused::depthwise_conv2d(x, &self.w, Some(&self.b), self.stride, pad)
+            } else {
+                super::fused::conv2d(x, &self.w, Some(&self.b), self.stride, pad)
+            };
+        }
         let xp = x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?;
         let y = if self.depthwise {
             // Sum of shifted copies times per-channel taps: differentiable with basic ops.
@@ -272,9 +281,19 @@ impl EfficientNetLite0 {
     /// Normalised input `[n, 3, h, w]` (`(x - 127) / 128` of 0..255 RGB) to the output of every
     /// block (16 feature maps) and the pooled head features `[n, 1280]`.
     pub fn features(&self, x: &Tensor) -> candle_core::Result<(Vec<Tensor>, Tensor)> {
+        let out = self.blocks_upto(x, self.blocks.len())?;
+        let last = out.last().expect("EfficientNet has blocks");
+        let head = relu6(&self.head.forward(last)?)?;
+        let pooled = head.mean((2, 3))?;
+        Ok((out, pooled))
+    }
+
+    /// The outputs of the first `n` blocks only (a discriminator whose heads read early blocks
+    /// needs nothing after them).
+    pub fn blocks_upto(&self, x: &Tensor, n: usize) -> candle_core::Result<Vec<Tensor>> {
         let mut h = relu6(&self.stem.forward(x)?)?;
-        let mut out = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
+        let mut out = Vec::with_capacity(n);
+        for b in self.blocks.iter().take(n.max(1)) {
             let mut y = h.clone();
             if let Some(e) = &b.expand {
                 y = relu6(&e.forward(&y)?)?;
@@ -287,9 +306,7 @@ impl EfficientNetLite0 {
             h = y;
             out.push(h.clone());
         }
-        let head = relu6(&self.head.forward(&h)?)?;
-        let pooled = head.mean((2, 3))?;
-        Ok((out, pooled))
+        Ok(out)
     }
 
     /// ImageNet logits `[n, 1000]`.

@@ -38,6 +38,13 @@
 //!   channels-first, pads by concatenation, stacks the taps into one columns tensor for the
 //!   whole batch and transposes back: copies in both passes.
 //!
+//! - [`depthwise_conv2d`]: a depthwise convolution (one `k x k` filter per channel, with its
+//!   bias and zero padding) in one pass over each channel plane, planes in parallel; backward
+//!   in one pass per plane too (`dx`, and the filter's and bias's sums reduced over the batch).
+//!   The discriminator's EfficientNet-Lite0 backbone runs these in every MBConv block; the
+//!   composition it replaces pads by copying and adds `k^2` shifted, broadcast-multiplied
+//!   copies of the input, each materialised, in both passes.
+//!
 //! - [`blend`]: SVD's `AlphaBlender`, `a s + (1 - a) t` with a learned scalar `a`, in one pass
 //!   (two scalar broadcasts, a product and a sum in candle), backward in one pass too.
 //!
@@ -61,8 +68,8 @@ use candle_core::{
 };
 use onestep_kernels::{
     attention_bwd, attention_fwd, bias_add_fwd, bias_add_grad, blend_bwd, blend_fwd, conv2d_bwd,
-    conv2d_fwd, geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd, softmax_bwd, softmax_fwd,
-    Attn, Conv, Groups,
+    conv2d_fwd, depthwise_bwd, depthwise_fwd, geglu_bwd, geglu_fwd, group_norm_bwd, group_norm_fwd,
+    softmax_bwd, softmax_fwd, Attn, Conv, Depthwise, Groups,
 };
 
 /// `silu(group_norm(x) * weight + bias)` (or without the SiLU) over `[b, c, ...]` with
@@ -535,6 +542,129 @@ impl CustomOp3 for Conv2dBwd {
         let (dx, rest) = out.split_at_mut(n);
         let (dw, db) = rest.split_at_mut(nw);
         conv2d_bwd(x, w, dy, self.g, dx, dw, db);
+        Ok((CpuStorage::F32(out), Shape::from(n + nw + nb)))
+    }
+}
+
+/// Depthwise 2-D convolution of `x` `[b, c, h, w]` with `weight` `[c, 1, k, k]`, an optional
+/// `bias` `[c]`, `stride` and zero padding `[top, bottom, left, right]`, f32 on the CPU, with
+/// backward for all three.
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: [usize; 4],
+) -> Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let (wc, one, k, k2) = weight.dims4()?;
+    if wc != c || one != 1 || k != k2 {
+        candle_core::bail!(
+            "depthwise_conv2d: weight {:?} for {c} channels (expected [{c}, 1, k, k])",
+            weight.dims()
+        );
+    }
+    let [pt, pb, pl, pr] = pad;
+    if h + pt + pb < k || w + pl + pr < k || stride == 0 {
+        candle_core::bail!("depthwise_conv2d: kernel {k}x{k} larger than the padded input {h}x{w}");
+    }
+    let bias = match bias {
+        Some(b) if b.dims() != [c] => {
+            candle_core::bail!("depthwise_conv2d: bias {:?} for {c} channels", b.dims())
+        }
+        Some(b) => b.contiguous()?,
+        None => Tensor::zeros(0, DType::F32, x.device())?,
+    };
+    let g = Depthwise {
+        c,
+        h,
+        w,
+        k,
+        stride,
+        pad_top: pt,
+        pad_left: pl,
+        ho: (h + pt + pb - k) / stride + 1,
+        wo: (w + pl + pr - k) / stride + 1,
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias, DepthwiseOp(g))
+}
+
+/// Inputs `x`, `weight`, `bias` (`[c]`, or empty for none).
+#[derive(Debug, Clone, Copy)]
+struct DepthwiseOp(Depthwise);
+
+impl CustomOp3 for DepthwiseOp {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "depthwise input")?;
+        let w = f32_slice(s2, l2, "depthwise weight")?;
+        let bias = f32_slice(s3, l3, "depthwise bias")?;
+        let g = self.0;
+        let b = l1.dims()[0];
+        let mut y = vec![0f32; b * g.c * g.ho * g.wo];
+        depthwise_fwd(x, w, bias, g, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((b, g.c, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, nw, nb) = (x.elem_count(), weight.elem_count(), bias.elem_count());
+        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &DepthwiseBwd(self.0, nb > 0))?;
+        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = out.narrow(0, n, nw)?.reshape(weight.shape())?;
+        let db = if nb > 0 {
+            tracked(bias, out.narrow(0, n + nw, nb)?)
+        } else {
+            None
+        };
+        Ok((tracked(x, dx), tracked(weight, dw), db))
+    }
+}
+
+/// Inputs `x`, `weight`, `dy`; output `[dx (flat); d weight (flat); d bias (if any)]`.
+struct DepthwiseBwd(Depthwise, bool);
+
+impl CustomOp3 for DepthwiseBwd {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "depthwise input")?;
+        let w = f32_slice(s2, l2, "depthwise weight")?;
+        let dy = f32_slice(s3, l3, "depthwise output gradient")?;
+        let (n, nw) = (x.len(), w.len());
+        let nb = if self.1 { self.0.c } else { 0 };
+        let mut out = vec![0f32; n + nw + nb];
+        let (dx, rest) = out.split_at_mut(n);
+        let (dw, db) = rest.split_at_mut(nw);
+        depthwise_bwd(x, w, dy, self.0, dx, dw, db);
         Ok((CpuStorage::F32(out), Shape::from(n + nw + nb)))
     }
 }
@@ -1071,6 +1201,132 @@ mod tests {
                 (1e-4, 1e-4),
                 &format!("{what} with bias"),
             );
+        }
+    }
+
+    /// The depthwise convolution as candle's composition: zero padding, then the sum over taps
+    /// of the shifted (strided) input times the channel's tap, plus the bias.
+    fn depthwise_reference(
+        x: &Tensor,
+        wt: &Tensor,
+        bias: &Tensor,
+        s: usize,
+        pad: [usize; 4],
+    ) -> candle_core::Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        let k = wt.dim(2)?;
+        let xp = x
+            .pad_with_zeros(2, pad[0], pad[1])?
+            .pad_with_zeros(3, pad[2], pad[3])?;
+        let (ho, wo) = (
+            (h + pad[0] + pad[1] - k) / s + 1,
+            (w + pad[2] + pad[3] - k) / s + 1,
+        );
+        let mut acc = bias.reshape((1, c, 1, 1))?;
+        for ty in 0..k {
+            for tx in 0..k {
+                let rows: Vec<u32> = (0..ho).map(|o| (o * s + ty) as u32).collect();
+                let cols: Vec<u32> = (0..wo).map(|o| (o * s + tx) as u32).collect();
+                let tap = xp
+                    .index_select(&Tensor::new(rows.as_slice(), x.device())?, 2)?
+                    .index_select(&Tensor::new(cols.as_slice(), x.device())?, 3)?;
+                let wk = wt
+                    .narrow(2, ty, 1)?
+                    .narrow(3, tx, 1)?
+                    .reshape((1, c, 1, 1))?;
+                acc = acc.broadcast_add(&tap.broadcast_mul(&wk)?)?;
+            }
+        }
+        Ok(acc)
+    }
+
+    #[test]
+    fn fused_depthwise_conv2d_matches_the_composition_and_finite_differences() {
+        let dev = Device::Cpu;
+        // (b, c, h, w, k, stride, pad [t, b, l, r]): EfficientNet's 3x3 and 5x5 with TF "SAME"
+        // padding (asymmetric when strided), odd sizes, a kernel wider than the unpadded image,
+        // taps that see no column at all.
+        let cases = [
+            (2, 3, 5, 7, 3, 1, [1, 1, 1, 1]),
+            (2, 4, 8, 6, 3, 2, [0, 1, 0, 1]),
+            (3, 5, 9, 9, 5, 2, [1, 2, 1, 2]),
+            (1, 2, 7, 5, 5, 1, [2, 2, 2, 2]),
+            (1, 1, 2, 2, 3, 1, [1, 1, 1, 1]),
+            (2, 2, 3, 1, 3, 2, [1, 1, 1, 1]),
+            (1, 3, 9, 11, 3, 3, [1, 0, 2, 0]),
+        ];
+        for (b, c, h, w, k, s, pad) in cases {
+            let x = var(Tensor::randn(0f32, 1.0, (b, c, h, w), &dev));
+            let wt = var(Tensor::randn(0f32, 0.5, (c, 1, k, k), &dev));
+            let bias = var(Tensor::randn(0f32, 1.0, c, &dev));
+            assert_same(
+                || depthwise_conv2d(&x, &wt, Some(&bias), s, pad).unwrap(),
+                || depthwise_reference(&x, &wt, &bias, s, pad).unwrap(),
+                &[&x, &wt, &bias],
+                (1e-5, 1e-4),
+                &format!("depthwise {b} {c} {h} {w} {k} {s} {pad:?}"),
+            );
+        }
+        // Without a bias: the same as a zero bias.
+        let x = var(Tensor::randn(0f32, 1.0, (2, 3, 6, 5), &dev));
+        let wt = var(Tensor::randn(0f32, 0.5, (3, 1, 3, 3), &dev));
+        let zero = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        assert_same(
+            || depthwise_conv2d(&x, &wt, None, 2, [0, 1, 1, 1]).unwrap(),
+            || depthwise_reference(&x, &wt, &zero, 2, [0, 1, 1, 1]).unwrap(),
+            &[&x, &wt],
+            (1e-5, 1e-4),
+            "depthwise without bias",
+        );
+        // Central differences of sum(y * probe) in every input, filter and bias element.
+        let (b, c, h, w, k, s, pad) =
+            (1usize, 2usize, 4usize, 5usize, 3usize, 2usize, [1, 1, 1, 1]);
+        let x0: Vec<f32> = (0..b * c * h * w)
+            .map(|i| (i * 37 % 23) as f32 / 7.0 - 1.5)
+            .collect();
+        let w0: Vec<f32> = (0..c * k * k)
+            .map(|i| (i * 11 % 9) as f32 / 5.0 - 0.8)
+            .collect();
+        let b0 = [0.3f32, -0.2];
+        let f = |x: &[f32], wv: &[f32], bv: &[f32]| -> Tensor {
+            depthwise_conv2d(
+                &Tensor::from_slice(x, (b, c, h, w), &dev).unwrap(),
+                &Tensor::from_slice(wv, (c, 1, k, k), &dev).unwrap(),
+                Some(&Tensor::from_slice(bv, c, &dev).unwrap()),
+                s,
+                pad,
+            )
+            .unwrap()
+        };
+        let y = f(&x0, &w0, &b0);
+        let probe = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
+        let (xv, wv, bv) = (
+            var(Tensor::from_slice(&x0, (b, c, h, w), &dev)),
+            var(Tensor::from_slice(&w0, (c, 1, k, k), &dev)),
+            var(Tensor::from_slice(&b0, c, &dev)),
+        );
+        let (_, grads) = value_and_grads(
+            depthwise_conv2d(&xv, &wv, Some(&bv), s, pad).unwrap(),
+            &probe,
+            &[&xv, &wv, &bv],
+        );
+        let eps = 1e-2f32;
+        let sets: [Vec<f32>; 3] = [x0.clone(), w0.clone(), b0.to_vec()];
+        for (which, base) in sets.iter().enumerate() {
+            let g: Vec<f32> = grads[which].flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..base.len() {
+                let eval = |d: f32| {
+                    let mut v = sets.clone();
+                    v[which][i] += d;
+                    probe_sum(f(&v[0], &v[1], &v[2]), &probe)
+                };
+                let num = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (num - g[i] as f64).abs() < 2e-3 * (1.0 + num.abs()),
+                    "argument {which} element {i}: finite difference {num} vs {}",
+                    g[i]
+                );
+            }
         }
     }
 
