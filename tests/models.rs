@@ -994,7 +994,13 @@ fn consistency_and_time_travel_samplers_follow_their_algorithms() {
         steps: 3,
         ..unguided.clone()
     };
-    let s = karras_sigmas(3, cfg.sigma_min, cfg.sigma_max, cfg.rho);
+    // Its noise levels: the first 3 of the Karras schedule of 4 (the last above sigma_min).
+    let s = karras_sigmas(4, cfg.sigma_min, cfg.sigma_max, cfg.rho);
+    assert_eq!(
+        onestep::diffusion::sampler::consistency_sigmas(&cfg),
+        s[..3].to_vec()
+    );
+    assert!(s[2] > 10.0 * cfg.sigma_min);
     let (got, nfe) = run(&cfg);
     assert_eq!(nfe, 3);
     for (f, &z) in [0.7f64, -1.3].iter().enumerate() {

@@ -122,6 +122,19 @@ pub fn karras_sigmas(n: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<
     s
 }
 
+/// The noise levels at which the multistep consistency sampler (Song et al. 2023, Algorithm 1)
+/// evaluates the model: the first `steps` points of [`karras_sigmas`]`(steps + 1)`, from
+/// `sigma_max` down to, but not including, `sigma_min`, as LCM's scheduler spaces its
+/// timesteps over the schedule without its end. Ending at `sigma_min` itself (the Karras
+/// schedule of `steps` points) would spend the last step on re-noising with std
+/// `sqrt(sigma_min^2 - sigma_min^2) = 0` and a model evaluation at the boundary, where a
+/// consistency model is the identity: 2 steps gave exactly the 1-step sample.
+pub fn consistency_sigmas(cfg: &SamplerConfig) -> Vec<f64> {
+    let mut s = karras_sigmas(cfg.steps + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho);
+    s.truncate(cfg.steps);
+    s
+}
+
 /// Counts denoiser evaluations (a guided evaluation of a batch counts two).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Nfe(pub usize);
@@ -245,6 +258,9 @@ pub fn sample(
     let mut x = (noise * sigmas[0])?;
     match cfg.method {
         SamplerMethod::Consistency => {
+            // The first `steps` points of the Karras schedule of `steps + 1`: sigma_max down
+            // to, but not including, sigma_min ([`consistency_sigmas`]).
+            let sigmas = consistency_sigmas(cfg);
             let mut x0 = x.clone();
             for i in 0..cfg.steps {
                 x0 = denoise_at(&den, &x, sigmas[i], cond, &mut nfe)?.detach();

@@ -122,6 +122,25 @@ impl StageKind for FvdStage {
     fn takes_dtype(&self) -> bool {
         true
     }
+    /// Stages scoring a multistep consistency sampler are marked with the sampler's noise
+    /// levels: they changed (`diffusion::sampler::consistency_sigmas`, 2026-12-07; before, the
+    /// last step sat at sigma_min and changed nothing) while every other `fvd` stage's output
+    /// did not, so only those get new identities and are computed again. A stage without its
+    /// own `sampler` uses the model's stored one, which the plan cannot see: every stored
+    /// student sampler of this project is 1-step or Time-Travel.
+    fn fingerprint(&self, params: &toml::Value) -> Result<Option<String>> {
+        let Some(sampler) = params.get("sampler") else {
+            return Ok(None);
+        };
+        let method = sampler.get("method").and_then(|m| m.as_str());
+        let steps = sampler
+            .get("steps")
+            .and_then(|s| s.as_integer())
+            .unwrap_or(1);
+        Ok((method == Some("consistency") && steps > 1).then(|| {
+            "consistency sampler: the first `steps` sigmas of karras(steps + 1)".to_string()
+        }))
+    }
     fn references(&self, params: &toml::Value) -> Vec<(&'static str, String)> {
         super::string_params(params, &["model"])
             .into_iter()
