@@ -496,21 +496,28 @@ impl CustomOp3 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, nw) = (x.elem_count(), weight.elem_count());
         let op = Conv2dBwd {
             g: self.0,
             bias: bias.elem_count() > 0,
         };
         let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)?;
-        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = out.narrow(0, n, nw)?.reshape(weight.shape())?;
-        let db = if op.bias {
-            tracked(bias, out.narrow(0, n + nw, bias.elem_count())?)
-        } else {
-            None
-        };
-        Ok((tracked(x, dx), tracked(weight, dw), db))
+        split_grads(&out, x, weight, bias)
     }
+}
+
+/// The gradients of a convolution's `x`, `weight` and `bias` (empty: none) from its backward
+/// op's flat output `[dx; d weight; d bias (if any)]`, each only where autograd tracks it.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+fn split_grads(out: &Tensor, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Grads3> {
+    let (n, nw, nb) = (x.elem_count(), weight.elem_count(), bias.elem_count());
+    let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = out.narrow(0, n, nw)?.reshape(weight.shape())?;
+    let db = if nb > 0 {
+        tracked(bias, out.narrow(0, n + nw, nb)?)
+    } else {
+        None
+    };
+    Ok((tracked(x, dx), tracked(weight, dw), db))
 }
 
 /// Inputs `x`, `weight`, `dy`; output `[dx (flat); d weight (flat); d bias (if any)]`.
@@ -626,16 +633,9 @@ impl CustomOp3 for DepthwiseOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, nw, nb) = (x.elem_count(), weight.elem_count(), bias.elem_count());
-        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &DepthwiseBwd(self.0, nb > 0))?;
-        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = out.narrow(0, n, nw)?.reshape(weight.shape())?;
-        let db = if nb > 0 {
-            tracked(bias, out.narrow(0, n + nw, nb)?)
-        } else {
-            None
-        };
-        Ok((tracked(x, dx), tracked(weight, dw), db))
+        let op = DepthwiseBwd(self.0, bias.elem_count() > 0);
+        let out = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)?;
+        split_grads(&out, x, weight, bias)
     }
 }
 
