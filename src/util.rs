@@ -27,9 +27,16 @@ pub fn temp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Whether a file name is one of [`temp_path`]'s (left behind by a killed writer).
+/// Whether a file name is a temporary file left behind by a killed writer: one of
+/// [`temp_path`]'s (`.NAME.tmp-PID`), or the `tempfile` crate's default `.tmpXXXXXX` (six
+/// random alphanumerics), which `safetensors::serialize_to_file` (under candle's `save`) fills
+/// beside its target before the rename.
 pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.contains(".tmp-")
+    let ours = name.starts_with('.') && name.contains(".tmp-");
+    let tempfile_crate = name
+        .strip_prefix(".tmp")
+        .is_some_and(|r| r.len() == 6 && r.bytes().all(|b| b.is_ascii_alphanumeric()));
+    ours || tempfile_crate
 }
 
 /// Remove the temporary files that killed writers left anywhere under `dir` (a stage folder
@@ -183,4 +190,56 @@ pub fn utc_time(t: Option<f64>) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_of_both_writers_are_recognised_and_nothing_else() {
+        let ours = temp_path(Path::new("/x/vae/config.json"));
+        assert!(is_temp_name(ours.file_name().unwrap().to_str().unwrap()));
+        // The `tempfile` crate's default name, as safetensors' serialize_to_file leaves it.
+        let d = tempfile::tempdir().unwrap();
+        let t = tempfile::NamedTempFile::new_in(d.path()).unwrap();
+        assert!(is_temp_name(
+            t.path().file_name().unwrap().to_str().unwrap()
+        ));
+        for name in [
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            ".tmp",
+            ".tmpfile.json",
+            "tmpabcdef",
+            ".tmpab-def",
+        ] {
+            assert!(!is_temp_name(name), "{name}");
+        }
+        // A killed writer's files go, the real ones stay, in subfolders too.
+        let sub = d.path().join("vae");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(".tmpVbhe2e"), b"torn").unwrap();
+        std::fs::write(sub.join("config.json"), b"{}").unwrap();
+        std::fs::write(temp_path(&d.path().join("checkpoint.safetensors")), b"torn").unwrap();
+        drop(t);
+        remove_stale_temps(d.path()).unwrap();
+        let mut left: Vec<_> = walk_names(d.path());
+        left.sort();
+        assert_eq!(left, ["vae", "vae/config.json"]);
+    }
+
+    fn walk_names(root: &Path) -> Vec<String> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(root).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+            if p.is_dir() {
+                for n in walk_names(&p) {
+                    out.push(format!("{}/{n}", p.file_name().unwrap().to_str().unwrap()));
+                }
+            }
+        }
+        out
+    }
 }
